@@ -1,0 +1,19 @@
+//! kerwen-broker: the library behind a Kerwen node.
+//!
+//! - [`ids`]: X-Road identifiers and their validation.
+//! - [`model`]: the replicated data model (Raft type config, commands, records).
+//! - [`storage`]: the node's one RocksDB, Raft log storage with group commit, and the state
+//!   machines of the metadata group and the data shards.
+//! - [`delivery`]: leader-local leases of delivered messages.
+//! - [`error`]: the broker's error type.
+//!
+//! Architecture invariant: this crate never touches tonic or the network. Transport is the
+//! node's business; the broker only sees openraft traits and its own types.
+
+pub mod delivery;
+pub mod error;
+pub mod ids;
+pub mod model;
+pub mod storage;
+
+pub use error::{BrokerError, Result};

@@ -1,0 +1,96 @@
+//! Key layout of the node's RocksDB. Every key starts with the big-endian Raft group id, so
+//! one group's data is one contiguous range (snapshots and deletes are range operations).
+//!
+//! | column family | key                                              | value                    |
+//! |---------------|--------------------------------------------------|--------------------------|
+//! | `raft_log`    | group u32, index u64                             | bincode `Entry`          |
+//! | `raft_meta`   | group u32, tag u8 (vote, last purged, snapshot)  | bincode                  |
+//! | `state`       | group u32, `a`                                   | applied log id + membership |
+//! | `state`       | group u32, `x`, service id (metadata group)      | bincode `MailboxInfo`    |
+//! | `state`       | group u32, `n` (metadata group)                  | next mailbox id          |
+//! | `state`       | group u32, `p`, mailbox u64, partition u32       | partition state          |
+//! | `state`       | group u32, `m`, mailbox u64, partition u32, seq u64 | bincode `StoredMessage` |
+
+use crate::model::{GroupId, MailboxId};
+
+pub const TAG_VOTE: u8 = b'v';
+pub const TAG_PURGED: u8 = b'p';
+/// The last snapshot built or installed (meta and data), served to lagging followers.
+pub const TAG_SNAPSHOT: u8 = b's';
+
+pub const KIND_APPLIED: u8 = b'a';
+pub const KIND_MAILBOX: u8 = b'x';
+pub const KIND_NEXT_MAILBOX_ID: u8 = b'n';
+pub const KIND_PARTITION: u8 = b'p';
+pub const KIND_MESSAGE: u8 = b'm';
+
+pub fn group_prefix(group: GroupId) -> [u8; 4] {
+    group.to_be_bytes()
+}
+
+/// First key after every key of `group` (exclusive end of the group's range).
+pub fn group_end(group: GroupId) -> Vec<u8> {
+    match group.checked_add(1) {
+        Some(next) => next.to_be_bytes().to_vec(),
+        None => vec![0xff; 5],
+    }
+}
+
+pub fn log_key(group: GroupId, index: u64) -> [u8; 12] {
+    let mut k = [0u8; 12];
+    k[..4].copy_from_slice(&group.to_be_bytes());
+    k[4..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+/// Decodes a `raft_log` key into (group, index).
+pub fn parse_log_key(key: &[u8]) -> Option<(GroupId, u64)> {
+    if key.len() != 12 {
+        return None;
+    }
+    let group = GroupId::from_be_bytes(key[..4].try_into().ok()?);
+    let index = u64::from_be_bytes(key[4..].try_into().ok()?);
+    Some((group, index))
+}
+
+pub fn meta_key(group: GroupId, tag: u8) -> [u8; 5] {
+    let mut k = [0u8; 5];
+    k[..4].copy_from_slice(&group.to_be_bytes());
+    k[4] = tag;
+    k
+}
+
+pub fn state_key(group: GroupId, kind: u8, rest: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + rest.len());
+    k.extend_from_slice(&group.to_be_bytes());
+    k.push(kind);
+    k.extend_from_slice(rest);
+    k
+}
+
+pub fn partition_key(group: GroupId, mailbox: MailboxId, partition: u32) -> Vec<u8> {
+    let mut rest = [0u8; 12];
+    rest[..8].copy_from_slice(&mailbox.to_be_bytes());
+    rest[8..].copy_from_slice(&partition.to_be_bytes());
+    state_key(group, KIND_PARTITION, &rest)
+}
+
+/// Prefix of all messages of one mailbox partition, in sequence order.
+pub fn message_prefix(group: GroupId, mailbox: MailboxId, partition: u32) -> Vec<u8> {
+    let mut rest = [0u8; 12];
+    rest[..8].copy_from_slice(&mailbox.to_be_bytes());
+    rest[8..].copy_from_slice(&partition.to_be_bytes());
+    state_key(group, KIND_MESSAGE, &rest)
+}
+
+pub fn message_key(group: GroupId, mailbox: MailboxId, partition: u32, seq: u64) -> Vec<u8> {
+    let mut k = message_prefix(group, mailbox, partition);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// The sequence number at the end of a message key.
+pub fn message_seq(key: &[u8]) -> Option<u64> {
+    let tail = key.len().checked_sub(8)?;
+    Some(u64::from_be_bytes(key[tail..].try_into().ok()?))
+}

@@ -1,0 +1,122 @@
+//! The node's one RocksDB and everything stored in it.
+//!
+//! - [`Store`]: opens the database (column families `raft_log`, `raft_meta`, `state`) and owns
+//!   the group-commit [`syncer`].
+//! - [`log_store`]: openraft log storage for one group, fsynced through group commit.
+//! - [`state_machine`]: openraft state machine for one group (metadata or data shard),
+//!   snapshots included.
+//! - [`keys`]: the key layout.
+
+pub mod keys;
+pub mod log_store;
+pub mod state_machine;
+pub mod syncer;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{BoundColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{BrokerError, Result};
+use crate::model::GroupId;
+pub use log_store::LogStore;
+pub use state_machine::{MetaView, ShardView, StateMachine};
+use syncer::{SyncStats, SyncWaiter, Syncer};
+
+pub const CF_RAFT_LOG: &str = "raft_log";
+pub const CF_RAFT_META: &str = "raft_meta";
+pub const CF_STATE: &str = "state";
+
+/// The node's storage: one RocksDB shared by every Raft group on the node.
+pub struct Store {
+    // Field order matters: `db` is released first, then dropping `syncer` joins the sync
+    // thread, which holds the last reference, so the database is closed when `Store` is gone.
+    db: Arc<DB>,
+    syncer: Syncer,
+}
+
+impl Store {
+    /// Opens (or creates) the database under `dir`.
+    pub fn open(dir: &Path) -> Result<Arc<Self>> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.increase_parallelism(2);
+        opts.set_max_background_jobs(2);
+        // Syncs are issued explicitly by the group-commit thread.
+        opts.set_manual_wal_flush(false);
+        let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_STATE].map(|name| {
+            let mut cf_opts = Options::default();
+            cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(name, cf_opts)
+        });
+        let db = DB::open_cf_descriptors(&opts, dir, cfs)
+            .map_err(|e| BrokerError::Storage(format!("opening RocksDB at {}: {e}", dir.display())))?;
+        let db = Arc::new(db);
+        let syncer = Syncer::start(db.clone()).map_err(BrokerError::storage)?;
+        Ok(Arc::new(Self { db, syncer }))
+    }
+
+    pub fn db(&self) -> &DB {
+        &self.db
+    }
+
+    pub(crate) fn cf(&self, name: &str) -> Result<Arc<BoundColumnFamily<'_>>> {
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| BrokerError::Storage(format!("column family {name} missing")))
+    }
+
+    /// Log storage of one Raft group.
+    pub fn log_store(self: &Arc<Self>, group: GroupId) -> LogStore {
+        LogStore::new(group, self.clone())
+    }
+
+    /// Writes a batch without waiting for durability (readable at once; durable at the next
+    /// sync).
+    pub(crate) fn write_unsynced(&self, batch: WriteBatch) -> Result<()> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.db.write_opt(batch, &wo).map_err(BrokerError::storage)
+    }
+
+    /// Waits until everything written so far is durable (shares the fsync with everyone
+    /// else waiting).
+    pub async fn sync(&self) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.syncer.submit(SyncWaiter::Notify(tx));
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(BrokerError::Storage(format!("WAL sync: {e}"))),
+            Err(_) => Err(BrokerError::Storage("WAL sync thread stopped".into())),
+        }
+    }
+
+    pub(crate) fn submit_sync(&self, waiter: SyncWaiter) {
+        self.syncer.submit(waiter);
+    }
+
+    /// Group-commit counters (syncs issued, waiters covered).
+    pub fn sync_stats(&self) -> &SyncStats {
+        &self.syncer.stats
+    }
+
+    pub(crate) fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>> {
+        let cf = self.cf(cf)?;
+        match self.db.get_pinned_cf(&cf, key).map_err(BrokerError::storage)? {
+            Some(bytes) => decode(&bytes).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    bincode::serialize(value).map_err(|e| BrokerError::Internal(format!("encoding: {e}")))
+}
+
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    bincode::deserialize(bytes).map_err(|e| BrokerError::Storage(format!("corrupt record: {e}")))
+}
