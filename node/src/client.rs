@@ -1,0 +1,288 @@
+//! The Rust client used by the CLI, the tests and the load generator.
+//!
+//! A client is given several endpoints and uses the first that answers; calls that fail with
+//! `UNAVAILABLE` are retried on the next endpoint (the cluster forwards everything else to the
+//! right leader itself, so one healthy node is enough).
+
+use std::time::Duration;
+
+use kerwen_proto::v1::admin_client::AdminClient;
+use kerwen_proto::v1::exchange_client::ExchangeClient;
+use kerwen_proto::v1::{
+    subscribe_request, subscribe_response, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
+    DescribeMailboxRequest, Delivery, ListMailboxesRequest, MailboxInfo, Message, Position, PublishRequest,
+    PublishResponse, Settle, SubscribeRequest, SubscribeStart,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status, Streaming};
+
+/// Largest message the client accepts or sends (payload limit plus framing).
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
+
+/// Default endpoints: the three nodes of `kerwen dev`.
+pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7001,127.0.0.1:7002,127.0.0.1:7003";
+
+/// A connection to a Kerwen cluster.
+#[derive(Clone)]
+pub struct Client {
+    endpoints: Vec<String>,
+    current: usize,
+    channel: Channel,
+}
+
+fn normalise(endpoint: &str) -> String {
+    if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    }
+}
+
+async fn open(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
+    Endpoint::from_shared(normalise(endpoint))?
+        .connect_timeout(Duration::from_secs(2))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+}
+
+impl Client {
+    /// Connects to the first reachable endpoint of `endpoints` (each `host:port` or a URL).
+    pub async fn connect<S: AsRef<str>>(endpoints: &[S]) -> Result<Self, Status> {
+        let endpoints: Vec<String> = endpoints.iter().map(|e| e.as_ref().trim().to_owned()).filter(|e| !e.is_empty()).collect();
+        if endpoints.is_empty() {
+            return Err(Status::invalid_argument("no endpoint given"));
+        }
+        let mut last_error = String::new();
+        for (i, endpoint) in endpoints.iter().enumerate() {
+            match open(endpoint).await {
+                Ok(channel) => return Ok(Self { endpoints: endpoints.clone(), current: i, channel }),
+                Err(e) => last_error = format!("{endpoint}: {e}"),
+            }
+        }
+        Err(Status::unavailable(format!("no endpoint reachable (last error: {last_error})")))
+    }
+
+    /// Parses a comma-separated endpoint list and connects.
+    pub async fn connect_list(list: &str) -> Result<Self, Status> {
+        let endpoints: Vec<&str> = list.split(',').collect();
+        Self::connect(&endpoints).await
+    }
+
+    /// The endpoint currently in use.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoints[self.current]
+    }
+
+    pub fn exchange(&self) -> ExchangeClient<Channel> {
+        ExchangeClient::new(self.channel.clone())
+            .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+    }
+
+    pub fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone())
+    }
+
+    /// Switches to the next reachable endpoint after the current one failed.
+    async fn fail_over(&mut self) -> bool {
+        for step in 1..self.endpoints.len() {
+            let i = (self.current + step) % self.endpoints.len();
+            if let Ok(channel) = open(&self.endpoints[i]).await {
+                self.current = i;
+                self.channel = channel;
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Runs `call`, failing over to other endpoints while it returns `UNAVAILABLE` because the
+    /// node itself is unreachable.
+    async fn with_failover<T, F, Fut>(&mut self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut attempts = self.endpoints.len();
+        loop {
+            match call(self.channel.clone()).await {
+                Err(status) if status.code() == Code::Unavailable && is_transport_error(&status) && attempts > 1 => {
+                    attempts -= 1;
+                    if !self.fail_over().await {
+                        return Err(status);
+                    }
+                }
+                other => return other,
+            }
+        }
+    }
+
+    pub async fn create_mailbox(&mut self, service: &str, partitions: u32) -> Result<MailboxInfo, Status> {
+        let req = CreateMailboxRequest { service: service.to_owned(), partitions };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AdminClient::new(ch).create_mailbox(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn describe_mailbox(&mut self, service: &str) -> Result<MailboxInfo, Status> {
+        let req = DescribeMailboxRequest { service: service.to_owned() };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AdminClient::new(ch).describe_mailbox(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    pub async fn list_mailboxes(&mut self) -> Result<Vec<MailboxInfo>, Status> {
+        self.with_failover(|ch| async move {
+            AdminClient::new(ch).list_mailboxes(ListMailboxesRequest {}).await.map(|r| r.into_inner().mailboxes)
+        })
+        .await
+    }
+
+    pub async fn cluster_status(&mut self) -> Result<ClusterStatusResponse, Status> {
+        self.with_failover(|ch| async move {
+            AdminClient::new(ch).cluster_status(ClusterStatusRequest {}).await.map(|r| r.into_inner())
+        })
+        .await
+    }
+
+    /// Publishes one batch; the response holds one result per message, in order.
+    pub async fn publish(&mut self, messages: Vec<Message>) -> Result<PublishResponse, Status> {
+        let req = PublishRequest { messages };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move {
+                ExchangeClient::new(ch)
+                    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
+                    .publish(req)
+                    .await
+                    .map(|r| r.into_inner())
+            }
+        })
+        .await
+    }
+
+    /// Opens a consumer stream on `mailbox` with `credits` granted up front.
+    pub async fn subscribe(&mut self, mailbox: &str, credits: u32) -> Result<Subscription, Status> {
+        let mailbox = mailbox.to_owned();
+        self.with_failover(|ch| {
+            let mailbox = mailbox.clone();
+            async move {
+                let (tx, rx) = mpsc::channel(64);
+                let start = SubscribeRequest {
+                    request: Some(subscribe_request::Request::Start(SubscribeStart { mailbox, initial_credits: credits })),
+                };
+                tx.send(start).await.map_err(|_| Status::internal("request stream closed"))?;
+                let mut client = ExchangeClient::new(ch).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+                let inbound = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
+                Ok(Subscription { tx, inbound, acked: 0 })
+            }
+        })
+        .await
+    }
+}
+
+/// tonic reports connection failures as UNAVAILABLE with a transport error source; the
+/// cluster's own UNAVAILABLE (no quorum) carries a message and must not trigger failover.
+fn is_transport_error(status: &Status) -> bool {
+    use std::error::Error;
+    status.source().is_some() || status.message().contains("transport") || status.message().contains("connect")
+}
+
+/// What the server sent on a consumer stream.
+#[derive(Debug)]
+pub enum Event {
+    Delivery(Delivery),
+    /// These positions' acks are committed: the messages are gone from the cluster.
+    Acked(Vec<Position>),
+}
+
+/// An open consumer stream.
+pub struct Subscription {
+    tx: mpsc::Sender<SubscribeRequest>,
+    inbound: Streaming<kerwen_proto::v1::SubscribeResponse>,
+    acked: u64,
+}
+
+impl Subscription {
+    async fn send(&self, request: subscribe_request::Request) -> Result<(), Status> {
+        self.tx
+            .send(SubscribeRequest { request: Some(request) })
+            .await
+            .map_err(|_| Status::unavailable("subscription closed by the server"))
+    }
+
+    /// Grants `n` more deliveries.
+    pub async fn credit(&self, n: u32) -> Result<(), Status> {
+        self.send(subscribe_request::Request::Credits(n)).await
+    }
+
+    pub async fn ack(&self, positions: Vec<Position>) -> Result<(), Status> {
+        self.send(subscribe_request::Request::Ack(Settle { positions })).await
+    }
+
+    pub async fn nack(&self, positions: Vec<Position>) -> Result<(), Status> {
+        self.send(subscribe_request::Request::Nack(Settle { positions })).await
+    }
+
+    /// Next event, `None` when the server ended the stream, `Err(DEADLINE_EXCEEDED)` when
+    /// nothing arrived within `timeout`.
+    pub async fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>, Status> {
+        loop {
+            let msg = match tokio::time::timeout(timeout, self.inbound.message()).await {
+                Ok(msg) => msg?,
+                Err(_) => return Err(Status::deadline_exceeded("no event within the timeout")),
+            };
+            let Some(msg) = msg else { return Ok(None) };
+            match msg.event {
+                Some(subscribe_response::Event::Delivery(d)) => return Ok(Some(Event::Delivery(d))),
+                Some(subscribe_response::Event::Acked(s)) => {
+                    self.acked += s.positions.len() as u64;
+                    return Ok(Some(Event::Acked(s.positions)));
+                }
+                None => continue,
+            }
+        }
+    }
+
+    /// Next delivery, skipping ack confirmations.
+    pub async fn next_delivery(&mut self, timeout: Duration) -> Result<Option<Delivery>, Status> {
+        loop {
+            match self.next_event(timeout).await? {
+                Some(Event::Delivery(d)) => return Ok(Some(d)),
+                Some(Event::Acked(_)) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Number of acks confirmed so far on this stream.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Waits until at least `n` acks are confirmed in total. Deliveries arriving meanwhile are
+    /// returned so the caller can handle them.
+    pub async fn wait_acked(&mut self, n: u64, timeout: Duration) -> Result<Vec<Delivery>, Status> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut extra = Vec::new();
+        while self.acked < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                return Err(Status::deadline_exceeded(format!("only {} of {n} acks confirmed", self.acked)));
+            }
+            match self.next_event(left).await? {
+                Some(Event::Delivery(d)) => extra.push(d),
+                Some(Event::Acked(_)) => {}
+                None => return Err(Status::unavailable("stream ended before acks were confirmed")),
+            }
+        }
+        Ok(extra)
+    }
+}

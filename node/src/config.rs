@@ -1,0 +1,162 @@
+//! Node configuration: flags, `KERWEN_*` environment variables and an optional TOML file
+//! (`--config`), in that order of precedence.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use kerwen_broker::model::NodeId;
+use serde::Deserialize;
+
+/// `kerwen serve` flags. Every flag can also come from the config file (same name with
+/// underscores, e.g. `node_id = 1`) or the environment (`KERWEN_NODE_ID`).
+#[derive(Debug, Clone, Default, Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeArgs {
+    /// TOML file with any of the settings below.
+    #[arg(long, env = "KERWEN_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// This node's id (unique, > 0).
+    #[arg(long, env = "KERWEN_NODE_ID")]
+    pub node_id: Option<NodeId>,
+    /// Address the gRPC server binds (clients and peers).
+    #[arg(long, env = "KERWEN_LISTEN")]
+    pub listen: Option<SocketAddr>,
+    /// All cluster members including this node: `1=host:port,2=host:port,3=host:port`.
+    #[arg(long, env = "KERWEN_PEERS")]
+    pub peers: Option<String>,
+    /// Directory of the node's RocksDB.
+    #[arg(long, env = "KERWEN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Number of data shards (Raft groups besides the metadata group). Same on every node.
+    #[arg(long, env = "KERWEN_SHARDS")]
+    pub shards: Option<u32>,
+    /// Partitions of a mailbox created without an explicit count.
+    #[arg(long, env = "KERWEN_DEFAULT_PARTITIONS")]
+    pub default_partitions: Option<u32>,
+    /// Lease of a delivered message before it is redelivered, in milliseconds.
+    #[arg(long, env = "KERWEN_LEASE_MS")]
+    pub lease_ms: Option<u64>,
+    /// Largest accepted payload in bytes.
+    #[arg(long, env = "KERWEN_MAX_PAYLOAD_BYTES")]
+    pub max_payload_bytes: Option<usize>,
+    /// Bound on waiting for a leader or a quorum before answering UNAVAILABLE, in ms.
+    #[arg(long, env = "KERWEN_REQUEST_TIMEOUT_MS")]
+    pub request_timeout_ms: Option<u64>,
+    /// Accept the test-only InjectFault RPC (network partitions in tests). Never in production.
+    #[arg(long, env = "KERWEN_ENABLE_FAULT_INJECTION")]
+    #[serde(default)]
+    pub enable_fault_injection: bool,
+}
+
+/// A complete, validated node configuration.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    pub listen: SocketAddr,
+    pub peers: BTreeMap<NodeId, String>,
+    pub data_dir: PathBuf,
+    pub shards: u32,
+    pub default_partitions: u32,
+    pub lease: Duration,
+    pub max_payload_bytes: usize,
+    pub request_timeout: Duration,
+    pub enable_fault_injection: bool,
+}
+
+pub const DEFAULT_SHARDS: u32 = 3;
+pub const DEFAULT_PARTITIONS: u32 = 4;
+pub const DEFAULT_LEASE_MS: u64 = 30_000;
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
+    let mut peers = BTreeMap::new();
+    for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let (id, addr) = item.split_once('=').with_context(|| format!("peer {item:?} is not ID=HOST:PORT"))?;
+        let id: NodeId = id.trim().parse().with_context(|| format!("peer id {id:?} is not a number"))?;
+        if peers.insert(id, addr.trim().to_owned()).is_some() {
+            bail!("peer id {id} appears twice");
+        }
+    }
+    Ok(peers)
+}
+
+impl ServeArgs {
+    /// Merges the config file (if any) under the flags and validates the result.
+    pub fn resolve(self) -> anyhow::Result<NodeConfig> {
+        let file: ServeArgs = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => ServeArgs::default(),
+        };
+        let node_id = self.node_id.or(file.node_id).context("--node-id is required")?;
+        if node_id == 0 {
+            bail!("--node-id must be greater than 0");
+        }
+        let listen = self.listen.or(file.listen).context("--listen is required")?;
+        let peers = match self.peers.or(file.peers) {
+            Some(p) => parse_peers(&p)?,
+            None => BTreeMap::from([(node_id, listen.to_string())]),
+        };
+        if !peers.contains_key(&node_id) {
+            bail!("--peers must include this node ({node_id})");
+        }
+        let data_dir = self.data_dir.or(file.data_dir).context("--data-dir is required")?;
+        let shards = self.shards.or(file.shards).unwrap_or(DEFAULT_SHARDS);
+        if shards == 0 || shards > 1024 {
+            bail!("--shards must be 1..=1024");
+        }
+        let default_partitions = self.default_partitions.or(file.default_partitions).unwrap_or(DEFAULT_PARTITIONS);
+        if default_partitions == 0 || default_partitions > kerwen_broker::storage::state_machine::MAX_PARTITIONS {
+            bail!("--default-partitions must be 1..=256");
+        }
+        Ok(NodeConfig {
+            node_id,
+            listen,
+            peers,
+            data_dir,
+            shards,
+            default_partitions,
+            lease: Duration::from_millis(self.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS)),
+            max_payload_bytes: self.max_payload_bytes.or(file.max_payload_bytes).unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
+            request_timeout: Duration::from_millis(
+                self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS),
+            ),
+            enable_fault_injection: self.enable_fault_injection || file.enable_fault_injection,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_peer_lists() {
+        let p = parse_peers("1=127.0.0.1:7001, 2=127.0.0.1:7002").unwrap();
+        assert_eq!(p[&2], "127.0.0.1:7002");
+        assert!(parse_peers("1=a,1=b").is_err());
+        assert!(parse_peers("x=a").is_err());
+        assert!(parse_peers("1").is_err());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, "node_id = 2\nlisten = \"127.0.0.1:7002\"\ndata_dir = \"/tmp/x\"\nshards = 5\n").unwrap();
+        let args = ServeArgs { config: Some(path), shards: Some(7), ..Default::default() };
+        let cfg = args.resolve().unwrap();
+        assert_eq!(cfg.node_id, 2);
+        assert_eq!(cfg.shards, 7);
+        assert_eq!(cfg.default_partitions, DEFAULT_PARTITIONS);
+    }
+}

@@ -1,0 +1,188 @@
+//! `kerwen dev`: a local 3-node cluster on 127.0.0.1 in the foreground.
+//!
+//! Each node is a real `kerwen serve` child process (so a node can be killed and the
+//! cluster watched as it recovers). Pid and log files live in the data dir. Ctrl-C stops
+//! every node cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+
+use crate::client::Client;
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Data directory. When given it is kept and reused (a restart finds its data);
+    /// by default a fresh `kerwen-dev` directory under the system temp dir is used.
+    #[arg(long, env = "KERWEN_DEV_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Port of node 1; node N listens on base-port + N - 1.
+    #[arg(long, default_value_t = 7001)]
+    pub base_port: u16,
+    /// Number of nodes.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u16,
+    /// Number of data shards.
+    #[arg(long, default_value_t = crate::config::DEFAULT_SHARDS)]
+    pub shards: u32,
+}
+
+struct DevNode {
+    id: u16,
+    address: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+fn terminate(child: &mut Child) {
+    // SIGTERM lets the node close its store cleanly.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGTERM);
+    }
+}
+
+fn stop_all(nodes: &mut [DevNode]) {
+    for n in nodes.iter_mut() {
+        if let Some(child) = n.child.as_mut() {
+            terminate(child);
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for n in nodes.iter_mut() {
+        if let Some(mut child) = n.child.take() {
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) => break,
+                    Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
+                    _ => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn wait_healthy(endpoints: &str, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(mut client) = Client::connect_list(endpoints).await {
+            if let Ok(status) = client.cluster_status().await {
+                if !status.groups.is_empty() && status.groups.iter().all(|g| g.leader.is_some()) {
+                    return Ok(());
+                }
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the cluster did not elect leaders within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn prepare_dir(args: &DevArgs) -> anyhow::Result<PathBuf> {
+    match &args.data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            Ok(dir.clone())
+        }
+        None => {
+            let dir = std::env::temp_dir().join("kerwen-dev");
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir).with_context(|| format!("clearing {}", dir.display()))?;
+            }
+            std::fs::create_dir_all(&dir)?;
+            Ok(dir)
+        }
+    }
+}
+
+fn spawn_node(exe: &Path, dir: &Path, node: &DevNode, peers: &str, shards: u32) -> anyhow::Result<Child> {
+    let log = std::fs::File::create(&node.log).with_context(|| format!("creating {}", node.log.display()))?;
+    let child = Command::new(exe)
+        .arg("serve")
+        .args(["--node-id", &node.id.to_string()])
+        .args(["--listen", &node.address])
+        .args(["--peers", peers])
+        .arg("--data-dir")
+        .arg(dir.join(format!("node-{}", node.id)))
+        .args(["--shards", &shards.to_string()])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting a node process")?;
+    std::fs::write(dir.join(format!("node-{}.pid", node.id)), child.id().to_string())?;
+    Ok(child)
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    if args.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    let dir = prepare_dir(&args)?;
+    let exe = std::env::current_exe().context("locating the kerwen binary")?;
+    let mut nodes: Vec<DevNode> = (1..=args.nodes)
+        .map(|id| DevNode {
+            id,
+            address: format!("127.0.0.1:{}", args.base_port + id - 1),
+            log: dir.join(format!("node-{id}.log")),
+            child: None,
+        })
+        .collect();
+    let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.address)).collect::<Vec<_>>().join(",");
+    let endpoints = nodes.iter().map(|n| n.address.clone()).collect::<Vec<_>>().join(",");
+    for i in 0..nodes.len() {
+        match spawn_node(&exe, &dir, &nodes[i], &peers, args.shards) {
+            Ok(child) => nodes[i].child = Some(child),
+            Err(e) => {
+                stop_all(&mut nodes);
+                return Err(e);
+            }
+        }
+    }
+    if let Err(e) = wait_healthy(&endpoints, Duration::from_secs(60)).await {
+        stop_all(&mut nodes);
+        return Err(e.context(format!("see the node logs in {}", dir.display())));
+    }
+
+    println!("Kerwen dev cluster is up: {} nodes, {} data shards, data in {}", args.nodes, args.shards, dir.display());
+    for n in &nodes {
+        let pid = n.child.as_ref().map(|c| c.id()).unwrap_or(0);
+        println!("  node {}  {}  pid {}  log {}", n.id, n.address, pid, n.log.display());
+    }
+    if endpoints != crate::client::DEFAULT_ENDPOINTS {
+        println!("Point the CLI at it with:  export KERWEN_ENDPOINT={endpoints}");
+    }
+    println!("Press Ctrl-C to stop the cluster.");
+
+    let mut reported = vec![false; nodes.len()];
+    let shutdown = crate::server::shutdown_signal();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                for (i, n) in nodes.iter_mut().enumerate() {
+                    if let Some(child) = n.child.as_mut() {
+                        if let Ok(Some(status)) = child.try_wait() {
+                            if !reported[i] {
+                                reported[i] = true;
+                                println!("node {} exited ({status}); the others keep serving", n.id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    println!("stopping the cluster...");
+    stop_all(&mut nodes);
+    println!("stopped");
+    Ok(())
+}

@@ -1,0 +1,80 @@
+//! The `kerwen` binary: `serve` and `dev` run nodes; every other command is a client.
+
+use clap::{Parser, Subcommand};
+use kerwen_node::cli::{self, ClientOpts, ConsumeArgs, MailboxCommand, PublishArgs};
+use kerwen_node::config::ServeArgs;
+use kerwen_node::dev::{self, DevArgs};
+use tracing_subscriber::EnvFilter;
+
+/// Kerwen: a Raft-replicated store-and-forward message broker for interagency data exchange.
+#[derive(Debug, Parser)]
+#[command(name = "kerwen", version, about)]
+struct Cli {
+    #[command(flatten)]
+    client: ClientOpts,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a node.
+    Serve(ServeArgs),
+    /// Run a local 3-node development cluster in the foreground.
+    Dev(DevArgs),
+    /// Create, list and describe mailboxes.
+    Mailbox {
+        #[command(subcommand)]
+        command: MailboxCommand,
+    },
+    /// Publish one message (payload from --data, --file or standard input).
+    Publish(PublishArgs),
+    /// Consume (and ack) messages from a mailbox.
+    Consume(ConsumeArgs),
+    /// Show nodes, Raft groups and their leaders.
+    Status,
+}
+
+fn init_logging(default: &str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => {
+            init_logging("info,openraft=warn");
+            match args.resolve() {
+                Ok(config) => kerwen_node::server::serve(config, kerwen_node::server::shutdown_signal()).await,
+                Err(e) => Err(e),
+            }
+        }
+        Command::Dev(args) => {
+            init_logging("warn");
+            dev::run(args).await
+        }
+        Command::Mailbox { command } => {
+            init_logging("warn");
+            cli::mailbox(&cli.client, command).await
+        }
+        Command::Publish(args) => {
+            init_logging("warn");
+            cli::publish(&cli.client, args).await
+        }
+        Command::Consume(args) => {
+            init_logging("warn");
+            cli::consume(&cli.client, args).await
+        }
+        Command::Status => {
+            init_logging("warn");
+            cli::status(&cli.client).await
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

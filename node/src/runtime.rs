@@ -1,0 +1,341 @@
+//! A running node: its store, its Raft groups, and routing of every operation to the
+//! group's leader — executed locally when this node leads, forwarded over the `Peer`
+//! service otherwise. Every wait for a leader or a quorum is bounded by the request timeout
+//! and ends in `UNAVAILABLE`, never a hang.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use kerwen_broker::delivery::ConsumerId;
+use kerwen_broker::model::{
+    Command, CommandResult, GroupId, MailboxId, MailboxInfo, NodeId, PartitionStats, Position, TypeConfig,
+    METADATA_GROUP,
+};
+use kerwen_broker::storage::state_machine::Leased;
+use kerwen_broker::storage::{MetaView, ShardView, StateMachine, Store};
+use kerwen_broker::BrokerError;
+use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::config::NodeConfig;
+use crate::transport::{PeerMethod, Peers, RaftTransport};
+
+/// Arguments of a forwarded fetch (lease messages to a consumer).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FetchArgs {
+    pub consumer: ConsumerId,
+    pub mailbox: MailboxId,
+    pub partitions: Vec<u32>,
+    pub max: u32,
+    pub lease_ms: u64,
+    /// How long the leader may wait for messages when none are deliverable.
+    pub wait_ms: u64,
+}
+
+/// Arguments of a forwarded release (give leases back).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReleaseArgs {
+    pub consumer: ConsumerId,
+    pub mailbox: MailboxId,
+    /// `None` releases every lease of the consumer on the mailbox.
+    pub positions: Option<Vec<Position>>,
+}
+
+/// Reads served by a group's leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReadQuery {
+    /// Metadata group: one mailbox by service id.
+    Mailbox(String),
+    /// Metadata group: all mailboxes.
+    Mailboxes,
+    /// Data shard: pending counts of a mailbox over some partitions.
+    PartitionStats { mailbox: MailboxId, partitions: Vec<u32> },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ReadAnswer {
+    Mailbox(Option<MailboxInfo>),
+    Mailboxes(Vec<MailboxInfo>),
+    PartitionStats(PartitionStats),
+}
+
+/// One Raft group hosted on this node.
+pub struct Group<V> {
+    pub id: GroupId,
+    pub raft: Raft<TypeConfig>,
+    pub view: Arc<V>,
+}
+
+/// Everything a node runs.
+pub struct NodeRuntime {
+    pub config: NodeConfig,
+    pub store: Arc<Store>,
+    pub peers: Arc<Peers>,
+    pub meta: Group<MetaView>,
+    pub shards: BTreeMap<GroupId, Group<ShardView>>,
+}
+
+fn raft_config() -> anyhow::Result<Arc<Config>> {
+    let config = Config {
+        cluster_name: "kerwen".into(),
+        heartbeat_interval: 250,
+        election_timeout_min: 1_000,
+        election_timeout_max: 2_000,
+        // Each entry can be a large batch: keep AppendEntries RPCs bounded.
+        max_payload_entries: 64,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
+        max_in_snapshot_log_to_keep: 1_000,
+        install_snapshot_timeout: 10_000,
+        ..Default::default()
+    };
+    Ok(Arc::new(config.validate()?))
+}
+
+pub fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+impl NodeRuntime {
+    /// Opens the store, starts every group and bootstraps the cluster membership if this is a
+    /// fresh node (every node does it with the same membership, which openraft allows).
+    pub async fn start(config: NodeConfig) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let store = Store::open(&config.data_dir.join("db"))?;
+        let peers = Peers::new(config.node_id, config.peers.clone(), config.enable_fault_injection);
+        let raft_config = raft_config()?;
+        let transport = |group| RaftTransport { group, peers: peers.clone() };
+
+        let (sm, view) = StateMachine::open_metadata(store.clone())?;
+        let raft = Raft::new(config.node_id, raft_config.clone(), transport(METADATA_GROUP), store.log_store(METADATA_GROUP), sm).await?;
+        let meta = Group { id: METADATA_GROUP, raft, view };
+
+        let mut shards = BTreeMap::new();
+        for group in 1..=config.shards {
+            let (sm, view) = StateMachine::open_shard(store.clone(), group)?;
+            let raft = Raft::new(config.node_id, raft_config.clone(), transport(group), store.log_store(group), sm).await?;
+            shards.insert(group, Group { id: group, raft, view });
+        }
+
+        let members: BTreeMap<NodeId, BasicNode> =
+            config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+        for raft in std::iter::once(&meta.raft).chain(shards.values().map(|g| &g.raft)) {
+            match raft.initialize(members.clone()).await {
+                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!(node = config.node_id, shards = config.shards, listen = %config.listen, "node started");
+        Ok(Arc::new(Self { config, store, peers, meta, shards }))
+    }
+
+    /// Stops every Raft group (the store closes when the last reference goes).
+    pub async fn shutdown(&self) {
+        for raft in std::iter::once(&self.meta.raft).chain(self.shards.values().map(|g| &g.raft)) {
+            if let Err(e) = raft.shutdown().await {
+                tracing::warn!(error = %e, "raft shutdown");
+            }
+        }
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.config.node_id
+    }
+
+    pub fn raft(&self, group: GroupId) -> Result<&Raft<TypeConfig>, BrokerError> {
+        if group == METADATA_GROUP {
+            return Ok(&self.meta.raft);
+        }
+        self.shards.get(&group).map(|g| &g.raft).ok_or_else(|| BrokerError::NotFound(format!("group {group} is not hosted here")))
+    }
+
+    pub fn shard(&self, group: GroupId) -> Result<&Group<ShardView>, BrokerError> {
+        self.shards.get(&group).ok_or_else(|| BrokerError::NotFound(format!("shard {group} is not hosted here")))
+    }
+
+    pub fn all_rafts(&self) -> impl Iterator<Item = (GroupId, &Raft<TypeConfig>)> {
+        std::iter::once((METADATA_GROUP, &self.meta.raft)).chain(self.shards.iter().map(|(id, g)| (*id, &g.raft)))
+    }
+
+    fn leader_of(&self, group: GroupId) -> Result<Option<NodeId>, BrokerError> {
+        Ok(self.raft(group)?.metrics().borrow().current_leader)
+    }
+
+    /// This node's term if it currently leads `group`, else a `NotLeader` error.
+    fn leading_term(&self, group: GroupId) -> Result<u64, BrokerError> {
+        let raft = self.raft(group)?;
+        let m = raft.metrics().borrow().clone();
+        if m.state == ServerState::Leader && m.current_leader == Some(self.node_id()) {
+            Ok(m.current_term)
+        } else {
+            Err(BrokerError::NotLeader { group, leader: m.current_leader })
+        }
+    }
+
+    /// Runs `local` if this node leads `group`, otherwise forwards `args` to the leader with
+    /// `method`; retries while leadership is unknown or moving, until the request timeout.
+    async fn route<A, R, F, Fut>(&self, group: GroupId, method: PeerMethod, args: &A, local: F) -> Result<R, BrokerError>
+    where
+        A: Serialize,
+        R: serde::de::DeserializeOwned,
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<R, BrokerError>>,
+    {
+        let deadline = Instant::now() + self.config.request_timeout;
+        let mut last_error = BrokerError::Unavailable(format!("group {group} has no leader"));
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(match last_error {
+                    BrokerError::NotLeader { .. } => {
+                        BrokerError::Unavailable(format!("group {group} has no reachable leader (no quorum?)"))
+                    }
+                    e => e,
+                });
+            }
+            let attempt = match self.leader_of(group)? {
+                Some(leader) if leader == self.node_id() => match tokio::time::timeout(left, local()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        return Err(BrokerError::Unavailable(format!(
+                            "group {group}: no answer within {:?} (no quorum?)",
+                            self.config.request_timeout
+                        )))
+                    }
+                },
+                Some(leader) => self.peers.call(leader, group, method, args, left).await,
+                None => Err(BrokerError::NotLeader { group, leader: None }),
+            };
+            match attempt {
+                Err(e) if e.is_retryable() => {
+                    last_error = e;
+                    tokio::time::sleep(Duration::from_millis(50).min(left)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Replicates `cmd` through `group`'s log (on its leader) and returns the committed log
+    /// index and the command's result.
+    pub async fn write(&self, group: GroupId, cmd: Command) -> Result<(u64, CommandResult), BrokerError> {
+        self.route(group, PeerMethod::Write, &cmd, || self.write_local(group, cmd.clone())).await
+    }
+
+    /// `write` on this node, which must lead `group`.
+    pub async fn write_local(&self, group: GroupId, cmd: Command) -> Result<(u64, CommandResult), BrokerError> {
+        let raft = self.raft(group)?;
+        match raft.client_write(cmd).await {
+            Ok(resp) => Ok((resp.log_id.index, resp.data)),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(BrokerError::NotLeader { group, leader: f.leader_id })
+            }
+            Err(RaftError::APIError(e)) => Err(BrokerError::Internal(e.to_string())),
+            Err(RaftError::Fatal(e)) => Err(BrokerError::Unavailable(format!("group {group} stopped: {e}"))),
+        }
+    }
+
+    /// Leases deliverable messages of one shard to a consumer (on the shard's leader).
+    pub async fn fetch(&self, group: GroupId, args: FetchArgs) -> Result<Vec<Leased>, BrokerError> {
+        self.route(group, PeerMethod::Fetch, &args, || self.fetch_local(group, args.clone())).await
+    }
+
+    /// `fetch` on this node, which must lead `group`. Long-polls up to `wait_ms`.
+    pub async fn fetch_local(&self, group: GroupId, args: FetchArgs) -> Result<Vec<Leased>, BrokerError> {
+        let shard = self.shard(group)?;
+        let mut applied = shard.view.applied();
+        let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
+        loop {
+            let term = self.leading_term(group)?;
+            let got = shard.view.fetch(
+                term,
+                args.consumer,
+                args.mailbox,
+                &args.partitions,
+                args.max as usize,
+                Duration::from_millis(args.lease_ms),
+            )?;
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !got.is_empty() || left.is_zero() {
+                return Ok(got);
+            }
+            // New messages wake us; the short cap re-checks expired leases.
+            let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), applied.changed()).await;
+        }
+    }
+
+    pub async fn release(&self, group: GroupId, args: ReleaseArgs) -> Result<(), BrokerError> {
+        self.route(group, PeerMethod::Release, &args, || async { self.release_local(group, &args) }).await
+    }
+
+    /// `release` on this node, which must lead `group`.
+    pub fn release_local(&self, group: GroupId, args: &ReleaseArgs) -> Result<(), BrokerError> {
+        self.leading_term(group)?;
+        self.shard(group)?.view.release(args.consumer, args.mailbox, args.positions.as_deref());
+        Ok(())
+    }
+
+    /// A read served by `group`'s leader after confirming its leadership with a quorum.
+    pub async fn read(&self, group: GroupId, query: ReadQuery) -> Result<ReadAnswer, BrokerError> {
+        self.route(group, PeerMethod::Read, &query, || self.read_local(group, query.clone())).await
+    }
+
+    pub async fn read_local(&self, group: GroupId, query: ReadQuery) -> Result<ReadAnswer, BrokerError> {
+        let raft = self.raft(group)?;
+        raft.ensure_linearizable().await.map_err(|e| match e {
+            RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
+                BrokerError::NotLeader { group, leader: f.leader_id }
+            }
+            other => BrokerError::Unavailable(format!("group {group}: {other}")),
+        })?;
+        match query {
+            ReadQuery::Mailbox(service) => Ok(ReadAnswer::Mailbox(self.meta.view.mailbox(&service))),
+            ReadQuery::Mailboxes => Ok(ReadAnswer::Mailboxes(self.meta.view.mailboxes())),
+            ReadQuery::PartitionStats { mailbox, partitions } => {
+                Ok(ReadAnswer::PartitionStats(self.shard(group)?.view.stats(mailbox, &partitions)?))
+            }
+        }
+    }
+
+    /// Looks a mailbox up: locally when this node already knows it, otherwise on the
+    /// metadata leader (a mailbox created a moment ago through another node may not have
+    /// reached this one yet).
+    pub async fn mailbox(&self, service: &str) -> Result<MailboxInfo, BrokerError> {
+        if let Some(info) = self.meta.view.mailbox(service) {
+            return Ok(info);
+        }
+        match self.read(METADATA_GROUP, ReadQuery::Mailbox(service.to_owned())).await? {
+            ReadAnswer::Mailbox(Some(info)) => Ok(info),
+            ReadAnswer::Mailbox(None) => Err(BrokerError::NotFound(format!("mailbox {service} does not exist"))),
+            other => Err(BrokerError::Internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    pub async fn mailboxes(&self) -> Result<Vec<MailboxInfo>, BrokerError> {
+        match self.read(METADATA_GROUP, ReadQuery::Mailboxes).await? {
+            ReadAnswer::Mailboxes(list) => Ok(list),
+            other => Err(BrokerError::Internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Pending messages and bytes of a mailbox, summed over its shards' leaders.
+    pub async fn mailbox_stats(&self, info: &MailboxInfo) -> Result<PartitionStats, BrokerError> {
+        let mut by_shard: BTreeMap<GroupId, Vec<u32>> = BTreeMap::new();
+        for (p, shard) in info.partition_shards.iter().enumerate() {
+            by_shard.entry(*shard).or_default().push(p as u32);
+        }
+        let mut total = PartitionStats::default();
+        for (shard, partitions) in by_shard {
+            match self.read(shard, ReadQuery::PartitionStats { mailbox: info.id, partitions }).await? {
+                ReadAnswer::PartitionStats(s) => {
+                    total.messages += s.messages;
+                    total.bytes += s.bytes;
+                }
+                other => return Err(BrokerError::Internal(format!("unexpected answer {other:?}"))),
+            }
+        }
+        Ok(total)
+    }
+}

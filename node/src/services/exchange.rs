@@ -1,0 +1,345 @@
+//! `kerwen.v1.Exchange`: publish and subscribe.
+//!
+//! Publish validates the whole batch first (nothing is stored if any message is bad), routes
+//! each message to a partition (ordering key hash, else round robin) and sends one Raft
+//! command per shard — one log entry for all of the batch's messages on that shard.
+//!
+//! Subscribe runs one pump task per shard of the mailbox. Each pump takes credits granted by
+//! the client, leases that many messages from the shard leader (long-polling), and streams
+//! them. Acks are replicated through the shard's Raft log and confirmed back on the stream;
+//! when the stream ends, the consumer's remaining leases are released for redelivery.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use kerwen_broker::ids::ServiceId;
+use kerwen_broker::model::{Command, CommandResult, GroupId, MailboxInfo, NewMessage, Position, StoredMessage};
+use kerwen_broker::storage::state_machine::Leased;
+use kerwen_broker::BrokerError;
+use kerwen_proto::v1 as pb;
+use kerwen_proto::v1::exchange_server::Exchange;
+use pb::{subscribe_request, subscribe_response};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::runtime::{now_unix_ms, FetchArgs, NodeRuntime, ReleaseArgs};
+use crate::status::to_status;
+
+/// Longest accepted message id, in bytes.
+pub const MAX_MESSAGE_ID_LEN: usize = 255;
+/// Most deliveries one pump leases per fetch.
+const MAX_FETCH: u32 = 256;
+/// Most credits a consumer may have outstanding.
+const MAX_OUTSTANDING_CREDITS: usize = 1 << 20;
+/// How long a shard leader may hold an empty fetch.
+const FETCH_WAIT_MS: u64 = 250;
+
+pub struct ExchangeService {
+    runtime: Arc<NodeRuntime>,
+    round_robin: AtomicU64,
+}
+
+impl ExchangeService {
+    pub fn new(runtime: Arc<NodeRuntime>) -> Self {
+        Self { runtime, round_robin: AtomicU64::new(0) }
+    }
+}
+
+/// FNV-1a: a stable hash, so a key maps to the same partition on every node and release.
+fn stable_hash(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+fn validate_message(m: &pb::Message, index: usize, max_payload: usize) -> Result<(), Status> {
+    let bad = |what: String| Status::invalid_argument(format!("message {index}: {what}"));
+    if m.id.is_empty() || m.id.len() > MAX_MESSAGE_ID_LEN {
+        return Err(bad(format!("id must be 1..={MAX_MESSAGE_ID_LEN} bytes")));
+    }
+    if !m.id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad("id must be printable ASCII without spaces".into()));
+    }
+    m.recipient.parse::<ServiceId>().map_err(|e| bad(format!("recipient: {e}")))?;
+    if m.payload.is_empty() {
+        return Err(bad("payload is empty".into()));
+    }
+    if m.payload.len() > max_payload {
+        return Err(Status::resource_exhausted(format!(
+            "message {index}: payload of {} bytes exceeds the limit of {max_payload} bytes",
+            m.payload.len()
+        )));
+    }
+    Ok(())
+}
+
+fn to_proto_message(m: StoredMessage) -> pb::Message {
+    pb::Message {
+        id: m.id,
+        recipient: m.recipient,
+        headers: m.headers.into_iter().collect(),
+        payload: m.payload,
+        ordering_key: m.ordering_key,
+    }
+}
+
+fn to_proto_position(p: Position) -> pb::Position {
+    pb::Position { partition: p.partition, sequence: p.sequence }
+}
+
+fn to_delivery(l: Leased) -> pb::SubscribeResponse {
+    pb::SubscribeResponse {
+        event: Some(subscribe_response::Event::Delivery(pb::Delivery {
+            message: Some(to_proto_message(l.message)),
+            position: Some(to_proto_position(l.position)),
+            attempt: l.attempt,
+            lease_expires_unix_ms: l.lease_expires_unix_ms,
+        })),
+    }
+}
+
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Exchange for ExchangeService {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let messages = request.into_inner().messages;
+        if messages.is_empty() {
+            return Err(Status::invalid_argument("empty batch: publish at least one message"));
+        }
+        let max_payload = self.runtime.config.max_payload_bytes;
+        for (i, m) in messages.iter().enumerate() {
+            validate_message(m, i, max_payload)?;
+        }
+        let mut mailboxes: BTreeMap<String, MailboxInfo> = BTreeMap::new();
+        for m in &messages {
+            if !mailboxes.contains_key(&m.recipient) {
+                let info = self.runtime.mailbox(&m.recipient).await.map_err(to_status)?;
+                mailboxes.insert(m.recipient.clone(), info);
+            }
+        }
+
+        let accepted_unix_ms = now_unix_ms();
+        let count = messages.len();
+        let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<NewMessage>)> = BTreeMap::new();
+        for (i, m) in messages.into_iter().enumerate() {
+            let info = &mailboxes[&m.recipient];
+            let partition = match &m.ordering_key {
+                Some(key) => (stable_hash(key) % u64::from(info.partitions)) as u32,
+                None => (self.round_robin.fetch_add(1, Ordering::Relaxed) % u64::from(info.partitions)) as u32,
+            };
+            let shard = info.shard_of(partition).ok_or_else(|| Status::internal("partition without shard"))?;
+            let new = NewMessage {
+                mailbox: info.id,
+                partition,
+                message: StoredMessage {
+                    id: m.id,
+                    recipient: m.recipient,
+                    headers: m.headers.into_iter().collect(),
+                    payload: m.payload,
+                    ordering_key: m.ordering_key,
+                    accepted_unix_ms,
+                },
+            };
+            let entry = by_shard.entry(shard).or_default();
+            entry.0.push(i);
+            entry.1.push(new);
+        }
+
+        let writes = by_shard.into_iter().map(|(shard, (indices, batch))| {
+            let runtime = self.runtime.clone();
+            async move {
+                let ids: Vec<String> = batch.iter().map(|m| m.message.id.clone()).collect();
+                let (index, result) = runtime.write(shard, Command::Publish { messages: batch }).await?;
+                match result {
+                    CommandResult::Published(positions) if positions.len() == ids.len() => {
+                        Ok::<_, BrokerError>((shard, index, indices, ids, positions))
+                    }
+                    CommandResult::Rejected(e) => Err(e),
+                    other => Err(BrokerError::Internal(format!("unexpected publish result {other:?}"))),
+                }
+            }
+        });
+        let mut results: Vec<Option<pb::PublishResult>> = vec![None; count];
+        for outcome in futures::future::join_all(writes).await {
+            let (shard, index, indices, ids, positions) = outcome.map_err(to_status)?;
+            for ((i, id), pos) in indices.into_iter().zip(ids).zip(positions) {
+                results[i] = Some(pb::PublishResult {
+                    id,
+                    position: Some(to_proto_position(pos)),
+                    shard,
+                    commit_index: index,
+                });
+            }
+        }
+        let results = results.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Status::internal("missing result"))?;
+        Ok(Response::new(pb::PublishResponse { results }))
+    }
+
+    type SubscribeStream = SubscribeStream;
+
+    async fn subscribe(
+        &self,
+        request: Request<Streaming<pb::SubscribeRequest>>,
+    ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let mut inbound = request.into_inner();
+        let start = match inbound.message().await? {
+            Some(pb::SubscribeRequest { request: Some(subscribe_request::Request::Start(start)) }) => start,
+            _ => return Err(Status::invalid_argument("the first message of a subscription must be `start`")),
+        };
+        start.mailbox.parse::<ServiceId>().map_err(|e| Status::invalid_argument(format!("mailbox: {e}")))?;
+        let info = self.runtime.mailbox(&start.mailbox).await.map_err(to_status)?;
+        let consumer: u64 = rand::random();
+        tracing::debug!(mailbox = %info.service, consumer, "subscription started");
+
+        let (out_tx, out_rx) = mpsc::channel::<Result<pb::SubscribeResponse, Status>>(MAX_FETCH as usize);
+        let credits = Arc::new(Semaphore::new((start.initial_credits as usize).min(MAX_OUTSTANDING_CREDITS)));
+        let mut shards: BTreeMap<GroupId, Vec<u32>> = BTreeMap::new();
+        for (p, shard) in info.partition_shards.iter().enumerate() {
+            shards.entry(*shard).or_default().push(p as u32);
+        }
+        let lease_ms = self.runtime.config.lease.as_millis() as u64;
+        let mut pumps = Vec::new();
+        for (shard, partitions) in &shards {
+            let pump = Pump {
+                runtime: self.runtime.clone(),
+                shard: *shard,
+                args: FetchArgs {
+                    consumer,
+                    mailbox: info.id,
+                    partitions: partitions.clone(),
+                    max: 0,
+                    lease_ms,
+                    wait_ms: FETCH_WAIT_MS,
+                },
+                credits: credits.clone(),
+                out: out_tx.clone(),
+            };
+            pumps.push(tokio::spawn(pump.run()));
+        }
+
+        let runtime = self.runtime.clone();
+        let shard_of: BTreeMap<u32, GroupId> =
+            info.partition_shards.iter().enumerate().map(|(p, s)| (p as u32, *s)).collect();
+        let mailbox = info.id;
+        tokio::spawn(async move {
+            loop {
+                let request = match inbound.message().await {
+                    Ok(Some(r)) => r.request,
+                    Ok(None) | Err(_) => break,
+                };
+                match request {
+                    Some(subscribe_request::Request::Credits(n)) => {
+                        // Outstanding credits are capped; more would only hold memory.
+                        let room = MAX_OUTSTANDING_CREDITS.saturating_sub(credits.available_permits());
+                        credits.add_permits((n as usize).min(room));
+                    }
+                    Some(subscribe_request::Request::Ack(settle)) => {
+                        for (shard, positions) in group_positions(&shard_of, settle) {
+                            let runtime = runtime.clone();
+                            let out = out_tx.clone();
+                            tokio::spawn(async move {
+                                let cmd = Command::Ack { mailbox, positions: positions.clone() };
+                                let event = match runtime.write(shard, cmd).await {
+                                    Ok(_) => Ok(pb::SubscribeResponse {
+                                        event: Some(subscribe_response::Event::Acked(pb::Settle {
+                                            positions: positions.into_iter().map(to_proto_position).collect(),
+                                        })),
+                                    }),
+                                    Err(e) => Err(to_status(e)),
+                                };
+                                let _ = out.send(event).await;
+                            });
+                        }
+                    }
+                    Some(subscribe_request::Request::Nack(settle)) => {
+                        for (shard, positions) in group_positions(&shard_of, settle) {
+                            let args = ReleaseArgs { consumer, mailbox, positions: Some(positions) };
+                            if let Err(e) = runtime.release(shard, args).await {
+                                tracing::debug!(error = %e, "nack could not be applied; the lease will expire");
+                            }
+                        }
+                    }
+                    Some(subscribe_request::Request::Start(_)) => {
+                        let _ = out_tx.send(Err(Status::invalid_argument("subscription already started"))).await;
+                        break;
+                    }
+                    None => {}
+                }
+            }
+            for pump in pumps {
+                pump.abort();
+            }
+            for shard in shards.keys() {
+                let args = ReleaseArgs { consumer, mailbox, positions: None };
+                if let Err(e) = runtime.release(*shard, args).await {
+                    tracing::debug!(error = %e, shard, "release on disconnect failed; leases will expire");
+                }
+            }
+            tracing::debug!(consumer, "subscription ended");
+        });
+
+        Ok(Response::new(Box::pin(ReceiverStream::new(out_rx))))
+    }
+}
+
+fn group_positions(shard_of: &BTreeMap<u32, GroupId>, settle: pb::Settle) -> BTreeMap<GroupId, Vec<Position>> {
+    let mut by_shard: BTreeMap<GroupId, Vec<Position>> = BTreeMap::new();
+    for p in settle.positions {
+        if let Some(shard) = shard_of.get(&p.partition) {
+            by_shard.entry(*shard).or_default().push(Position { partition: p.partition, sequence: p.sequence });
+        }
+    }
+    by_shard
+}
+
+/// Moves messages of one shard to one consumer stream as credits allow.
+struct Pump {
+    runtime: Arc<NodeRuntime>,
+    shard: GroupId,
+    args: FetchArgs,
+    credits: Arc<Semaphore>,
+    out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+}
+
+impl Pump {
+    async fn run(mut self) {
+        loop {
+            let Ok(first) = self.credits.acquire().await else { return };
+            first.forget();
+            let mut taken = 1u32;
+            while taken < MAX_FETCH {
+                match self.credits.try_acquire() {
+                    Ok(p) => {
+                        p.forget();
+                        taken += 1;
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.args.max = taken;
+            match self.runtime.fetch(self.shard, self.args.clone()).await {
+                Ok(leased) => {
+                    let unused = taken as usize - leased.len().min(taken as usize);
+                    self.credits.add_permits(unused);
+                    for l in leased {
+                        if self.out.send(Ok(to_delivery(l))).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                Err(e) if e.is_retryable() => {
+                    self.credits.add_permits(taken as usize);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => {
+                    let _ = self.out.send(Err(to_status(e))).await;
+                    return;
+                }
+            }
+        }
+    }
+}

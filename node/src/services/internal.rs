@@ -1,0 +1,111 @@
+//! Node-to-node services: openraft's RPCs (`Raft`) and forwarded work (`Peer`).
+//!
+//! Both refuse traffic from nodes cut off by the fault filter, so a test partition is
+//! symmetric even when only one side was told about it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kerwen_broker::model::{Command, NodeId};
+use kerwen_broker::BrokerError;
+use kerwen_proto::v1::peer_server::Peer;
+use kerwen_proto::v1::raft_server::Raft;
+use kerwen_proto::v1::{PeerReply, PeerRequest, RaftReply, RaftRequest};
+use serde::Serialize;
+use tonic::{Request, Response, Status};
+
+use crate::runtime::{FetchArgs, NodeRuntime, ReadQuery, ReleaseArgs};
+use crate::transport::{decode, encode};
+
+pub struct InternalService {
+    runtime: Arc<NodeRuntime>,
+}
+
+impl InternalService {
+    pub fn new(runtime: Arc<NodeRuntime>) -> Self {
+        Self { runtime }
+    }
+
+    fn admit(&self, from: NodeId) -> Result<(), Status> {
+        if self.runtime.peers.is_blocked(from) {
+            return Err(Status::unavailable(format!("node {from} is cut off (fault injection)")));
+        }
+        Ok(())
+    }
+}
+
+fn reply<T: Serialize>(result: &T) -> Result<Response<RaftReply>, Status> {
+    let body = encode(result).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftReply { body: body.into() }))
+}
+
+fn peer_reply<T: Serialize>(result: Result<T, BrokerError>) -> Result<Response<PeerReply>, Status> {
+    let body = encode(&result).map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(PeerReply { body: body.into() }))
+}
+
+fn bad_body(e: BrokerError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+#[tonic::async_trait]
+impl Raft for InternalService {
+    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let raft = self.runtime.raft(req.group).map_err(|e| Status::not_found(e.to_string()))?;
+        reply(&raft.append_entries(decode(&req.body).map_err(bad_body)?).await)
+    }
+
+    async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let raft = self.runtime.raft(req.group).map_err(|e| Status::not_found(e.to_string()))?;
+        reply(&raft.vote(decode(&req.body).map_err(bad_body)?).await)
+    }
+
+    async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let raft = self.runtime.raft(req.group).map_err(|e| Status::not_found(e.to_string()))?;
+        reply(&raft.install_snapshot(decode(&req.body).map_err(bad_body)?).await)
+    }
+}
+
+#[tonic::async_trait]
+impl Peer for InternalService {
+    async fn write(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let cmd: Command = decode(&req.body).map_err(bad_body)?;
+        peer_reply(self.runtime.write_local(req.group, cmd).await)
+    }
+
+    async fn fetch(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let mut args: FetchArgs = decode(&req.body).map_err(bad_body)?;
+        args.wait_ms = args.wait_ms.min(Duration::from_secs(5).as_millis() as u64);
+        peer_reply(self.runtime.fetch_local(req.group, args).await)
+    }
+
+    async fn release(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let args: ReleaseArgs = decode(&req.body).map_err(bad_body)?;
+        peer_reply(self.runtime.release_local(req.group, &args))
+    }
+
+    async fn read(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let query: ReadQuery = decode(&req.body).map_err(bad_body)?;
+        peer_reply(self.runtime.read_local(req.group, query).await)
+    }
+
+    async fn inject_fault(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let req = request.into_inner();
+        let blocked: Vec<NodeId> = decode(&req.body).map_err(bad_body)?;
+        peer_reply(self.runtime.peers.set_blocked(blocked))
+    }
+}

@@ -1,0 +1,233 @@
+//! Node-to-node transport: one lazily connected gRPC channel per peer, shared by every Raft
+//! group and by request forwarding; openraft's `RaftNetwork` on top of it; and the fault
+//! filter used by tests to partition nodes.
+//!
+//! Internal bodies are bincode of broker/openraft types (see `proto/kerwen/v1/internal.proto`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use kerwen_broker::model::{GroupId, NodeId, TypeConfig};
+use kerwen_broker::BrokerError;
+use kerwen_proto::v1::peer_client::PeerClient;
+use kerwen_proto::v1::raft_client::RaftClient;
+use kerwen_proto::v1::{PeerReply, PeerRequest, RaftReply, RaftRequest};
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use openraft::BasicNode;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tonic::transport::{Channel, Endpoint};
+
+/// Largest internal message (Raft batches of large payloads, snapshot chunks).
+pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 1024 * 1024 * 1024;
+
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, BrokerError> {
+    bincode::serialize(value).map_err(|e| BrokerError::Internal(format!("encoding internal message: {e}")))
+}
+
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, BrokerError> {
+    bincode::deserialize(bytes).map_err(|e| BrokerError::Internal(format!("decoding internal message: {e}")))
+}
+
+/// Channels to the other nodes and the fault filter.
+pub struct Peers {
+    me: NodeId,
+    addresses: RwLock<BTreeMap<NodeId, String>>,
+    channels: Mutex<HashMap<NodeId, Channel>>,
+    blocked: RwLock<HashSet<NodeId>>,
+    fault_injection: bool,
+}
+
+impl Peers {
+    pub fn new(me: NodeId, addresses: BTreeMap<NodeId, String>, fault_injection: bool) -> Arc<Self> {
+        Arc::new(Self {
+            me,
+            addresses: RwLock::new(addresses),
+            channels: Mutex::new(HashMap::new()),
+            blocked: RwLock::new(HashSet::new()),
+            fault_injection,
+        })
+    }
+
+    pub fn me(&self) -> NodeId {
+        self.me
+    }
+
+    pub fn addresses(&self) -> BTreeMap<NodeId, String> {
+        self.addresses.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    pub fn address(&self, node: NodeId) -> Option<String> {
+        self.addresses.read().unwrap_or_else(|p| p.into_inner()).get(&node).cloned()
+    }
+
+    /// Whether traffic with `node` is cut by the fault filter.
+    pub fn is_blocked(&self, node: NodeId) -> bool {
+        self.blocked.read().unwrap_or_else(|p| p.into_inner()).contains(&node)
+    }
+
+    /// Replaces the set of nodes whose traffic is dropped. Test hook.
+    pub fn set_blocked(&self, nodes: Vec<NodeId>) -> Result<(), BrokerError> {
+        if !self.fault_injection {
+            return Err(BrokerError::InvalidArgument(
+                "fault injection is disabled on this node (start it with --enable-fault-injection)".into(),
+            ));
+        }
+        tracing::warn!(?nodes, "fault injection: blocking traffic with nodes");
+        *self.blocked.write().unwrap_or_else(|p| p.into_inner()) = nodes.into_iter().collect();
+        Ok(())
+    }
+
+    fn channel(&self, node: NodeId) -> Result<Channel, BrokerError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(ch) = channels.get(&node) {
+            return Ok(ch.clone());
+        }
+        let addr = self.address(node).ok_or_else(|| BrokerError::Unavailable(format!("unknown node {node}")))?;
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| BrokerError::InvalidArgument(format!("bad address of node {node}: {e}")))?
+            .connect_timeout(Duration::from_secs(1))
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5));
+        let ch = endpoint.connect_lazy();
+        channels.insert(node, ch.clone());
+        Ok(ch)
+    }
+
+    fn check_reachable(&self, node: NodeId) -> Result<(), BrokerError> {
+        if self.is_blocked(node) {
+            return Err(BrokerError::Unavailable(format!("node {node} is cut off (fault injection)")));
+        }
+        Ok(())
+    }
+
+    /// Calls a `Peer` method on `node` with a bincode body and decodes its bincode result.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        node: NodeId,
+        group: GroupId,
+        method: PeerMethod,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, BrokerError> {
+        self.check_reachable(node)?;
+        let mut client = PeerClient::new(self.channel(node)?)
+            .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES);
+        let mut request = tonic::Request::new(PeerRequest { group, from: self.me, body: encode(body)?.into() });
+        request.set_timeout(timeout);
+        let reply: Result<tonic::Response<PeerReply>, tonic::Status> = match method {
+            PeerMethod::Write => client.write(request).await,
+            PeerMethod::Fetch => client.fetch(request).await,
+            PeerMethod::Release => client.release(request).await,
+            PeerMethod::Read => client.read(request).await,
+        };
+        let reply = reply.map_err(|s| BrokerError::Unavailable(format!("node {node}: {}", s.message())))?;
+        decode::<Result<Resp, BrokerError>>(&reply.into_inner().body)?
+    }
+}
+
+/// The forwarded operations of the `Peer` service.
+#[derive(Debug, Clone, Copy)]
+pub enum PeerMethod {
+    Write,
+    Fetch,
+    Release,
+    Read,
+}
+
+/// Creates openraft connections of one group.
+#[derive(Clone)]
+pub struct RaftTransport {
+    pub group: GroupId,
+    pub peers: Arc<Peers>,
+}
+
+impl RaftNetworkFactory<TypeConfig> for RaftTransport {
+    type Network = RaftConnection;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
+        RaftConnection { group: self.group, target, peers: self.peers.clone() }
+    }
+}
+
+/// openraft's view of one peer in one group.
+pub struct RaftConnection {
+    group: GroupId,
+    target: NodeId,
+    peers: Arc<Peers>,
+}
+
+#[derive(Clone, Copy)]
+enum RaftMethod {
+    AppendEntries,
+    Vote,
+    InstallSnapshot,
+}
+
+impl RaftConnection {
+    async fn call<Req, Resp, E>(
+        &self,
+        method: RaftMethod,
+        rpc: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let unreachable = |e: BrokerError| RPCError::Unreachable(Unreachable::new(&e));
+        self.peers.check_reachable(self.target).map_err(unreachable)?;
+        let channel = self.peers.channel(self.target).map_err(unreachable)?;
+        let mut client = RaftClient::new(channel)
+            .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES);
+        let body = encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let mut request = tonic::Request::new(RaftRequest { group: self.group, from: self.peers.me(), body: body.into() });
+        request.set_timeout(option.hard_ttl());
+        let reply: Result<tonic::Response<RaftReply>, tonic::Status> = match method {
+            RaftMethod::AppendEntries => client.append_entries(request).await,
+            RaftMethod::Vote => client.vote(request).await,
+            RaftMethod::InstallSnapshot => client.install_snapshot(request).await,
+        };
+        let reply = reply.map_err(|s| unreachable(BrokerError::Unavailable(s.message().to_owned())))?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            decode(&reply.into_inner().body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for RaftConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(RaftMethod::AppendEntries, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>>
+    {
+        self.call(RaftMethod::InstallSnapshot, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call(RaftMethod::Vote, &rpc, &option).await
+    }
+}

@@ -1,0 +1,129 @@
+//! The README's 5-minute tour, run exactly as written: `kerwen dev` is started as a user
+//! would start it (on free ports, with its own data dir), then the shell lines between
+//! `<!-- tour:begin -->` and `<!-- tour:end -->` run in bash with the freshly built `kerwen` on
+//! the PATH. The only substitution is the dev data dir path (`/tmp/kerwen-dev`).
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const README_DEV_DIR: &str = "/tmp/kerwen-dev";
+
+/// A base port with the two following ports free too.
+fn free_port_triple() -> u16 {
+    for _ in 0..200 {
+        let first = match TcpListener::bind("127.0.0.1:0") {
+            Ok(l) => l,
+            Err(_) => continue,
+        };
+        let base = first.local_addr().expect("local addr").port();
+        if base > 65_000 {
+            continue;
+        }
+        let rest: Vec<_> = (1..3).filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok()).collect();
+        if rest.len() == 2 {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports found");
+}
+
+/// Stops `kerwen dev` (and with it its nodes) however the test ends.
+struct DevCluster {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // Belt and braces: no node may outlive the test.
+        for id in 1..=3 {
+            if let Ok(pid) = std::fs::read_to_string(self.dir.join(format!("node-{id}.pid"))) {
+                if let Ok(pid) = pid.trim().parse::<libc::pid_t>() {
+                    unsafe {
+                        libc::kill(pid, libc::SIGKILL);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn tour_script(readme: &str) -> String {
+    let begin = readme.find("<!-- tour:begin -->").expect("README has a tour:begin marker");
+    let end = readme.find("<!-- tour:end -->").expect("README has a tour:end marker");
+    readme[begin..end].lines().skip(1).filter(|l| !l.trim_start().starts_with("```")).collect::<Vec<_>>().join("\n")
+}
+
+#[test]
+fn readme_tour_works_as_written() {
+    let kerwen = PathBuf::from(env!("CARGO_BIN_EXE_kerwen"));
+    let bin_dir = kerwen.parent().expect("binary dir").to_path_buf();
+    let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).expect("README.md");
+    let work = tempfile::tempdir().expect("temp dir");
+    let dev_dir = work.path().join("kerwen-dev");
+    let base = free_port_triple();
+    let endpoints = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect::<Vec<_>>().join(",");
+
+    let mut child = Command::new(&kerwen)
+        .args(["dev", "--base-port", &base.to_string(), "--data-dir"])
+        .arg(&dev_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start kerwen dev");
+    let stdout = child.stdout.take().expect("dev stdout");
+    let cluster = DevCluster { child, dir: dev_dir.clone() };
+
+    // Wait for the banner that tells the user the cluster is ready.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("[kerwen dev] {line}");
+            if line.contains("Press Ctrl-C") {
+                let _ = tx.send(());
+            }
+        }
+    });
+    rx.recv_timeout(Duration::from_secs(90)).expect("kerwen dev printed its ready banner");
+
+    let script = tour_script(&readme).replace(README_DEV_DIR, &dev_dir.display().to_string());
+    let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let output = Command::new("bash")
+        .args(["-e", "-x", "-c", &script])
+        .current_dir(work.path())
+        .env("PATH", path)
+        .env("KERWEN_ENDPOINT", &endpoints)
+        .output()
+        .expect("run the tour");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    println!("--- tour stdout ---\n{stdout}\n--- tour stderr ---\n{stderr}");
+    assert!(output.status.success(), "the README tour failed: {}", output.status);
+
+    // Every published declaration was consumed exactly once, the first one first.
+    for d in ["declaration 2026-001", "declaration 2026-002", "declaration 2026-003"] {
+        assert_eq!(stdout.matches(d).count(), 1, "{d} consumed exactly once");
+    }
+    let first = stdout.find("declaration 2026-001").unwrap_or(usize::MAX);
+    let second = stdout.find("declaration 2026-002").unwrap_or(0);
+    assert!(first < second, "same ordering key: 001 is delivered before 002");
+    assert!(stdout.contains("created mailbox TM/GOV/MINFIN/tax-registry/declarations"));
+    assert!(stdout.contains("pending     2 messages"), "describe shows the two pending messages");
+    drop(cluster);
+}
