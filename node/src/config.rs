@@ -47,6 +47,9 @@ pub struct ServeArgs {
     /// Bound on waiting for a leader or a quorum before answering UNAVAILABLE, in ms.
     #[arg(long, env = "KERWEN_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
+    /// Build a snapshot of a group (and purge its log) after this many applied entries.
+    #[arg(long, env = "KERWEN_SNAPSHOT_AFTER_ENTRIES")]
+    pub snapshot_after_entries: Option<u64>,
     /// Accept the test-only InjectFault RPC (network partitions in tests). Never in production.
     #[arg(long, env = "KERWEN_ENABLE_FAULT_INJECTION")]
     #[serde(default)]
@@ -65,6 +68,7 @@ pub struct NodeConfig {
     pub lease: Duration,
     pub max_payload_bytes: usize,
     pub request_timeout: Duration,
+    pub snapshot_after_entries: u64,
     pub enable_fault_injection: bool,
 }
 
@@ -73,6 +77,7 @@ pub const DEFAULT_PARTITIONS: u32 = 4;
 pub const DEFAULT_LEASE_MS: u64 = 30_000;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_SNAPSHOT_AFTER_ENTRIES: u64 = 20_000;
 
 /// Parses `1=host:port,2=host:port`.
 pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
@@ -130,9 +135,18 @@ impl ServeArgs {
             request_timeout: Duration::from_millis(
                 self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS),
             ),
+            snapshot_after_entries: snapshot_after_entries(self.snapshot_after_entries.or(file.snapshot_after_entries))?,
             enable_fault_injection: self.enable_fault_injection || file.enable_fault_injection,
         })
     }
+}
+
+fn snapshot_after_entries(value: Option<u64>) -> anyhow::Result<u64> {
+    let n = value.unwrap_or(DEFAULT_SNAPSHOT_AFTER_ENTRIES);
+    if n == 0 {
+        bail!("--snapshot-after-entries must be at least 1");
+    }
+    Ok(n)
 }
 
 #[cfg(test)]

@@ -78,7 +78,7 @@ pub struct NodeRuntime {
     pub shards: BTreeMap<GroupId, Group<ShardView>>,
 }
 
-fn raft_config() -> anyhow::Result<Arc<Config>> {
+fn raft_config(node: &NodeConfig) -> anyhow::Result<Arc<Config>> {
     let config = Config {
         cluster_name: "kerwen".into(),
         heartbeat_interval: 250,
@@ -86,8 +86,9 @@ fn raft_config() -> anyhow::Result<Arc<Config>> {
         election_timeout_max: 2_000,
         // Each entry can be a large batch: keep AppendEntries RPCs bounded.
         max_payload_entries: 64,
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(20_000),
-        max_in_snapshot_log_to_keep: 1_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(node.snapshot_after_entries),
+        // Keep some log behind the snapshot so briefly lagging followers catch up from it.
+        max_in_snapshot_log_to_keep: (node.snapshot_after_entries / 20).clamp(1, 1_000),
         install_snapshot_timeout: 10_000,
         ..Default::default()
     };
@@ -105,7 +106,7 @@ impl NodeRuntime {
         std::fs::create_dir_all(&config.data_dir)?;
         let store = Store::open(&config.data_dir.join("db"))?;
         let peers = Peers::new(config.node_id, config.peers.clone(), config.enable_fault_injection);
-        let raft_config = raft_config()?;
+        let raft_config = raft_config(&config)?;
         let transport = |group| RaftTransport { group, peers: peers.clone() };
 
         let (sm, view) = StateMachine::open_metadata(store.clone())?;

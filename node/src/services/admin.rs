@@ -107,6 +107,8 @@ impl Admin for AdminService {
                     last_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
                     voters: m.membership_config.membership().voter_ids().collect(),
                     local_role: role(m.state).to_owned(),
+                    snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
+                    purged_index: m.purged.map(|l| l.index).unwrap_or(0),
                 }
             })
             .collect();
