@@ -1,0 +1,1117 @@
+//! Cluster test harness, in the style of TiKV's `test_raftstore`: a [`Cluster`] trait that tests
+//! drive (start, kill, stop, restart, partition, heal, find leaders, wait for health) and
+//! [`ProcessCluster`], which implements it with real `kerwen serve` child processes on
+//! 127.0.0.1.
+//!
+//! Every node runs in its own subdirectory of one temporary directory, with `--enable-fault-injection`
+//! so that [`Cluster::partition`] can cut it off. Each node's stderr/stdout go to `node-N.log` in
+//! its directory; when a test panics, the tail of every log is printed and the full logs are
+//! copied to `$CARGO_TARGET_TMPDIR/kerwen-test-logs/<test name>/`. Dropping the cluster SIGKILLs
+//! and reaps every child and removes the temporary directory (set `KERWEN_TEST_KEEP_DIR=1` to
+//! keep it, `KERWEN_TEST_LOGS=1` to print the log tails even when the test passes). Children are
+//! also started with `PR_SET_PDEATHSIG = SIGKILL` from a process-lifetime thread, so they die
+//! with the test process even when no destructor runs.
+//!
+//! Used as `mod harness;` from each integration test file.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use bytes::Bytes;
+use kerwen_node::client::{Client, Event, Subscription};
+use kerwen_proto::v1::{ClusterStatusResponse, Delivery, Message, Position, PublishResponse};
+use tonic::{Code, Status};
+
+/// Node ids are 1..=n.
+pub type NodeId = u64;
+/// Raft group ids: 0 is the metadata group, 1..=shards are data shards.
+pub type GroupId = u32;
+
+pub const METADATA_GROUP: GroupId = 0;
+
+/// Bound for any single status/admin call the harness makes while polling.
+const POLL_CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Pause between two polls.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How long a node may take to open its port after being spawned.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a node may take to exit after SIGTERM.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+// ---------------------------------------------------------------------------------------------
+// The trait tests code against
+// ---------------------------------------------------------------------------------------------
+
+/// A cluster under test. Node-lifecycle methods act on one node (ids `1..=n`); query methods
+/// poll with bounded timeouts and return an error (with context) instead of hanging.
+#[allow(async_fn_in_trait)]
+pub trait Cluster {
+    /// All node ids of the cluster, running or not.
+    fn node_ids(&self) -> Vec<NodeId>;
+    /// Node ids whose process is currently running.
+    fn running(&self) -> Vec<NodeId>;
+    /// `host:port` of the node's client and internal gRPC port (stable across restarts).
+    fn endpoint(&self, node: NodeId) -> String;
+
+    /// Starts a stopped node from its data directory and waits until its port accepts
+    /// connections. Re-applies the current partition, if any.
+    async fn start(&self, node: NodeId) -> Result<()>;
+    /// SIGKILL: the node dies at once, without any chance to flush.
+    async fn kill(&self, node: NodeId) -> Result<()>;
+    /// SIGTERM and wait for a clean exit (error if it does not exit in time or exits non-zero).
+    async fn stop(&self, node: NodeId) -> Result<()>;
+    /// `stop` then `start`.
+    async fn restart(&self, node: NodeId) -> Result<()> {
+        self.stop(node).await?;
+        self.start(node).await
+    }
+    /// Starts every stopped node (all spawned first, then waited for).
+    async fn start_all(&self) -> Result<()>;
+    /// Stops every running node with SIGTERM (signals all first, then waits).
+    async fn stop_all(&self) -> Result<()>;
+
+    /// Cuts the given nodes off from all others (Raft and peer traffic in both directions; the
+    /// isolated nodes can still talk among themselves and to clients). Replaces any previous
+    /// partition.
+    async fn partition(&self, isolated: &[NodeId]) -> Result<()>;
+    /// Removes every partition.
+    async fn heal(&self) -> Result<()>;
+    /// Nodes isolated by the current partition.
+    fn isolated(&self) -> Vec<NodeId>;
+
+    /// A client bound to exactly this node (no failover to others).
+    async fn client(&self, node: NodeId) -> Result<Client>;
+    /// A client that knows all endpoints (fails over between them).
+    async fn client_any(&self) -> Result<Client>;
+
+    /// Waits until every group has a leader on which all running nodes agree, the leader is a
+    /// running node and reports itself as leader. Only meaningful without a partition.
+    async fn wait_healthy(&self, timeout: Duration) -> Result<()>;
+    /// The agreed leader of `group` among the running nodes outside the current partition
+    /// (waits up to 60 s for them to agree).
+    async fn leader_of(&self, group: GroupId) -> Result<NodeId>;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Configuration / builder
+// ---------------------------------------------------------------------------------------------
+
+/// Options of a [`ProcessCluster`]; every field maps to a `kerwen serve` flag.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub nodes: u64,
+    pub shards: u32,
+    pub default_partitions: u32,
+    pub lease_ms: u64,
+    pub max_payload_bytes: u64,
+    pub request_timeout_ms: u64,
+    /// Extra command-line arguments appended to every node's command line.
+    pub extra_args: Vec<String>,
+    /// `RUST_LOG` for the nodes (default: the test's own `RUST_LOG`, else `info,openraft=warn`).
+    pub rust_log: String,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        Self {
+            nodes: 3,
+            shards: 3,
+            default_partitions: 4,
+            lease_ms: 30_000,
+            max_payload_bytes: 4 * 1024 * 1024,
+            request_timeout_ms: 10_000,
+            extra_args: Vec::new(),
+            rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".to_owned()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterBuilder {
+    config: ClusterConfig,
+}
+
+impl ClusterBuilder {
+    pub fn nodes(mut self, n: u64) -> Self {
+        self.config.nodes = n;
+        self
+    }
+    pub fn shards(mut self, n: u32) -> Self {
+        self.config.shards = n;
+        self
+    }
+    pub fn default_partitions(mut self, n: u32) -> Self {
+        self.config.default_partitions = n;
+        self
+    }
+    pub fn lease_ms(mut self, ms: u64) -> Self {
+        self.config.lease_ms = ms;
+        self
+    }
+    pub fn max_payload_bytes(mut self, n: u64) -> Self {
+        self.config.max_payload_bytes = n;
+        self
+    }
+    pub fn request_timeout_ms(mut self, ms: u64) -> Self {
+        self.config.request_timeout_ms = ms;
+        self
+    }
+    pub fn arg(mut self, arg: impl Into<String>) -> Self {
+        self.config.extra_args.push(arg.into());
+        self
+    }
+    pub fn rust_log(mut self, filter: impl Into<String>) -> Self {
+        self.config.rust_log = filter.into();
+        self
+    }
+
+    /// Creates the directories and reserves the ports; no process is started.
+    pub fn build(self) -> Result<ProcessCluster> {
+        ProcessCluster::new(self.config)
+    }
+
+    /// Builds, starts every node and waits (up to 60 s) until the cluster is healthy.
+    pub async fn start(self) -> Result<ProcessCluster> {
+        let cluster = self.build()?;
+        trace(format!("starting cluster in {}", cluster.root().display()));
+        let started = async {
+            cluster.start_all().await?;
+            cluster.wait_healthy(Duration::from_secs(60)).await
+        };
+        if let Err(e) = started.await {
+            let tails: Vec<String> = cluster.node_ids().into_iter().map(|id| cluster.log_tail(id, 60)).collect();
+            return Err(e.context(format!("starting the cluster failed; node logs:\n{}", tails.join("\n"))));
+        }
+        trace("cluster healthy");
+        Ok(cluster)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// ProcessCluster
+// ---------------------------------------------------------------------------------------------
+
+struct NodeProcess {
+    id: NodeId,
+    port: u16,
+    dir: PathBuf,
+    data_dir: PathBuf,
+    log_path: PathBuf,
+    child: Mutex<Option<Child>>,
+}
+
+/// A cluster of `kerwen serve` child processes on 127.0.0.1.
+pub struct ProcessCluster {
+    config: ClusterConfig,
+    nodes: BTreeMap<NodeId, NodeProcess>,
+    /// Current partition: node → nodes it must not talk to.
+    blocked: Mutex<BTreeMap<NodeId, Vec<NodeId>>>,
+    /// Nodes isolated by the current partition.
+    isolated: Mutex<Vec<NodeId>>,
+    tmp: Option<tempfile::TempDir>,
+}
+
+impl ProcessCluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder::default()
+    }
+
+    pub fn config(&self) -> &ClusterConfig {
+        &self.config
+    }
+
+    /// All group ids: 0 (metadata) and 1..=shards.
+    pub fn groups(&self) -> Vec<GroupId> {
+        (0..=self.config.shards).collect()
+    }
+
+    /// Data shard ids 1..=shards.
+    pub fn shards(&self) -> Vec<GroupId> {
+        (1..=self.config.shards).collect()
+    }
+
+    /// The temporary directory holding every node's data and log.
+    pub fn root(&self) -> &Path {
+        self.tmp.as_ref().expect("temp dir present until drop").path()
+    }
+
+    pub fn log_path(&self, node: NodeId) -> PathBuf {
+        self.node(node).log_path.clone()
+    }
+
+    fn new(config: ClusterConfig) -> Result<Self> {
+        anyhow::ensure!(config.nodes >= 1, "a cluster needs at least one node");
+        let tmp = tempfile::Builder::new().prefix("kerwen-test-").tempdir().context("creating the cluster temp dir")?;
+        // Reserve all ports at once (held together so they are distinct), then release them
+        // just before the nodes bind them. Each node keeps its port across restarts.
+        let listeners: Vec<TcpListener> = (0..config.nodes)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<io::Result<_>>()
+            .context("reserving ports")?;
+        let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<io::Result<_>>()?;
+        drop(listeners);
+        let mut nodes = BTreeMap::new();
+        for (i, port) in ports.into_iter().enumerate() {
+            let id = i as NodeId + 1;
+            let dir = tmp.path().join(format!("node-{id}"));
+            let data_dir = dir.join("data");
+            std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+            let log_path = dir.join(format!("node-{id}.log"));
+            nodes.insert(id, NodeProcess { id, port, dir, data_dir, log_path, child: Mutex::new(None) });
+        }
+        Ok(Self { config, nodes, blocked: Mutex::new(BTreeMap::new()), isolated: Mutex::new(Vec::new()), tmp: Some(tmp) })
+    }
+
+    fn node(&self, id: NodeId) -> &NodeProcess {
+        self.nodes.get(&id).unwrap_or_else(|| panic!("no node {id} in this cluster"))
+    }
+
+    fn peers_arg(&self) -> String {
+        self.nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.port)).collect::<Vec<_>>().join(",")
+    }
+
+    fn command(&self, node: &NodeProcess) -> Result<Command> {
+        let c = &self.config;
+        let mut log = OpenOptions::new().create(true).append(true).open(&node.log_path)?;
+        writeln!(log, "===== harness: starting node {} on port {} =====", node.id, node.port)?;
+        let log_err = log.try_clone()?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_kerwen"));
+        cmd.arg("serve")
+            .arg("--node-id")
+            .arg(node.id.to_string())
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", node.port))
+            .arg("--peers")
+            .arg(self.peers_arg())
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--shards")
+            .arg(c.shards.to_string())
+            .arg("--default-partitions")
+            .arg(c.default_partitions.to_string())
+            .arg("--lease-ms")
+            .arg(c.lease_ms.to_string())
+            .arg("--max-payload-bytes")
+            .arg(c.max_payload_bytes.to_string())
+            .arg("--request-timeout-ms")
+            .arg(c.request_timeout_ms.to_string())
+            .arg("--enable-fault-injection")
+            .args(&c.extra_args)
+            .env("RUST_LOG", &c.rust_log)
+            .env("NO_COLOR", "1")
+            .current_dir(&node.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log_err));
+        // The node reads its settings from KERWEN_* variables too: only the flags above count.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("KERWEN_") {
+                cmd.env_remove(key);
+            }
+        }
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+
+    /// Spawns the node's process (no waiting).
+    fn spawn(&self, id: NodeId) -> Result<()> {
+        let node = self.node(id);
+        let mut slot = node.child.lock().unwrap();
+        if let Some(child) = slot.as_mut() {
+            if child.try_wait()?.is_none() {
+                bail!("node {id} is already running (pid {})", child.id());
+            }
+        }
+        let cmd = self.command(node)?;
+        let child = spawn_child(cmd).with_context(|| format!("spawning node {id}"))?;
+        *slot = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the node's port accepts TCP connections; fails if the process exits first.
+    async fn wait_listening(&self, id: NodeId, timeout: Duration) -> Result<()> {
+        let node = self.node(id);
+        let addr: SocketAddr = format!("127.0.0.1:{}", node.port).parse()?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.exit_status(id)? {
+                bail!("node {id} exited during startup with {status}\n{}", self.log_tail(id, 40));
+            }
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("node {id} did not open port {} within {timeout:?}\n{}", node.port, self.log_tail(id, 40));
+            }
+            tokio::time::sleep(POLL_INTERVAL).await;
+        }
+    }
+
+    /// `Some(status)` if the node's process has exited (it stays recorded until restarted).
+    fn exit_status(&self, id: NodeId) -> Result<Option<std::process::ExitStatus>> {
+        let mut slot = self.node(id).child.lock().unwrap();
+        match slot.as_mut() {
+            None => Ok(None),
+            Some(child) => Ok(child.try_wait()?),
+        }
+    }
+
+    fn is_running(&self, id: NodeId) -> bool {
+        let mut slot = self.node(id).child.lock().unwrap();
+        match slot.as_mut() {
+            None => false,
+            Some(child) => matches!(child.try_wait(), Ok(None)),
+        }
+    }
+
+    /// Fails if a node that was started has died without the harness stopping it.
+    pub fn check_no_crash(&self) -> Result<()> {
+        for id in self.node_ids() {
+            if let Some(status) = self.exit_status(id)? {
+                bail!("node {id} died unexpectedly ({status})\n{}", self.log_tail(id, 60));
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends `signal` to the node's process. `Ok(false)` if it is not running (an exited
+    /// process is reaped and forgotten).
+    fn send_signal(&self, id: NodeId, signal: libc::c_int) -> Result<bool> {
+        let mut slot = self.node(id).child.lock().unwrap();
+        let Some(child) = slot.as_mut() else { return Ok(false) };
+        if child.try_wait()?.is_some() {
+            *slot = None;
+            return Ok(false);
+        }
+        // SAFETY: plain kill(2) on our own, not yet reaped child.
+        if unsafe { libc::kill(child.id() as libc::pid_t, signal) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ESRCH) {
+                return Err(e).with_context(|| format!("signalling node {id}"));
+            }
+        }
+        Ok(true)
+    }
+
+    /// Waits for the node's process to exit and reaps it; SIGKILLs it (and fails) after
+    /// `timeout`. `Ok(None)` if there was no process.
+    async fn wait_exit(&self, id: NodeId, timeout: Duration) -> Result<Option<std::process::ExitStatus>> {
+        let node = self.node(id);
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut slot = node.child.lock().unwrap();
+                let Some(child) = slot.as_mut() else { return Ok(None) };
+                if let Some(status) = child.try_wait()? {
+                    *slot = None;
+                    return Ok(Some(status));
+                }
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    let status = child.wait()?;
+                    *slot = None;
+                    bail!("node {id} did not exit within {timeout:?} (SIGKILLed, {status})\n{}", self.log_tail(id, 40));
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Re-applies the current partition to one (freshly started) node.
+    async fn apply_blocked(&self, id: NodeId) -> Result<()> {
+        let blocked = self.blocked.lock().unwrap().get(&id).cloned().unwrap_or_default();
+        if !blocked.is_empty() {
+            set_blocked(&self.endpoint(id), &blocked).await.with_context(|| format!("re-applying partition on node {id}"))?;
+        }
+        Ok(())
+    }
+
+    /// One `ClusterStatus` from `node`, bounded.
+    pub async fn status(&self, node: NodeId) -> Result<ClusterStatusResponse> {
+        let fut = async {
+            let mut client = Client::connect(&[self.endpoint(node)]).await.map_err(|s| anyhow!("connect: {s}"))?;
+            client.cluster_status().await.map_err(|s| anyhow!("{s}"))
+        };
+        match tokio::time::timeout(POLL_CALL_TIMEOUT, fut).await {
+            Ok(r) => r.with_context(|| format!("ClusterStatus on node {node}")),
+            Err(_) => bail!("ClusterStatus on node {node} timed out after {POLL_CALL_TIMEOUT:?}"),
+        }
+    }
+
+    /// Checks, once, whether the nodes `among` agree on a leader of `group` that is one of
+    /// them, is not in `exclude` and reports itself as leader.
+    async fn agreed_leader(&self, group: GroupId, among: &[NodeId], exclude: &[NodeId]) -> Result<NodeId> {
+        let mut seen: BTreeMap<NodeId, (Option<u64>, String, u64)> = BTreeMap::new();
+        for &n in among {
+            let st = self.status(n).await?;
+            let g = st
+                .groups
+                .iter()
+                .find(|g| g.group == group)
+                .ok_or_else(|| anyhow!("node {n} does not report group {group}"))?;
+            seen.insert(n, (g.leader, g.local_role.clone(), g.term));
+        }
+        let leaders: BTreeSet<Option<u64>> = seen.values().map(|v| v.0).collect();
+        let describe = || format!("group {group}: (leader, role, term) per node {seen:?}");
+        if leaders.len() != 1 {
+            bail!("no agreement on the leader, {}", describe());
+        }
+        let Some(leader) = *leaders.iter().next().unwrap() else { bail!("no leader, {}", describe()) };
+        if !among.contains(&leader) || exclude.contains(&leader) {
+            bail!("leader {leader} is not an eligible node, {}", describe());
+        }
+        let role = &seen[&leader].1;
+        if !role.eq_ignore_ascii_case("leader") {
+            bail!("node {leader} is named leader but reports role {role:?}, {}", describe());
+        }
+        Ok(leader)
+    }
+
+    /// Waits until the nodes `among` agree on a leader of `group` that is one of them and not
+    /// in `exclude`.
+    pub async fn wait_leader(&self, group: GroupId, among: &[NodeId], exclude: &[NodeId], timeout: Duration) -> Result<NodeId> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.check_no_crash()?;
+            match self.agreed_leader(group, among, exclude).await {
+                Ok(leader) => return Ok(leader),
+                Err(e) if Instant::now() > deadline => {
+                    return Err(e.context(format!("no agreed leader of group {group} among {among:?} within {timeout:?}")))
+                }
+                Err(_) => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
+    }
+
+    /// Waits until every group has an agreed leader among `among` (excluding `exclude`).
+    pub async fn wait_leaders(&self, among: &[NodeId], exclude: &[NodeId], timeout: Duration) -> Result<BTreeMap<GroupId, NodeId>> {
+        let deadline = Instant::now() + timeout;
+        let mut leaders = BTreeMap::new();
+        for g in self.groups() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            leaders.insert(g, self.wait_leader(g, among, exclude, left).await?);
+        }
+        // Re-check all at once: a later group's election may have moved an earlier leader.
+        loop {
+            let mut all = BTreeMap::new();
+            let mut err = None;
+            for g in self.groups() {
+                match self.agreed_leader(g, among, exclude).await {
+                    Ok(l) => {
+                        all.insert(g, l);
+                    }
+                    Err(e) => {
+                        err = Some(e);
+                        break;
+                    }
+                }
+            }
+            match err {
+                None => return Ok(all),
+                Some(e) if Instant::now() > deadline => return Err(e.context(format!("cluster not healthy within {timeout:?}"))),
+                Some(_) => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
+    }
+
+    /// Waits until, for every group, all `among` nodes report the same last applied index (the
+    /// replicas converged; call only while nothing is being written).
+    pub async fn wait_converged(&self, among: &[NodeId], timeout: Duration) -> Result<()> {
+        eventually("replicas converged (same last_applied_index per group)", timeout, || async {
+            self.check_no_crash()?;
+            let mut per_group: BTreeMap<GroupId, BTreeMap<NodeId, u64>> = BTreeMap::new();
+            for &n in among {
+                let st = self.status(n).await?;
+                for g in &st.groups {
+                    per_group.entry(g.group).or_default().insert(n, g.last_applied_index);
+                }
+            }
+            for (g, applied) in &per_group {
+                let distinct: BTreeSet<u64> = applied.values().copied().collect();
+                if distinct.len() != 1 || applied.len() != among.len() {
+                    bail!("group {g}: last_applied_index per node {applied:?}");
+                }
+            }
+            Ok(Some(()))
+        })
+        .await
+    }
+
+    /// The last `lines` lines of a node's log (at most 16 KiB read).
+    pub fn log_tail(&self, id: NodeId, lines: usize) -> String {
+        let path = &self.node(id).log_path;
+        let mut out = format!("----- tail of node {id} log ({}) -----\n", path.display());
+        match read_tail(path, 16 * 1024) {
+            Ok(text) => {
+                let all: Vec<&str> = text.lines().collect();
+                for l in &all[all.len().saturating_sub(lines)..] {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+            Err(e) => out.push_str(&format!("(cannot read: {e})\n")),
+        }
+        out
+    }
+
+    /// Lines of a node's log containing `needle` (for assertions on logged events).
+    pub fn log_grep(&self, id: NodeId, needle: &str) -> Vec<String> {
+        std::fs::read_to_string(&self.node(id).log_path)
+            .map(|t| t.lines().filter(|l| l.contains(needle)).map(str::to_owned).collect())
+            .unwrap_or_default()
+    }
+
+    fn save_logs_on_failure(&self) {
+        let test = std::thread::current().name().unwrap_or("unknown").replace("::", "-");
+        let dest = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kerwen-test-logs").join(test);
+        if std::fs::create_dir_all(&dest).is_err() {
+            return;
+        }
+        for node in self.nodes.values() {
+            let _ = std::fs::copy(&node.log_path, dest.join(format!("node-{}.log", node.id)));
+        }
+        eprintln!("harness: full node logs saved in {}", dest.display());
+    }
+}
+
+impl Cluster for ProcessCluster {
+    fn node_ids(&self) -> Vec<NodeId> {
+        self.nodes.keys().copied().collect()
+    }
+
+    fn running(&self) -> Vec<NodeId> {
+        self.nodes.keys().copied().filter(|&id| self.is_running(id)).collect()
+    }
+
+    fn endpoint(&self, node: NodeId) -> String {
+        format!("127.0.0.1:{}", self.node(node).port)
+    }
+
+    async fn start(&self, node: NodeId) -> Result<()> {
+        trace(format!("start node {node}"));
+        // The port was free when reserved; if something grabbed it meanwhile the node exits at
+        // once, so retry a few times before giving up.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.spawn(node)?;
+            match self.wait_listening(node, START_TIMEOUT).await {
+                Ok(()) => break,
+                Err(e) if attempt < 5 && self.exit_status(node)?.is_some() => {
+                    eprintln!("harness: node {node} failed to start (attempt {attempt}), retrying: {e:#}");
+                    self.node(node).child.lock().unwrap().take();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        self.apply_blocked(node).await
+    }
+
+    async fn kill(&self, node: NodeId) -> Result<()> {
+        trace(format!("SIGKILL node {node}"));
+        anyhow::ensure!(self.send_signal(node, libc::SIGKILL)?, "kill: node {node} is not running");
+        self.wait_exit(node, STOP_TIMEOUT).await?;
+        Ok(())
+    }
+
+    async fn stop(&self, node: NodeId) -> Result<()> {
+        trace(format!("SIGTERM node {node}"));
+        anyhow::ensure!(self.send_signal(node, libc::SIGTERM)?, "stop: node {node} is not running");
+        match self.wait_exit(node, STOP_TIMEOUT).await? {
+            Some(status) if status.success() => Ok(()),
+            Some(status) => bail!("node {node} exited with {status} after SIGTERM\n{}", self.log_tail(node, 40)),
+            None => bail!("stop: node {node} is not running"),
+        }
+    }
+
+    async fn start_all(&self) -> Result<()> {
+        let stopped: Vec<NodeId> = self.node_ids().into_iter().filter(|&id| !self.is_running(id)).collect();
+        trace(format!("start nodes {stopped:?}"));
+        for &id in &stopped {
+            self.spawn(id)?;
+        }
+        for &id in &stopped {
+            if let Err(e) = self.wait_listening(id, START_TIMEOUT).await {
+                if self.exit_status(id)?.is_some() {
+                    // Port race: retry through the single-node path.
+                    eprintln!("harness: node {id} failed to start, retrying: {e:#}");
+                    self.node(id).child.lock().unwrap().take();
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    self.start(id).await?;
+                    continue;
+                }
+                return Err(e);
+            }
+            self.apply_blocked(id).await?;
+        }
+        Ok(())
+    }
+
+    async fn stop_all(&self) -> Result<()> {
+        let running = self.running();
+        trace(format!("SIGTERM nodes {running:?}"));
+        for &id in &running {
+            self.send_signal(id, libc::SIGTERM)?;
+        }
+        let mut errors = Vec::new();
+        for &id in &running {
+            match self.wait_exit(id, STOP_TIMEOUT).await {
+                Ok(Some(status)) if status.success() => {}
+                Ok(Some(status)) => errors.push(format!("node {id} exited with {status} after SIGTERM\n{}", self.log_tail(id, 40))),
+                Ok(None) => {}
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            bail!("stop_all: {}", errors.join("\n"))
+        }
+    }
+
+    async fn partition(&self, isolated: &[NodeId]) -> Result<()> {
+        let all = self.node_ids();
+        let isolated_set: BTreeSet<NodeId> = isolated.iter().copied().collect();
+        trace(format!("partition: isolating {isolated_set:?}"));
+        let mut plan = BTreeMap::new();
+        for &n in &all {
+            let blocked: Vec<NodeId> = if isolated_set.contains(&n) {
+                all.iter().copied().filter(|m| !isolated_set.contains(m)).collect()
+            } else {
+                isolated_set.iter().copied().collect()
+            };
+            plan.insert(n, blocked);
+        }
+        *self.blocked.lock().unwrap() = plan.clone();
+        *self.isolated.lock().unwrap() = isolated_set.iter().copied().collect();
+        for n in self.running() {
+            set_blocked(&self.endpoint(n), &plan[&n]).await.with_context(|| format!("partition: node {n}"))?;
+        }
+        Ok(())
+    }
+
+    async fn heal(&self) -> Result<()> {
+        trace("heal");
+        self.blocked.lock().unwrap().clear();
+        self.isolated.lock().unwrap().clear();
+        for n in self.running() {
+            set_blocked(&self.endpoint(n), &[]).await.with_context(|| format!("heal: node {n}"))?;
+        }
+        Ok(())
+    }
+
+    fn isolated(&self) -> Vec<NodeId> {
+        self.isolated.lock().unwrap().clone()
+    }
+
+    async fn client(&self, node: NodeId) -> Result<Client> {
+        let endpoint = self.endpoint(node);
+        match tokio::time::timeout(Duration::from_secs(10), Client::connect(&[endpoint.clone()])).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(s)) => bail!("connecting to node {node} ({endpoint}): {s}"),
+            Err(_) => bail!("connecting to node {node} ({endpoint}) timed out"),
+        }
+    }
+
+    async fn client_any(&self) -> Result<Client> {
+        let endpoints: Vec<String> = self.node_ids().into_iter().map(|n| self.endpoint(n)).collect();
+        match tokio::time::timeout(Duration::from_secs(10), Client::connect(&endpoints)).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(s)) => bail!("connecting to {endpoints:?}: {s}"),
+            Err(_) => bail!("connecting to {endpoints:?} timed out"),
+        }
+    }
+
+    async fn wait_healthy(&self, timeout: Duration) -> Result<()> {
+        let running = self.running();
+        anyhow::ensure!(!running.is_empty(), "wait_healthy: no node is running");
+        let leaders = self.wait_leaders(&running, &[], timeout).await?;
+        trace(format!("healthy: nodes {running:?}, leaders by group {leaders:?}"));
+        Ok(())
+    }
+
+    async fn leader_of(&self, group: GroupId) -> Result<NodeId> {
+        let isolated = self.isolated();
+        let among: Vec<NodeId> = self.running().into_iter().filter(|n| !isolated.contains(n)).collect();
+        self.wait_leader(group, &among, &[], Duration::from_secs(60)).await
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        for node in self.nodes.values() {
+            let mut slot = node.child.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(mut child) = slot.take() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+        let failing = std::thread::panicking();
+        if failing || std::env::var_os("KERWEN_TEST_LOGS").is_some() {
+            for id in self.node_ids() {
+                eprintln!("{}", self.log_tail(id, 60));
+            }
+        }
+        if failing {
+            self.save_logs_on_failure();
+        }
+        if let Some(tmp) = self.tmp.take() {
+            if std::env::var_os("KERWEN_TEST_KEEP_DIR").is_some() {
+                let path = tmp.keep();
+                eprintln!("harness: kept cluster directory {}", path.display());
+            }
+            // Otherwise TempDir's drop removes everything.
+        }
+    }
+}
+
+/// Spawns children from one thread that lives as long as the test process, so that
+/// `PR_SET_PDEATHSIG` (which fires when the *thread* that forked exits) kills them only when the
+/// whole process goes away.
+fn spawn_child(cmd: Command) -> io::Result<Child> {
+    type Request = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
+    static SPAWNER: OnceLock<std::sync::mpsc::Sender<Request>> = OnceLock::new();
+    let spawner = SPAWNER.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("kerwen-harness-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawning the spawner thread");
+        tx
+    });
+    let (tx, rx) = std::sync::mpsc::channel();
+    spawner.send((cmd, tx)).map_err(|_| io::Error::other("spawner thread gone"))?;
+    rx.recv().map_err(|_| io::Error::other("spawner thread gone"))?
+}
+
+fn read_tail(path: &Path, max: u64) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let len = f.metadata()?.len();
+    f.seek(SeekFrom::Start(len.saturating_sub(max)))?;
+    let mut buf = Vec::new();
+    f.read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// Fault injection on one node, bounded in time.
+async fn set_blocked(endpoint: &str, blocked: &[NodeId]) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = tokio::time::timeout(POLL_CALL_TIMEOUT, kerwen_node::testing::set_blocked_peers(endpoint, blocked)).await;
+        match r {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(e)) if Instant::now() > deadline => return Err(e.context(format!("set_blocked_peers({endpoint}, {blocked:?})"))),
+            Err(_) if Instant::now() > deadline => bail!("set_blocked_peers({endpoint}, {blocked:?}) timed out"),
+            _ => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+}
+
+/// Prints a timestamped progress line (captured by the test harness: shown only when the test
+/// fails or with `--nocapture`).
+pub fn trace(msg: impl std::fmt::Display) {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(Instant::now);
+    let thread = std::thread::current();
+    eprintln!("[{:>8.3}s {}] {msg}", start.elapsed().as_secs_f64(), thread.name().unwrap_or("?"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Helpers shared by the tests
+// ---------------------------------------------------------------------------------------------
+
+/// A message with the given id, recipient, ordering key and payload.
+pub fn message(id: impl Into<String>, recipient: &str, ordering_key: Option<String>, payload: impl Into<Bytes>) -> Message {
+    Message {
+        id: id.into(),
+        recipient: recipient.to_owned(),
+        headers: HashMap::new(),
+        payload: payload.into(),
+        ordering_key,
+    }
+}
+
+/// `count` messages `{prefix}-{i}` (i from `start`), ordering keys `k{i % keys}`, small payloads.
+pub fn batch(prefix: &str, recipient: &str, start: usize, count: usize, keys: usize) -> Vec<Message> {
+    (start..start + count)
+        .map(|i| {
+            let id = format!("{prefix}-{i:06}");
+            let payload = Bytes::from(format!("payload of {id}"));
+            message(id, recipient, Some(format!("k{}", i % keys)), payload)
+        })
+        .collect()
+}
+
+/// Checks a publish response against its request: one result per message, same ids, in order.
+pub fn check_publish_response(sent: &[Message], resp: &PublishResponse) -> Result<()> {
+    anyhow::ensure!(
+        resp.results.len() == sent.len(),
+        "publish returned {} results for {} messages",
+        resp.results.len(),
+        sent.len()
+    );
+    for (m, r) in sent.iter().zip(&resp.results) {
+        anyhow::ensure!(m.id == r.id, "publish result id {:?} does not match message id {:?}", r.id, m.id);
+        anyhow::ensure!(r.position.is_some(), "publish result of {:?} has no position", r.id);
+    }
+    Ok(())
+}
+
+/// Polls `check` until it returns `Ok(Some(v))` or the timeout passes (the last error is
+/// returned).
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last: String;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => last = "condition not met yet".to_owned(),
+            Err(e) => last = format!("{e:#}"),
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not reached within {timeout:?} (last: {last})");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Creates a mailbox through `node` and waits until every running node knows it.
+pub async fn create_mailbox(cluster: &ProcessCluster, node: NodeId, service: &str, partitions: u32) -> Result<kerwen_proto::v1::MailboxInfo> {
+    let mut client = cluster.client(node).await?;
+    let info = client.create_mailbox(service, partitions).await.map_err(|s| anyhow!("CreateMailbox({service}): {s:?}"))?;
+    trace(format!("mailbox {service} created: {info:?}"));
+    for n in cluster.running() {
+        let c = cluster.client(n).await?;
+        eventually(&format!("mailbox {service} visible on node {n}"), Duration::from_secs(30), || {
+            let mut c = c.clone();
+            async move {
+                match c.describe_mailbox(service).await {
+                    Ok(_) => Ok(Some(())),
+                    Err(s) if s.code() == Code::NotFound => Ok(None),
+                    Err(s) => Err(anyhow!("DescribeMailbox: {s:?}")),
+                }
+            }
+        })
+        .await?;
+    }
+    trace(format!("mailbox {service} visible on all nodes"));
+    Ok(info)
+}
+
+/// Pending message count of a mailbox as seen through `node`.
+pub async fn pending(cluster: &ProcessCluster, node: NodeId, service: &str) -> Result<u64> {
+    let mut c = cluster.client(node).await?;
+    let info = tokio::time::timeout(Duration::from_secs(15), c.describe_mailbox(service))
+        .await
+        .map_err(|_| anyhow!("DescribeMailbox timed out"))?
+        .map_err(|s| anyhow!("DescribeMailbox({service}): {s:?}"))?;
+    Ok(info.pending_messages)
+}
+
+/// Waits until the pending count of a mailbox seen through `node` equals `expected`.
+pub async fn wait_pending(cluster: &ProcessCluster, node: NodeId, service: &str, expected: u64, timeout: Duration) -> Result<()> {
+    eventually(&format!("pending({service}) == {expected}"), timeout, || async {
+        let p = pending(cluster, node, service).await?;
+        if p == expected {
+            Ok(Some(()))
+        } else {
+            Err(anyhow!("pending is {p}"))
+        }
+    })
+    .await
+}
+
+/// A consumer that keeps the server supplied with credits (a window of `window` outstanding
+/// deliveries) and tracks ack confirmations.
+pub struct Consumer {
+    pub sub: Subscription,
+    window: u64,
+    granted: u64,
+    received: u64,
+    /// Positions whose acks the server confirmed.
+    pub confirmed: BTreeSet<(u32, u64)>,
+}
+
+pub fn pos_key(p: &Position) -> (u32, u64) {
+    (p.partition, p.sequence)
+}
+
+impl Consumer {
+    pub async fn open(client: &mut Client, mailbox: &str, window: u32) -> Result<Self> {
+        let sub = tokio::time::timeout(Duration::from_secs(15), client.subscribe(mailbox, window))
+            .await
+            .map_err(|_| anyhow!("Subscribe({mailbox}) timed out"))?
+            .map_err(|s| anyhow!("Subscribe({mailbox}): {s:?}"))?;
+        Ok(Self { sub, window: window as u64, granted: window as u64, received: 0, confirmed: BTreeSet::new() })
+    }
+
+    async fn refill(&mut self) -> Result<()> {
+        let outstanding = self.granted - self.received;
+        if outstanding <= self.window / 2 {
+            let more = self.window - outstanding;
+            self.sub.credit(more as u32).await.map_err(|s| anyhow!("credit: {s:?}"))?;
+            self.granted += more;
+        }
+        Ok(())
+    }
+
+    /// Next event within `timeout` (ack confirmations are also recorded in `confirmed`);
+    /// `Ok(None)` on timeout, error if the stream fails or ends.
+    pub async fn next_event(&mut self, timeout: Duration) -> Result<Option<Event>> {
+        match self.sub.next_event(timeout).await {
+            Ok(Some(Event::Delivery(d))) => {
+                self.received += 1;
+                self.refill().await?;
+                Ok(Some(Event::Delivery(d)))
+            }
+            Ok(Some(Event::Acked(ps))) => {
+                self.confirmed.extend(ps.iter().map(pos_key));
+                Ok(Some(Event::Acked(ps)))
+            }
+            Ok(None) => bail!("the server ended the subscription"),
+            Err(s) if s.code() == Code::DeadlineExceeded && s.message().contains("no event within") => Ok(None),
+            Err(s) => bail!("subscription failed: {s:?}"),
+        }
+    }
+
+    /// Next delivery within `timeout`; `Ok(None)` on timeout, error if the stream fails or ends.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Option<Delivery>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_event(left).await? {
+                Some(Event::Delivery(d)) => return Ok(Some(d)),
+                Some(Event::Acked(_)) => continue,
+                None => return Ok(None),
+            }
+        }
+    }
+
+    /// Receives exactly `n` deliveries (error if they do not all arrive within `timeout`).
+    pub async fn take(&mut self, n: usize, timeout: Duration) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                bail!("received only {} of {n} deliveries within {timeout:?}", out.len());
+            }
+            if let Some(d) = self.next(left).await? {
+                out.push(d);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Collects deliveries until none arrives for `quiet`.
+    pub async fn drain(&mut self, quiet: Duration) -> Result<Vec<Delivery>> {
+        let mut out = Vec::new();
+        while let Some(d) = self.next(quiet).await? {
+            out.push(d);
+        }
+        Ok(out)
+    }
+
+    pub async fn ack(&mut self, positions: Vec<Position>) -> Result<()> {
+        self.sub.ack(positions).await.map_err(|s| anyhow!("ack: {s:?}"))
+    }
+
+    /// Waits until every position in `positions` is confirmed acked; deliveries that arrive
+    /// meanwhile are returned.
+    pub async fn wait_confirmed(&mut self, positions: &[Position], timeout: Duration) -> Result<Vec<Delivery>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut extra = Vec::new();
+        loop {
+            let missing = positions.iter().filter(|p| !self.confirmed.contains(&pos_key(p))).count();
+            if missing == 0 {
+                return Ok(extra);
+            }
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            if left.is_zero() {
+                bail!("{missing} of {} acks not confirmed within {timeout:?}", positions.len());
+            }
+            if let Some(Event::Delivery(d)) = self.next_event(left).await? {
+                extra.push(d);
+            }
+        }
+    }
+}
+
+/// Status code of a call that is expected to fail.
+pub fn expect_err<T: std::fmt::Debug>(what: &str, r: Result<T, Status>) -> Result<Status> {
+    match r {
+        Ok(v) => bail!("{what}: expected an error, got Ok({v:?})"),
+        Err(s) => Ok(s),
+    }
+}
+
+/// gRPC codes that say the request itself is wrong: retrying cannot help.
+pub fn is_caller_error(code: Code) -> bool {
+    matches!(
+        code,
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::ResourceExhausted
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented
+    )
+}
+
+/// Publishes `messages` (same ids every time), retrying transient failures until `total` has
+/// passed; each call is bounded by `call_timeout`. Returns the response and the number of
+/// attempts (more than one means earlier attempts may or may not have been applied).
+pub async fn publish_retry(
+    client: &mut Client,
+    messages: &[Message],
+    call_timeout: Duration,
+    total: Duration,
+) -> Result<(PublishResponse, u32)> {
+    let deadline = Instant::now() + total;
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let outcome = match tokio::time::timeout(call_timeout, client.publish(messages.to_vec())).await {
+            Ok(Ok(resp)) => {
+                check_publish_response(messages, &resp)?;
+                return Ok((resp, attempts));
+            }
+            Ok(Err(s)) if is_caller_error(s.code()) => bail!("publish refused: {s:?}"),
+            Ok(Err(s)) => format!("{:?}: {}", s.code(), s.message()),
+            Err(_) => format!("no answer within {call_timeout:?}"),
+        };
+        if Instant::now() > deadline {
+            bail!("publish still failing after {attempts} attempts over {total:?}; last: {outcome}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
