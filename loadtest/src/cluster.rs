@@ -1,0 +1,157 @@
+//! `--embedded`: a local 3-node cluster inside the load generator's process.
+//!
+//! Each node is a [`kerwen_node::server::serve`] task, configured like `kerwen serve` with
+//! default settings, with its own data directory under one temporary directory and its own
+//! 127.0.0.1 port (reserved by binding port 0 and releasing it). The nodes run on a dedicated tokio runtime of their own, so the load generator's timers
+//! and the nodes' work are scheduled independently (they still share the machine's cores).
+//! [`EmbeddedCluster::shutdown`] signals every node, waits for them to close their stores, and
+//! removes the temporary directory.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use kerwen_node::client::Client;
+use kerwen_node::config::{ServeArgs, DEFAULT_MAX_PAYLOAD_BYTES};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Nodes of the embedded cluster (replication factor 3).
+pub const NODES: u64 = 3;
+/// How long the cluster may take to elect a leader in every group.
+const ELECTION_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the nodes may take to stop after the shutdown signal.
+const STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct EmbeddedCluster {
+    /// Comma-separated client endpoints of the nodes.
+    pub endpoints: String,
+    stop: watch::Sender<bool>,
+    nodes: Vec<(u64, JoinHandle<anyhow::Result<()>>)>,
+    runtime: Option<tokio::runtime::Runtime>,
+    dir: Option<tempfile::TempDir>,
+}
+
+/// Reserves `n` distinct free ports on 127.0.0.1 (all bound at once, then released).
+fn free_addresses(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
+    let listeners = (0..n)
+        .map(|_| TcpListener::bind("127.0.0.1:0").context("reserving a local port"))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    listeners.iter().map(|l| l.local_addr().context("reading a reserved port")).collect()
+}
+
+impl EmbeddedCluster {
+    /// Starts the nodes and waits until every Raft group has a leader.
+    pub async fn start(shards: u32, max_payload_bytes: usize) -> anyhow::Result<EmbeddedCluster> {
+        let dir = tempfile::Builder::new().prefix("kerwen-loadtest-").tempdir().context("creating a temporary directory")?;
+        let addresses = free_addresses(NODES as usize)?;
+        let peers: BTreeMap<u64, String> = (1..=NODES).zip(addresses.iter().map(|a| a.to_string())).collect();
+        let endpoints = peers.values().cloned().collect::<Vec<_>>().join(",");
+        let peer_list = peers.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .thread_name("kerwen-node")
+            .enable_all()
+            .build()
+            .context("starting the embedded cluster's runtime")?;
+        let (stop, stop_rx) = watch::channel(false);
+        let mut nodes = Vec::new();
+        for (id, listen) in (1..=NODES).zip(addresses) {
+            // Through `ServeArgs` so that settings added to the node later get their defaults.
+            let config = ServeArgs {
+                node_id: Some(id),
+                listen: Some(listen),
+                peers: Some(peer_list.clone()),
+                data_dir: Some(dir.path().join(format!("node-{id}"))),
+                shards: Some(shards),
+                max_payload_bytes: Some(max_payload_bytes.max(DEFAULT_MAX_PAYLOAD_BYTES)),
+                ..ServeArgs::default()
+            }
+            .resolve()
+            .with_context(|| format!("configuring embedded node {id}"))?;
+            let mut rx = stop_rx.clone();
+            let shutdown = async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            };
+            nodes.push((id, runtime.spawn(kerwen_node::server::serve(config, shutdown))));
+        }
+        let mut cluster = EmbeddedCluster { endpoints, stop, nodes, runtime: Some(runtime), dir: Some(dir) };
+        if let Err(e) = cluster.wait_for_leaders().await {
+            cluster.shutdown().await;
+            return Err(e);
+        }
+        Ok(cluster)
+    }
+
+    async fn wait_for_leaders(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + ELECTION_TIMEOUT;
+        loop {
+            if let Some(i) = self.nodes.iter().position(|(_, h)| h.is_finished()) {
+                let (id, handle) = self.nodes.swap_remove(i);
+                let why = match handle.await {
+                    Ok(Ok(())) => "it exited".to_owned(),
+                    Ok(Err(e)) => format!("{e:#}"),
+                    Err(e) => format!("it panicked: {e}"),
+                };
+                bail!("embedded node {id} stopped while the cluster was starting: {why}");
+            }
+            let last = match Client::connect_list(&self.endpoints).await {
+                Ok(mut client) => match tokio::time::timeout(Duration::from_secs(3), client.cluster_status()).await {
+                    Ok(Ok(status)) => {
+                        let leaderless: Vec<u32> = status.groups.iter().filter(|g| g.leader.is_none()).map(|g| g.group).collect();
+                        if !status.groups.is_empty() && leaderless.is_empty() {
+                            return Ok(());
+                        }
+                        format!("{} groups, without a leader: {leaderless:?}", status.groups.len())
+                    }
+                    Ok(Err(s)) => format!("cluster status: {s}"),
+                    Err(_) => "cluster status timed out".to_owned(),
+                },
+                Err(s) => format!("connect: {s}"),
+            };
+            if Instant::now() > deadline {
+                bail!("the embedded cluster did not elect leaders within {ELECTION_TIMEOUT:?} ({last})");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Signals every node, waits for them (bounded), then drops the runtime and the data.
+    pub async fn shutdown(&mut self) {
+        let _ = self.stop.send(true);
+        for (id, handle) in std::mem::take(&mut self.nodes) {
+            match tokio::time::timeout(STOP_TIMEOUT, handle).await {
+                Ok(Ok(Ok(()))) => {}
+                Ok(Ok(Err(e))) => eprintln!("embedded node {id} stopped with an error: {e:#}"),
+                Ok(Err(e)) => eprintln!("embedded node {id} panicked: {e}"),
+                Err(_) => eprintln!("embedded node {id} did not stop within {STOP_TIMEOUT:?}"),
+            }
+        }
+        if let Some(runtime) = self.runtime.take() {
+            // A runtime must not be shut down from inside another one's worker thread.
+            let _ = tokio::task::spawn_blocking(move || runtime.shutdown_timeout(Duration::from_secs(5))).await;
+        }
+        if let Some(dir) = self.dir.take() {
+            let path = dir.path().to_owned();
+            if let Err(e) = dir.close() {
+                eprintln!("could not remove {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Whether any node task has ended (a node should only end on shutdown).
+    pub fn failed_node(&self) -> Option<u64> {
+        self.nodes.iter().find(|(_, h)| h.is_finished()).map(|(id, _)| *id)
+    }
+}
+
+impl Drop for EmbeddedCluster {
+    fn drop(&mut self) {
+        // Normal runs call `shutdown`; this only covers early returns. Dropping a runtime from
+        // inside an async context panics, so hand it to a plain thread.
+        let _ = self.stop.send(true);
+        if let Some(runtime) = self.runtime.take() {
+            let _ = std::thread::spawn(move || runtime.shutdown_timeout(Duration::from_secs(5))).join();
+        }
+    }
+}
