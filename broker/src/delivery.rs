@@ -77,6 +77,11 @@ impl PartitionCursor {
         self.ready.remove(&seq);
     }
 
+    /// Whether a released or expired message is waiting for redelivery.
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
     pub fn in_flight(&self) -> usize {
         self.leased.len()
     }

@@ -108,6 +108,24 @@ pub enum Command {
     Ack { mailbox: MailboxId, positions: Vec<Position> },
 }
 
+impl Command {
+    /// Approximate encoded size in bytes, for bounding replication messages.
+    pub fn approximate_size(&self) -> usize {
+        const OVERHEAD: usize = 64;
+        match self {
+            Command::Publish { messages } => messages
+                .iter()
+                .map(|m| {
+                    let headers: usize = m.message.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
+                    m.message.payload.len() + m.message.id.len() + m.message.recipient.len() + headers + OVERHEAD
+                })
+                .sum(),
+            Command::Ack { positions, .. } => positions.len() * 12 + OVERHEAD,
+            Command::CreateMailbox { service, partitions, .. } => service.len() + *partitions as usize * 4 + OVERHEAD,
+        }
+    }
+}
+
 /// The outcome of applying a [`Command`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResult {

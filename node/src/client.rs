@@ -188,11 +188,11 @@ impl Client {
     }
 }
 
-/// tonic reports connection failures as UNAVAILABLE with a transport error source; the
-/// cluster's own UNAVAILABLE (no quorum) carries a message and must not trigger failover.
+/// tonic reports connection failures as UNAVAILABLE with the transport error as source;
+/// a status sent by a node (e.g. no quorum) never has one, and must not trigger failover.
 fn is_transport_error(status: &Status) -> bool {
     use std::error::Error;
-    status.source().is_some() || status.message().contains("transport") || status.message().contains("connect")
+    status.source().is_some()
 }
 
 /// What the server sent on a consumer stream.

@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// Largest accepted payload in bytes.
     #[arg(long, env = "KERWEN_MAX_PAYLOAD_BYTES")]
     pub max_payload_bytes: Option<usize>,
+    /// Largest accepted publish request (sum of payload bytes); one request becomes one Raft
+    /// entry per shard, which must stay quick to replicate.
+    #[arg(long, env = "KERWEN_MAX_BATCH_BYTES")]
+    pub max_batch_bytes: Option<usize>,
     /// Bound on waiting for a leader or a quorum before answering UNAVAILABLE, in ms.
     #[arg(long, env = "KERWEN_REQUEST_TIMEOUT_MS")]
     pub request_timeout_ms: Option<u64>,
@@ -67,6 +71,7 @@ pub struct NodeConfig {
     pub default_partitions: u32,
     pub lease: Duration,
     pub max_payload_bytes: usize,
+    pub max_batch_bytes: usize,
     pub request_timeout: Duration,
     pub snapshot_after_entries: u64,
     pub enable_fault_injection: bool,
@@ -76,6 +81,7 @@ pub const DEFAULT_SHARDS: u32 = 3;
 pub const DEFAULT_PARTITIONS: u32 = 4;
 pub const DEFAULT_LEASE_MS: u64 = 30_000;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SNAPSHOT_AFTER_ENTRIES: u64 = 20_000;
 
@@ -123,6 +129,11 @@ impl ServeArgs {
         if default_partitions == 0 || default_partitions > kerwen_broker::storage::state_machine::MAX_PARTITIONS {
             bail!("--default-partitions must be 1..=256");
         }
+        let max_payload_bytes = self.max_payload_bytes.or(file.max_payload_bytes).unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES);
+        let max_batch_bytes = self.max_batch_bytes.or(file.max_batch_bytes).unwrap_or(DEFAULT_MAX_BATCH_BYTES);
+        if max_payload_bytes == 0 || max_batch_bytes < max_payload_bytes {
+            bail!("--max-payload-bytes must be at least 1 and at most --max-batch-bytes ({max_batch_bytes})");
+        }
         Ok(NodeConfig {
             node_id,
             listen,
@@ -131,7 +142,8 @@ impl ServeArgs {
             shards,
             default_partitions,
             lease: Duration::from_millis(self.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS)),
-            max_payload_bytes: self.max_payload_bytes.or(file.max_payload_bytes).unwrap_or(DEFAULT_MAX_PAYLOAD_BYTES),
+            max_payload_bytes,
+            max_batch_bytes,
             request_timeout: Duration::from_millis(
                 self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS),
             ),

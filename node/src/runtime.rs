@@ -81,11 +81,13 @@ pub struct NodeRuntime {
 fn raft_config(node: &NodeConfig) -> anyhow::Result<Arc<Config>> {
     let config = Config {
         cluster_name: "kerwen".into(),
-        heartbeat_interval: 250,
-        election_timeout_min: 1_000,
-        election_timeout_max: 2_000,
-        // Each entry can be a large batch: keep AppendEntries RPCs bounded.
-        max_payload_entries: 64,
+        // openraft 0.9 also uses the heartbeat interval as the AppendEntries timeout, which
+        // includes the follower's fsync: on a loaded 2-core box 250 ms was too tight.
+        heartbeat_interval: 500,
+        election_timeout_min: 1_500,
+        election_timeout_max: 3_000,
+        // Bytes per AppendEntries are capped by the transport (APPEND_ENTRIES_BUDGET_BYTES).
+        max_payload_entries: 256,
         snapshot_policy: SnapshotPolicy::LogsSinceLast(node.snapshot_after_entries),
         // Keep some log behind the snapshot so briefly lagging followers catch up from it.
         max_in_snapshot_log_to_keep: (node.snapshot_after_entries / 20).clamp(1, 1_000),
@@ -189,12 +191,10 @@ impl NodeRuntime {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                return Err(match last_error {
-                    BrokerError::NotLeader { .. } => {
-                        BrokerError::Unavailable(format!("group {group} has no reachable leader (no quorum?)"))
-                    }
-                    e => e,
-                });
+                return Err(BrokerError::Unavailable(format!(
+                    "group {group}: no leader took the request within {:?} (no quorum?); last: {last_error}",
+                    self.config.request_timeout
+                )));
             }
             let attempt = match self.leader_of(group)? {
                 Some(leader) if leader == self.node_id() => match tokio::time::timeout(left, local()).await {
@@ -243,13 +243,23 @@ impl NodeRuntime {
         self.route(group, PeerMethod::Fetch, &args, || self.fetch_local(group, args.clone())).await
     }
 
-    /// `fetch` on this node, which must lead `group`. Long-polls up to `wait_ms`.
+    /// `fetch` on this node, which must lead `group`. Long-polls up to `wait_ms`. With
+    /// `max == 0` it leases nothing and returns (empty) as soon as something is deliverable.
     pub async fn fetch_local(&self, group: GroupId, args: FetchArgs) -> Result<Vec<Leased>, BrokerError> {
         let shard = self.shard(group)?;
         let mut applied = shard.view.applied();
         let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
         loop {
             let term = self.leading_term(group)?;
+            if args.max == 0 {
+                let ready = shard.view.has_deliverable(term, args.mailbox, &args.partitions)?;
+                let left = deadline.saturating_duration_since(Instant::now());
+                if ready || left.is_zero() {
+                    return Ok(Vec::new());
+                }
+                let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), applied.changed()).await;
+                continue;
+            }
             let got = shard.view.fetch(
                 term,
                 args.consumer,

@@ -19,13 +19,36 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
     VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, Entry, EntryPayload};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
 /// Largest internal message (Raft batches of large payloads, snapshot chunks).
 pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 1024 * 1024 * 1024;
+
+/// Payload bytes sent in one AppendEntries at most (a single larger entry goes alone).
+/// openraft 0.9 times AppendEntries out after the heartbeat interval, and the follower's
+/// fsync of the whole payload happens inside that window: unbounded messages would time out,
+/// back off and starve heartbeats until elections churn.
+pub const APPEND_ENTRIES_BUDGET_BYTES: usize = 4 * 1024 * 1024;
+
+/// Keeps the longest prefix of `entries` within `budget` bytes (at least one entry).
+/// Returns whether every entry was kept.
+fn truncate_to_budget(entries: &mut Vec<Entry<TypeConfig>>, budget: usize) -> bool {
+    let mut total = 0usize;
+    for (i, entry) in entries.iter().enumerate() {
+        total += match &entry.payload {
+            EntryPayload::Normal(cmd) => cmd.approximate_size(),
+            _ => 256,
+        };
+        if total > budget && i > 0 {
+            entries.truncate(i);
+            return false;
+        }
+    }
+    true
+}
 
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, BrokerError> {
     bincode::serialize(value).map_err(|e| BrokerError::Internal(format!("encoding internal message: {e}")))
@@ -208,10 +231,16 @@ impl RaftConnection {
 impl RaftNetwork<TypeConfig> for RaftConnection {
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        self.call(RaftMethod::AppendEntries, &rpc, &option).await
+        let sent_all = truncate_to_budget(&mut rpc.entries, APPEND_ENTRIES_BUDGET_BYTES);
+        let last_sent = rpc.entries.last().map(|e| e.log_id);
+        match self.call(RaftMethod::AppendEntries, &rpc, &option).await? {
+            // openraft sends the rest in the next round.
+            AppendEntriesResponse::Success if !sent_all => Ok(AppendEntriesResponse::PartialSuccess(last_sent)),
+            other => Ok(other),
+        }
     }
 
     async fn install_snapshot(
@@ -229,5 +258,41 @@ impl RaftNetwork<TypeConfig> for RaftConnection {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         self.call(RaftMethod::Vote, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use kerwen_broker::model::{Command, NewMessage, StoredMessage};
+    use openraft::{CommittedLeaderId, LogId};
+
+    use super::*;
+
+    fn publish(index: u64, payload_bytes: usize) -> Entry<TypeConfig> {
+        let message = StoredMessage {
+            id: "m".into(),
+            recipient: "TM/GOV/A/s/svc".into(),
+            headers: vec![],
+            payload: vec![0u8; payload_bytes].into(),
+            ordering_key: None,
+            accepted_unix_ms: 0,
+        };
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Command::Publish { messages: vec![NewMessage { mailbox: 1, partition: 0, message }] }),
+        }
+    }
+
+    #[test]
+    fn append_entries_are_cut_to_the_byte_budget_but_never_empty() {
+        let mut entries: Vec<_> = (1..=10).map(|i| publish(i, 1_000)).collect();
+        assert!(!truncate_to_budget(&mut entries, 3_500));
+        assert_eq!(entries.len(), 3);
+        let mut huge = vec![publish(1, 10_000), publish(2, 10)];
+        assert!(!truncate_to_budget(&mut huge, 3_500));
+        assert_eq!(huge.len(), 1, "one oversized entry still goes alone");
+        let mut small: Vec<_> = (1..=3).map(|i| publish(i, 10)).collect();
+        assert!(truncate_to_budget(&mut small, 3_500));
+        assert_eq!(small.len(), 3);
     }
 }

@@ -203,6 +203,32 @@ impl ShardView {
         Ok(out)
     }
 
+    /// Whether `fetch` would lease anything now: a redelivery is due or a message was never
+    /// handed out in this term.
+    pub fn has_deliverable(&self, term: u64, mailbox: MailboxId, partitions: &[u32]) -> Result<bool> {
+        let now = Instant::now();
+        let mut tracker = lock(&self.tracker);
+        tracker.start_term(term);
+        for &partition in partitions {
+            let cursor = tracker.cursor(mailbox, partition);
+            cursor.expire(now);
+            if cursor.has_ready() {
+                return Ok(true);
+            }
+            let prefix = keys::message_prefix(self.group, mailbox, partition);
+            let from = keys::message_key(self.group, mailbox, partition, cursor.next_scan);
+            let mut found = false;
+            for_each_from(&self.store, &prefix, &from, |_, _| {
+                found = true;
+                Ok(false)
+            })?;
+            if found {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
     /// Gives back leases of `consumer` on `mailbox` (all, or only `positions`) for redelivery.
     pub fn release(&self, consumer: ConsumerId, mailbox: MailboxId, positions: Option<&[Position]>) {
         let only: Option<Vec<(u32, u64)>> = positions.map(|ps| ps.iter().map(|p| (p.partition, p.sequence)).collect());

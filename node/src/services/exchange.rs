@@ -36,8 +36,8 @@ pub const MAX_MESSAGE_ID_LEN: usize = 255;
 const MAX_FETCH: u32 = 256;
 /// Most credits a consumer may have outstanding.
 const MAX_OUTSTANDING_CREDITS: usize = 1 << 20;
-/// How long a shard leader may hold an empty fetch.
-const FETCH_WAIT_MS: u64 = 250;
+/// How long a shard leader may hold a wait-for-messages call.
+const FETCH_WAIT_MS: u64 = 1_000;
 
 pub struct ExchangeService {
     runtime: Arc<NodeRuntime>,
@@ -113,6 +113,13 @@ impl Exchange for ExchangeService {
         let max_payload = self.runtime.config.max_payload_bytes;
         for (i, m) in messages.iter().enumerate() {
             validate_message(m, i, max_payload)?;
+        }
+        let batch_bytes: usize = messages.iter().map(|m| m.payload.len()).sum();
+        let max_batch = self.runtime.config.max_batch_bytes;
+        if batch_bytes > max_batch {
+            return Err(Status::resource_exhausted(format!(
+                "batch of {batch_bytes} payload bytes exceeds the limit of {max_batch} bytes; split it"
+            )));
         }
         let mut mailboxes: BTreeMap<String, MailboxInfo> = BTreeMap::new();
         for m in &messages {
@@ -213,7 +220,7 @@ impl Exchange for ExchangeService {
                     partitions: partitions.clone(),
                     max: 0,
                     lease_ms,
-                    wait_ms: FETCH_WAIT_MS,
+                    wait_ms: 0,
                 },
                 credits: credits.clone(),
                 out: out_tx.clone(),
@@ -306,7 +313,10 @@ struct Pump {
 }
 
 impl Pump {
-    async fn run(mut self) {
+    /// Takes credits, leases that many messages without waiting, and streams them. When the
+    /// shard has nothing, the credits go back at once (another shard's pump may use them) and
+    /// the pump long-polls the leader for new messages without holding any.
+    async fn run(self) {
         loop {
             let Ok(first) = self.credits.acquire().await else { return };
             first.forget();
@@ -320,26 +330,46 @@ impl Pump {
                     Err(_) => break,
                 }
             }
-            self.args.max = taken;
-            match self.runtime.fetch(self.shard, self.args.clone()).await {
-                Ok(leased) => {
-                    let unused = taken as usize - leased.len().min(taken as usize);
-                    self.credits.add_permits(unused);
+            let lease = FetchArgs { max: taken, wait_ms: 0, ..self.args.clone() };
+            match self.runtime.fetch(self.shard, lease).await {
+                Ok(leased) if !leased.is_empty() => {
+                    self.credits.add_permits(taken as usize - leased.len().min(taken as usize));
                     for l in leased {
                         if self.out.send(Ok(to_delivery(l))).await.is_err() {
                             return;
                         }
                     }
+                    continue;
                 }
-                Err(e) if e.is_retryable() => {
-                    self.credits.add_permits(taken as usize);
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                Ok(_) => self.credits.add_permits(taken as usize),
                 Err(e) => {
-                    let _ = self.out.send(Err(to_status(e))).await;
+                    self.credits.add_permits(taken as usize);
+                    if !self.retry_later(e).await {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            let wait = FetchArgs { max: 0, wait_ms: FETCH_WAIT_MS, ..self.args.clone() };
+            if let Err(e) = self.runtime.fetch(self.shard, wait).await {
+                if !self.retry_later(e).await {
                     return;
                 }
             }
+            if self.out.is_closed() {
+                return;
+            }
+        }
+    }
+
+    /// Pauses after a retryable error; reports any other error to the consumer and says stop.
+    async fn retry_later(&self, e: BrokerError) -> bool {
+        if e.is_retryable() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            true
+        } else {
+            let _ = self.out.send(Err(to_status(e))).await;
+            false
         }
     }
 }
