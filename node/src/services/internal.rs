@@ -6,11 +6,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kerwen_broker::model::{Command, NodeId};
+use kerwen_broker::model::{Command, NodeId, TypeConfig};
 use kerwen_broker::BrokerError;
 use kerwen_proto::v1::peer_server::Peer;
 use kerwen_proto::v1::raft_server::Raft;
 use kerwen_proto::v1::{PeerReply, PeerRequest, RaftReply, RaftRequest};
+use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
@@ -48,27 +49,35 @@ fn bad_body(e: BrokerError) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+impl InternalService {
+    /// Decodes an openraft request for its group, runs it on that group's Raft and encodes
+    /// the `Result` (openraft errors travel back to the caller's openraft as values).
+    async fn raft_call<Req, Resp, F, Fut>(&self, request: Request<RaftRequest>, call: F) -> Result<Response<RaftReply>, Status>
+    where
+        Req: DeserializeOwned,
+        Resp: Serialize,
+        F: FnOnce(openraft::Raft<TypeConfig>, Req) -> Fut,
+        Fut: std::future::Future<Output = Resp>,
+    {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let raft = self.runtime.raft(req.group).map_err(|e| Status::not_found(e.to_string()))?.clone();
+        reply(&call(raft, decode(&req.body).map_err(bad_body)?).await)
+    }
+}
+
 #[tonic::async_trait]
 impl Raft for InternalService {
     async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
-        self.admit(req.from)?;
-        let raft = self.runtime.raft(req.group).map_err(|e| Status::not_found(e.to_string()))?;
-        reply(&raft.append_entries(decode(&req.body).map_err(bad_body)?).await)
+        self.raft_call(request, |raft, rpc| async move { raft.append_entries(rpc).await }).await
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
-        self.admit(req.from)?;
-        let raft = self.runtime.raft(req.group).map_err(|e| Status::not_found(e.to_string()))?;
-        reply(&raft.vote(decode(&req.body).map_err(bad_body)?).await)
+        self.raft_call(request, |raft, rpc| async move { raft.vote(rpc).await }).await
     }
 
     async fn install_snapshot(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        let req = request.into_inner();
-        self.admit(req.from)?;
-        let raft = self.runtime.raft(req.group).map_err(|e| Status::not_found(e.to_string()))?;
-        reply(&raft.install_snapshot(decode(&req.body).map_err(bad_body)?).await)
+        self.raft_call(request, |raft, rpc| async move { raft.install_snapshot(rpc).await }).await
     }
 }
 
