@@ -34,6 +34,10 @@ use crate::status::to_status;
 pub const MAX_MESSAGE_ID_LEN: usize = 255;
 /// Most deliveries one pump leases per fetch.
 const MAX_FETCH: u32 = 256;
+/// Most positions one ack or nack may carry.
+const MAX_SETTLE_POSITIONS: usize = 4_096;
+/// Ack writes in flight per subscription; more wait, which slows the stream's reader down.
+const MAX_ACKS_IN_FLIGHT: usize = 64;
 /// Most credits a consumer may have outstanding.
 const MAX_OUTSTANDING_CREDITS: usize = 1 << 20;
 /// How long a shard leader may hold a wait-for-messages call.
@@ -232,12 +236,20 @@ impl Exchange for ExchangeService {
         let shard_of: BTreeMap<u32, GroupId> =
             info.partition_shards.iter().enumerate().map(|(p, s)| (p as u32, *s)).collect();
         let mailbox = info.id;
+        let ack_slots = Arc::new(Semaphore::new(MAX_ACKS_IN_FLIGHT));
         tokio::spawn(async move {
             loop {
                 let request = match inbound.message().await {
                     Ok(Some(r)) => r.request,
                     Ok(None) | Err(_) => break,
                 };
+                if let Some(subscribe_request::Request::Ack(settle) | subscribe_request::Request::Nack(settle)) = &request {
+                    if settle.positions.len() > MAX_SETTLE_POSITIONS {
+                        let message = format!("an ack or nack may carry at most {MAX_SETTLE_POSITIONS} positions");
+                        let _ = out_tx.send(Err(Status::invalid_argument(message))).await;
+                        break;
+                    }
+                }
                 match request {
                     Some(subscribe_request::Request::Credits(n)) => {
                         // Outstanding credits are capped; more would only hold memory.
@@ -246,9 +258,11 @@ impl Exchange for ExchangeService {
                     }
                     Some(subscribe_request::Request::Ack(settle)) => {
                         for (shard, positions) in group_positions(&shard_of, settle) {
+                            let Ok(slot) = ack_slots.clone().acquire_owned().await else { break };
                             let runtime = runtime.clone();
                             let out = out_tx.clone();
                             tokio::spawn(async move {
+                                let _slot = slot;
                                 let cmd = Command::Ack { mailbox, positions: positions.clone() };
                                 let event = match runtime.write(shard, cmd).await {
                                     Ok(_) => Ok(pb::SubscribeResponse {
