@@ -39,9 +39,6 @@ impl BrokerError {
     pub fn storage(e: impl std::fmt::Display) -> Self {
         Self::Storage(e.to_string())
     }
-    pub fn internal(e: impl std::fmt::Display) -> Self {
-        Self::Internal(e.to_string())
-    }
     /// True when the same request may succeed if retried (possibly elsewhere).
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Unavailable(_) | Self::NotLeader { .. })

@@ -64,7 +64,6 @@ pub enum ReadAnswer {
 
 /// One Raft group hosted on this node.
 pub struct Group<V> {
-    pub id: GroupId,
     pub raft: Raft<TypeConfig>,
     pub view: Arc<V>,
 }
@@ -113,13 +112,13 @@ impl NodeRuntime {
 
         let (sm, view) = StateMachine::open_metadata(store.clone())?;
         let raft = Raft::new(config.node_id, raft_config.clone(), transport(METADATA_GROUP), store.log_store(METADATA_GROUP), sm).await?;
-        let meta = Group { id: METADATA_GROUP, raft, view };
+        let meta = Group { raft, view };
 
         let mut shards = BTreeMap::new();
         for group in 1..=config.shards {
             let (sm, view) = StateMachine::open_shard(store.clone(), group)?;
             let raft = Raft::new(config.node_id, raft_config.clone(), transport(group), store.log_store(group), sm).await?;
-            shards.insert(group, Group { id: group, raft, view });
+            shards.insert(group, Group { raft, view });
         }
 
         let members: BTreeMap<NodeId, BasicNode> =

@@ -60,7 +60,6 @@ struct SnapshotPayload {
 /// Read-only view of the metadata group, shared with the node's services.
 pub struct MetaView {
     mailboxes: RwLock<BTreeMap<String, MailboxInfo>>,
-    applied: watch::Sender<u64>,
 }
 
 impl MetaView {
@@ -70,11 +69,6 @@ impl MetaView {
 
     pub fn mailboxes(&self) -> Vec<MailboxInfo> {
         read(&self.mailboxes).values().cloned().collect()
-    }
-
-    /// Index of the last applied entry; changes wake subscribers.
-    pub fn applied(&self) -> watch::Receiver<u64> {
-        self.applied.subscribe()
     }
 
     fn reload(&self, store: &Store) -> Result<()> {
@@ -108,10 +102,6 @@ pub struct ShardView {
 }
 
 impl ShardView {
-    pub fn group(&self) -> GroupId {
-        self.group
-    }
-
     /// Index of the last applied entry; changes wake long-polling fetches.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
@@ -254,10 +244,7 @@ impl StateMachine {
     /// The metadata group's state machine and its shared view.
     pub fn open_metadata(store: Arc<Store>) -> Result<(Self, Arc<MetaView>)> {
         let applied = load_applied(&store, METADATA_GROUP)?;
-        let view = Arc::new(MetaView {
-            mailboxes: RwLock::new(BTreeMap::new()),
-            applied: watch::channel(applied.last_applied.map(|l| l.index).unwrap_or(0)).0,
-        });
+        let view = Arc::new(MetaView { mailboxes: RwLock::new(BTreeMap::new()) });
         view.reload(&store)?;
         let sm = Self { group: METADATA_GROUP, store, kind: GroupKind::Metadata(view.clone()), applied };
         Ok((sm, view))
@@ -299,10 +286,7 @@ impl StateMachine {
     fn reload_views(&mut self) -> Result<()> {
         let last = self.applied.last_applied.map(|l| l.index).unwrap_or(0);
         match &self.kind {
-            GroupKind::Metadata(view) => {
-                view.reload(&self.store)?;
-                view.applied.send_replace(last);
-            }
+            GroupKind::Metadata(view) => view.reload(&self.store)?,
             GroupKind::Shard(view) => {
                 lock(&view.partitions).clear();
                 lock(&view.tracker).clear();
@@ -470,20 +454,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         batch.put_cf(&cf, keys::state_key(self.group, KIND_APPLIED, &[]), encode(&self.applied).map_err(io)?);
         self.store.write_unsynced(batch).map_err(io)?;
-        let last = self.applied.last_applied.map(|l| l.index).unwrap_or(0);
-        match &self.kind {
-            GroupKind::Metadata(view) => {
-                view.applied.send_replace(last);
-            }
-            GroupKind::Shard(view) => {
-                if !scratch.acked.is_empty() {
-                    let mut tracker = lock(&view.tracker);
-                    for (mailbox, pos) in &scratch.acked {
-                        tracker.forget(*mailbox, pos.partition, pos.sequence);
-                    }
+        if let GroupKind::Shard(view) = &self.kind {
+            if !scratch.acked.is_empty() {
+                let mut tracker = lock(&view.tracker);
+                for (mailbox, pos) in &scratch.acked {
+                    tracker.forget(*mailbox, pos.partition, pos.sequence);
                 }
-                view.applied.send_replace(last);
             }
+            view.applied.send_replace(self.applied.last_applied.map(|l| l.index).unwrap_or(0));
         }
         Ok(results)
     }
