@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Instant;
 
-use crate::model::MailboxId;
+use crate::model::{MailboxId, Position};
 
 /// Identifies one consumer stream (random, chosen by the node that serves it).
 pub type ConsumerId = u64;
@@ -113,7 +113,7 @@ impl DeliveryTracker {
         }
     }
 
-    pub fn release(&mut self, consumer: ConsumerId, mailbox: MailboxId, only: Option<&[(u32, u64)]>) {
+    pub fn release(&mut self, consumer: ConsumerId, mailbox: MailboxId, only: Option<&[Position]>) {
         for ((mb, partition), cursor) in self.partitions.iter_mut() {
             if *mb != mailbox {
                 continue;
@@ -122,7 +122,7 @@ impl DeliveryTracker {
                 None => cursor.release(consumer, None),
                 Some(positions) => {
                     let seqs: Vec<u64> =
-                        positions.iter().filter(|(p, _)| p == partition).map(|(_, s)| *s).collect();
+                        positions.iter().filter(|p| p.partition == *partition).map(|p| p.sequence).collect();
                     cursor.release(consumer, Some(&seqs));
                 }
             }

@@ -88,6 +88,15 @@ impl MailboxInfo {
     pub fn shard_of(&self, partition: u32) -> Option<GroupId> {
         self.partition_shards.get(partition as usize).copied()
     }
+
+    /// The mailbox's partitions grouped by the shard that stores them.
+    pub fn partitions_by_shard(&self) -> std::collections::BTreeMap<GroupId, Vec<u32>> {
+        let mut by_shard: std::collections::BTreeMap<GroupId, Vec<u32>> = Default::default();
+        for (partition, shard) in self.partition_shards.iter().enumerate() {
+            by_shard.entry(*shard).or_default().push(partition as u32);
+        }
+        by_shard
+    }
 }
 
 /// Pending (stored, unacked) messages of one mailbox partition.

@@ -121,21 +121,23 @@ impl NodeRuntime {
             shards.insert(group, Group { raft, view });
         }
 
+        let runtime = Self { config, store, peers, meta, shards };
         let members: BTreeMap<NodeId, BasicNode> =
-            config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
-        for raft in std::iter::once(&meta.raft).chain(shards.values().map(|g| &g.raft)) {
+            runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+        for (_, raft) in runtime.all_rafts() {
             match raft.initialize(members.clone()).await {
                 Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
                 Err(e) => return Err(e.into()),
             }
         }
+        let config = &runtime.config;
         tracing::info!(node = config.node_id, shards = config.shards, listen = %config.listen, "node started");
-        Ok(Arc::new(Self { config, store, peers, meta, shards }))
+        Ok(Arc::new(runtime))
     }
 
     /// Stops every Raft group (the store closes when the last reference goes).
     pub async fn shutdown(&self) {
-        for raft in std::iter::once(&self.meta.raft).chain(self.shards.values().map(|g| &g.raft)) {
+        for (_, raft) in self.all_rafts() {
             if let Err(e) = raft.shutdown().await {
                 tracing::warn!(error = %e, "raft shutdown");
             }
@@ -332,12 +334,8 @@ impl NodeRuntime {
 
     /// Pending messages and bytes of a mailbox, summed over its shards' leaders.
     pub async fn mailbox_stats(&self, info: &MailboxInfo) -> Result<PartitionStats, BrokerError> {
-        let mut by_shard: BTreeMap<GroupId, Vec<u32>> = BTreeMap::new();
-        for (p, shard) in info.partition_shards.iter().enumerate() {
-            by_shard.entry(*shard).or_default().push(p as u32);
-        }
         let mut total = PartitionStats::default();
-        for (shard, partitions) in by_shard {
+        for (shard, partitions) in info.partitions_by_shard() {
             match self.read(shard, ReadQuery::PartitionStats { mailbox: info.id, partitions }).await? {
                 ReadAnswer::PartitionStats(s) => {
                     total.messages += s.messages;

@@ -221,8 +221,7 @@ impl ShardView {
 
     /// Gives back leases of `consumer` on `mailbox` (all, or only `positions`) for redelivery.
     pub fn release(&self, consumer: ConsumerId, mailbox: MailboxId, positions: Option<&[Position]>) {
-        let only: Option<Vec<(u32, u64)>> = positions.map(|ps| ps.iter().map(|p| (p.partition, p.sequence)).collect());
-        lock(&self.tracker).release(consumer, mailbox, only.as_deref());
+        lock(&self.tracker).release(consumer, mailbox, positions);
     }
 }
 
@@ -310,6 +309,22 @@ struct ApplyScratch {
     next_mailbox_id: Option<MailboxId>,
 }
 
+impl ApplyScratch {
+    /// A partition's state as this batch left it so far.
+    fn partition(
+        &self,
+        view: &ShardView,
+        cache: &mut HashMap<(MailboxId, u32), PartitionState>,
+        mailbox: MailboxId,
+        partition: u32,
+    ) -> Result<PartitionState> {
+        match self.dirty_partitions.get(&(mailbox, partition)) {
+            Some(ps) => Ok(*ps),
+            None => view.partition_state(cache, mailbox, partition),
+        }
+    }
+}
+
 fn command_name(cmd: &Command) -> &'static str {
     match cmd {
         Command::CreateMailbox { .. } => "CreateMailbox",
@@ -364,16 +379,12 @@ fn apply_publish(view: &ShardView, batch: &mut WriteBatch, messages: Vec<NewMess
     let mut cache = lock(&view.partitions);
     let mut positions = Vec::with_capacity(messages.len());
     for m in messages {
-        let key = (m.mailbox, m.partition);
-        let mut ps = match scratch.dirty_partitions.get(&key) {
-            Some(ps) => *ps,
-            None => view.partition_state(&mut cache, m.mailbox, m.partition)?,
-        };
+        let mut ps = scratch.partition(view, &mut cache, m.mailbox, m.partition)?;
         let seq = ps.next_seq;
         ps.next_seq += 1;
         ps.stats.messages += 1;
         ps.stats.bytes += m.message.payload.len() as u64;
-        scratch.dirty_partitions.insert(key, ps);
+        scratch.dirty_partitions.insert((m.mailbox, m.partition), ps);
         let key = keys::message_key(view.group, m.mailbox, m.partition, seq);
         batch.put_cf(&cf, &key, encode(&m.message)?);
         scratch.put_sizes.insert(key, m.message.payload.len() as u64);
@@ -398,14 +409,10 @@ fn apply_ack(view: &ShardView, batch: &mut WriteBatch, mailbox: MailboxId, posit
                 None => continue,
             },
         };
-        let pkey = (mailbox, pos.partition);
-        let mut ps = match scratch.dirty_partitions.get(&pkey) {
-            Some(ps) => *ps,
-            None => view.partition_state(&mut cache, mailbox, pos.partition)?,
-        };
+        let mut ps = scratch.partition(view, &mut cache, mailbox, pos.partition)?;
         ps.stats.messages = ps.stats.messages.saturating_sub(1);
         ps.stats.bytes = ps.stats.bytes.saturating_sub(size);
-        scratch.dirty_partitions.insert(pkey, ps);
+        scratch.dirty_partitions.insert((mailbox, pos.partition), ps);
         batch.delete_cf(&cf, &key);
         scratch.deleted.insert(key);
         scratch.acked.push((mailbox, pos));

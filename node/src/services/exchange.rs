@@ -208,10 +208,7 @@ impl Exchange for ExchangeService {
 
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::SubscribeResponse, Status>>(MAX_FETCH as usize);
         let credits = Arc::new(Semaphore::new((start.initial_credits as usize).min(MAX_OUTSTANDING_CREDITS)));
-        let mut shards: BTreeMap<GroupId, Vec<u32>> = BTreeMap::new();
-        for (p, shard) in info.partition_shards.iter().enumerate() {
-            shards.entry(*shard).or_default().push(p as u32);
-        }
+        let shards = info.partitions_by_shard();
         let lease_ms = self.runtime.config.lease.as_millis() as u64;
         let mut pumps = Vec::new();
         for (shard, partitions) in &shards {
@@ -233,8 +230,6 @@ impl Exchange for ExchangeService {
         }
 
         let runtime = self.runtime.clone();
-        let shard_of: BTreeMap<u32, GroupId> =
-            info.partition_shards.iter().enumerate().map(|(p, s)| (p as u32, *s)).collect();
         let mailbox = info.id;
         let ack_slots = Arc::new(Semaphore::new(MAX_ACKS_IN_FLIGHT));
         tokio::spawn(async move {
@@ -257,7 +252,7 @@ impl Exchange for ExchangeService {
                         credits.add_permits((n as usize).min(room));
                     }
                     Some(subscribe_request::Request::Ack(settle)) => {
-                        for (shard, positions) in group_positions(&shard_of, settle) {
+                        for (shard, positions) in group_positions(&info, settle) {
                             let Ok(slot) = ack_slots.clone().acquire_owned().await else { break };
                             let runtime = runtime.clone();
                             let out = out_tx.clone();
@@ -277,7 +272,7 @@ impl Exchange for ExchangeService {
                         }
                     }
                     Some(subscribe_request::Request::Nack(settle)) => {
-                        for (shard, positions) in group_positions(&shard_of, settle) {
+                        for (shard, positions) in group_positions(&info, settle) {
                             let args = ReleaseArgs { consumer, mailbox, positions: Some(positions) };
                             if let Err(e) = runtime.release(shard, args).await {
                                 tracing::debug!(error = %e, "nack could not be applied; the lease will expire");
@@ -307,11 +302,11 @@ impl Exchange for ExchangeService {
     }
 }
 
-fn group_positions(shard_of: &BTreeMap<u32, GroupId>, settle: pb::Settle) -> BTreeMap<GroupId, Vec<Position>> {
+fn group_positions(info: &MailboxInfo, settle: pb::Settle) -> BTreeMap<GroupId, Vec<Position>> {
     let mut by_shard: BTreeMap<GroupId, Vec<Position>> = BTreeMap::new();
     for p in settle.positions {
-        if let Some(shard) = shard_of.get(&p.partition) {
-            by_shard.entry(*shard).or_default().push(Position { partition: p.partition, sequence: p.sequence });
+        if let Some(shard) = info.shard_of(p.partition) {
+            by_shard.entry(shard).or_default().push(Position { partition: p.partition, sequence: p.sequence });
         }
     }
     by_shard
