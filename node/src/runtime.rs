@@ -169,8 +169,10 @@ impl NodeRuntime {
 
     /// This node's term if it currently leads `group`, else a `NotLeader` error.
     fn leading_term(&self, group: GroupId) -> Result<u64, BrokerError> {
-        let raft = self.raft(group)?;
-        let m = raft.metrics().borrow().clone();
+        // Called on every fetch: read the fields in place rather than clone the metrics
+        // (membership and replication maps included).
+        let metrics = self.raft(group)?.metrics();
+        let m = metrics.borrow();
         if m.state == ServerState::Leader && m.current_leader == Some(self.node_id()) {
             Ok(m.current_term)
         } else {
@@ -252,26 +254,18 @@ impl NodeRuntime {
         let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
         loop {
             let term = self.leading_term(group)?;
-            if args.max == 0 {
-                let ready = shard.view.has_deliverable(term, args.mailbox, &args.partitions)?;
-                let left = deadline.saturating_duration_since(Instant::now());
-                if ready || left.is_zero() {
-                    return Ok(Vec::new());
-                }
-                let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), applied.changed()).await;
-                continue;
-            }
-            let got = shard.view.fetch(
-                term,
-                args.consumer,
-                args.mailbox,
-                &args.partitions,
-                args.max as usize,
-                Duration::from_millis(args.lease_ms),
-            )?;
+            let answer = if args.max == 0 {
+                shard.view.has_deliverable(term, args.mailbox, &args.partitions)?.then(Vec::new)
+            } else {
+                let lease = Duration::from_millis(args.lease_ms);
+                let got = shard.view.fetch(term, args.consumer, args.mailbox, &args.partitions, args.max as usize, lease)?;
+                (!got.is_empty()).then_some(got)
+            };
             let left = deadline.saturating_duration_since(Instant::now());
-            if !got.is_empty() || left.is_zero() {
-                return Ok(got);
+            match answer {
+                Some(got) => return Ok(got),
+                None if left.is_zero() => return Ok(Vec::new()),
+                None => {}
             }
             // New messages wake us; the short cap re-checks expired leases.
             let _ = tokio::time::timeout(left.min(Duration::from_millis(200)), applied.changed()).await;
