@@ -48,5 +48,5 @@ pub fn publish_entry(index: u64, count: usize, size: usize) -> Entry<TypeConfig>
             },
         })
         .collect();
-    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Command::Publish { messages }) }
+    Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(Command::publish(messages)) }
 }

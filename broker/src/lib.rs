@@ -5,6 +5,7 @@
 //! - [`storage`]: the node's one RocksDB, Raft log storage with group commit, and the state
 //!   machines of the metadata group and the data shards.
 //! - [`delivery`]: leader-local leases of delivered messages.
+//! - [`proposer`]: coalesces concurrent writes to a Raft group into one log entry.
 //! - [`error`]: the broker's error type.
 //!
 //! Architecture invariant: this crate never touches tonic or the network. Transport is the
@@ -14,6 +15,7 @@ pub mod delivery;
 pub mod error;
 pub mod ids;
 pub mod model;
+pub mod proposer;
 pub mod storage;
 
 pub use error::{BrokerError, Result};

@@ -81,12 +81,75 @@ pub struct MailboxInfo {
     /// `partition_shards[p]` is the data shard (Raft group) that stores partition `p`.
     pub partition_shards: Vec<GroupId>,
     pub created_unix_ms: i64,
+    pub limits: MailboxLimits,
+}
+
+/// A mailbox's retention and idempotency settings, chosen at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxLimits {
+    /// A message id published again within this window (measured between the two accept
+    /// times) is answered with the first position and not stored twice.
+    pub dedup_window_ms: u64,
+    /// Most messages stored (published, not yet acked); publishing past it is refused.
+    pub max_messages: u64,
+    /// Most payload bytes stored; publishing past it is refused.
+    pub max_bytes: u64,
+}
+
+impl MailboxLimits {
+    pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
+    pub const DEFAULT_MAX_MESSAGES: u64 = 10_000_000;
+    pub const DEFAULT_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
+}
+
+impl Default for MailboxLimits {
+    fn default() -> Self {
+        Self {
+            dedup_window_ms: Self::DEFAULT_DEDUP_WINDOW_MS,
+            max_messages: Self::DEFAULT_MAX_MESSAGES,
+            max_bytes: Self::DEFAULT_MAX_BYTES,
+        }
+    }
+}
+
+/// A mailbox's limits as one shard enforces them. The publishing node copies them from the
+/// mailbox into the command, with the quotas scaled to the shard's share of the mailbox's
+/// partitions, so applying needs nothing from outside the shard's own log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardLimits {
+    pub mailbox: MailboxId,
+    /// The mailbox's service id, for error messages.
+    pub service: String,
+    pub dedup_window_ms: u64,
+    pub max_messages: u64,
+    pub max_bytes: u64,
+    /// The mailbox's partitions stored on this shard (whose stored totals count).
+    pub partitions: Vec<u32>,
 }
 
 impl MailboxInfo {
     /// The shard storing `partition`, if the partition exists.
     pub fn shard_of(&self, partition: u32) -> Option<GroupId> {
         self.partition_shards.get(partition as usize).copied()
+    }
+
+    /// The limits `shard` enforces for this mailbox: quotas in proportion to the partitions it
+    /// stores (rounded up, so the shards together never allow less than the mailbox limit).
+    pub fn shard_limits(&self, shard: GroupId) -> ShardLimits {
+        let partitions: Vec<u32> = (0..self.partitions).filter(|p| self.shard_of(*p) == Some(shard)).collect();
+        let share = |limit: u64| {
+            let total = u128::from(self.partitions.max(1));
+            let scaled = (u128::from(limit) * partitions.len() as u128).div_ceil(total);
+            u64::try_from(scaled).unwrap_or(u64::MAX)
+        };
+        ShardLimits {
+            mailbox: self.id,
+            service: self.service.clone(),
+            dedup_window_ms: self.limits.dedup_window_ms,
+            max_messages: share(self.limits.max_messages),
+            max_bytes: share(self.limits.max_bytes),
+            partitions,
+        }
     }
 
     /// The mailbox's partitions grouped by the shard that stores them.
@@ -110,19 +173,29 @@ pub struct PartitionStats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Metadata group: create a mailbox whose partitions are spread over `shard_count` shards.
-    CreateMailbox { service: String, partitions: u32, shard_count: u32, created_unix_ms: i64 },
-    /// Data shard: store a batch of messages (one Raft entry for the whole batch).
-    Publish { messages: Vec<NewMessage> },
+    CreateMailbox { service: String, partitions: u32, shard_count: u32, created_unix_ms: i64, limits: MailboxLimits },
+    /// Data shard: store a batch of messages (one Raft entry for the whole batch). `limits`
+    /// holds one entry per mailbox of the batch; a mailbox without one gets the default
+    /// dedup window and no quota.
+    Publish { messages: Vec<NewMessage>, limits: Vec<ShardLimits> },
     /// Data shard: remove acked messages.
     Ack { mailbox: MailboxId, positions: Vec<Position> },
+    /// Commands coalesced into one entry by the [`crate::proposer::Proposer`], applied in
+    /// order; each gets its own result in [`CommandResult::Batch`].
+    Batch(Vec<Command>),
 }
 
 impl Command {
+    /// A publish without mailbox limits: the default dedup window and no quota.
+    pub fn publish(messages: Vec<NewMessage>) -> Self {
+        Command::Publish { messages, limits: Vec::new() }
+    }
+
     /// Approximate encoded size in bytes, for bounding replication messages.
     pub fn approximate_size(&self) -> usize {
         const OVERHEAD: usize = 64;
         match self {
-            Command::Publish { messages } => messages
+            Command::Publish { messages, .. } => messages
                 .iter()
                 .map(|m| {
                     let headers: usize = m.message.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
@@ -131,6 +204,7 @@ impl Command {
                 .sum(),
             Command::Ack { positions, .. } => positions.len() * 12 + OVERHEAD,
             Command::CreateMailbox { service, partitions, .. } => service.len() + *partitions as usize * 4 + OVERHEAD,
+            Command::Batch(commands) => commands.iter().map(Command::approximate_size).sum::<usize>() + OVERHEAD,
         }
     }
 }
@@ -141,10 +215,13 @@ pub enum CommandResult {
     /// Entries without an application command (membership, blank).
     Nothing,
     MailboxCreated(MailboxInfo),
-    /// Positions of the published messages, in command order.
+    /// Positions of the published messages, in command order. A message deduplicated
+    /// against an earlier publish gets the earlier position.
     Published(Vec<Position>),
     /// Number of messages actually removed (already-acked ones are not counted).
     Acked(u64),
     /// The command was refused deterministically on every replica.
     Rejected(BrokerError),
+    /// One result per command of a [`Command::Batch`], in order.
+    Batch(Vec<CommandResult>),
 }

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kerwen_broker::model::{Command, CommandResult, NewMessage, Position, StoredMessage, TypeConfig};
+use kerwen_broker::model::{Command, CommandResult, NewMessage, Position, ShardLimits, StoredMessage, TypeConfig};
 use kerwen_broker::storage::{LogStore, ShardView, StateMachine, Store};
 use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
@@ -63,9 +63,7 @@ async fn publish_assigns_per_partition_sequences_and_ack_purges() {
     let dir = tempfile::tempdir().unwrap();
     let (_store, mut sm, view) = open_shard(dir.path());
     let results = sm
-        .apply(vec![entry(1, Command::Publish {
-            messages: vec![message("a", 0, "one"), message("b", 1, "two"), message("c", 0, "three")],
-        })])
+        .apply(vec![entry(1, Command::publish(vec![message("a", 0, "one"), message("b", 1, "two"), message("c", 0, "three")]))])
         .await
         .unwrap();
     assert_eq!(
@@ -108,7 +106,7 @@ async fn publish_assigns_per_partition_sequences_and_ack_purges() {
 async fn expired_leases_are_redelivered_and_a_new_term_starts_over() {
     let dir = tempfile::tempdir().unwrap();
     let (_store, mut sm, view) = open_shard(dir.path());
-    sm.apply(vec![entry(1, Command::Publish { messages: vec![message("a", 0, "x")] })]).await.unwrap();
+    sm.apply(vec![entry(1, Command::publish(vec![message("a", 0, "x")]))]).await.unwrap();
     assert_eq!(view.fetch(1, 1, 1, &[0], 10, Duration::ZERO).unwrap().len(), 1);
     let again = view.fetch(1, 2, 1, &[0], 10, LEASE).unwrap();
     assert_eq!((again.len(), again[0].attempt), (1, 2), "expired lease is redelivered");
@@ -122,7 +120,7 @@ async fn state_survives_reopen_and_travels_in_snapshots() {
     let dir = tempfile::tempdir().unwrap();
     {
         let (store, mut sm, _view) = open_shard(dir.path());
-        sm.apply(vec![entry(1, Command::Publish { messages: vec![message("a", 0, "x"), message("b", 0, "y")] })])
+        sm.apply(vec![entry(1, Command::publish(vec![message("a", 0, "x"), message("b", 0, "y")]))])
             .await
             .unwrap();
         store.sync().await.unwrap();
@@ -132,7 +130,7 @@ async fn state_survives_reopen_and_travels_in_snapshots() {
     assert_eq!(applied, Some(log_id(1)));
     assert_eq!(view.stats(1, &[0]).unwrap().messages, 2);
     // Sequences continue after a restart.
-    let r = sm.apply(vec![entry(2, Command::Publish { messages: vec![message("c", 0, "z")] })]).await.unwrap();
+    let r = sm.apply(vec![entry(2, Command::publish(vec![message("c", 0, "z")]))]).await.unwrap();
     assert_eq!(r, vec![CommandResult::Published(vec![Position { partition: 0, sequence: 2 }])]);
 
     let mut builder = sm.get_snapshot_builder().await;
@@ -192,7 +190,7 @@ async fn publish_and_ack_in_one_apply_batch_leave_nothing_behind() {
     let (_store, mut sm, view) = open_shard(dir.path());
     let results = sm
         .apply(vec![
-            entry(1, Command::Publish { messages: vec![message("a", 0, "x"), message("b", 0, "y")] }),
+            entry(1, Command::publish(vec![message("a", 0, "x"), message("b", 0, "y")])),
             entry(2, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }] }),
         ])
         .await
@@ -215,6 +213,7 @@ async fn mailboxes_created_in_one_batch_get_distinct_ids() {
         partitions: 2,
         shard_count: 3,
         created_unix_ms: 5,
+        limits: Default::default(),
     };
     let r = sm
         .apply(vec![entry(1, create("TM/GOV/A/s/one")), entry(2, create("TM/GOV/A/s/two")), entry(3, create("TM/GOV/A/s/one"))])
@@ -231,4 +230,110 @@ async fn mailboxes_created_in_one_batch_get_distinct_ids() {
     assert!(matches!(&r[2], CommandResult::Rejected(kerwen_broker::BrokerError::AlreadyExists(_))));
     assert_eq!(view.mailboxes().len(), 2);
     assert!(view.mailbox("TM/GOV/A/s/two").unwrap().partition_shards.iter().all(|s| (1..=3).contains(s)));
+}
+
+/// A coalesced entry applies its commands in order, each with its own result: a later
+/// command sees an earlier one's effects, and a refused command does not spoil the others.
+#[tokio::test]
+async fn a_batch_entry_applies_each_command_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    let results = sm
+        .apply(vec![entry(1, Command::Batch(vec![
+            Command::publish(vec![message("a", 0, "x"), message("b", 0, "y")]),
+            Command::CreateMailbox { service: "TM/GOV/A/s/one".into(), partitions: 1, shard_count: 1, created_unix_ms: 1, limits: Default::default() },
+            Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }] },
+            Command::publish(vec![message("c", 0, "z")]),
+        ]))])
+        .await
+        .unwrap();
+    let CommandResult::Batch(results) = &results[0] else { panic!("unexpected {results:?}") };
+    assert_eq!(results[0], CommandResult::Published(vec![Position { partition: 0, sequence: 0 }, Position { partition: 0, sequence: 1 }]));
+    assert!(matches!(results[1], CommandResult::Rejected(kerwen_broker::BrokerError::Internal(_))), "{:?}", results[1]);
+    assert_eq!(results[2], CommandResult::Acked(1));
+    assert_eq!(results[3], CommandResult::Published(vec![Position { partition: 0, sequence: 2 }]));
+    let left = view.fetch(1, 1, 1, &[0], 10, LEASE).unwrap();
+    assert_eq!(left.iter().map(|l| l.message.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+}
+
+fn at(mut m: NewMessage, accepted_unix_ms: i64) -> NewMessage {
+    m.message.accepted_unix_ms = accepted_unix_ms;
+    m
+}
+
+fn limits(window_ms: u64, max_messages: u64, max_bytes: u64) -> Vec<ShardLimits> {
+    vec![ShardLimits {
+        mailbox: 1,
+        service: "TM/GOV/MINFIN/tax/declarations".into(),
+        dedup_window_ms: window_ms,
+        max_messages,
+        max_bytes,
+        partitions: vec![0, 1],
+    }]
+}
+
+fn publish_with(messages: Vec<NewMessage>, limits: Vec<ShardLimits>) -> Command {
+    Command::Publish { messages, limits }
+}
+
+/// A message id seen within the window is answered with its first position and stored
+/// once — also after it was acked, and also twice within one command; past the window the
+/// id is new again and its old record is purged.
+#[tokio::test]
+async fn republished_ids_within_the_window_are_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut sm, view) = open_shard(dir.path());
+    let window = 10_000;
+    let first = Position { partition: 0, sequence: 0 };
+    let r = sm
+        .apply(vec![entry(1, publish_with(vec![at(message("a", 0, "x"), 1_000), at(message("a", 0, "x"), 1_000)], limits(window, 100, 100)))])
+        .await
+        .unwrap();
+    assert_eq!(r, vec![CommandResult::Published(vec![first, first])], "same id twice in one command");
+    let r = sm.apply(vec![entry(2, publish_with(vec![at(message("a", 1, "x"), 5_000)], limits(window, 100, 100)))]).await.unwrap();
+    assert_eq!(r, vec![CommandResult::Published(vec![first])], "a retry routed elsewhere still finds the first");
+    assert_eq!(view.stats(1, &[0, 1]).unwrap().messages, 1);
+
+    sm.apply(vec![entry(3, Command::Ack { mailbox: 1, positions: vec![first] })]).await.unwrap();
+    let r = sm.apply(vec![entry(4, publish_with(vec![at(message("a", 0, "x"), 10_999)], limits(window, 100, 100)))]).await.unwrap();
+    assert_eq!(r, vec![CommandResult::Published(vec![first])], "acked, still within the window");
+    assert_eq!(view.stats(1, &[0, 1]).unwrap().messages, 0, "not stored again");
+
+    let r = sm.apply(vec![entry(5, publish_with(vec![at(message("a", 0, "x"), 11_000)], limits(window, 100, 100)))]).await.unwrap();
+    let second = Position { partition: 0, sequence: 1 };
+    assert_eq!(r, vec![CommandResult::Published(vec![second])], "past the window the id is new");
+    // Another id, much later: the purge removes the second record of "a" too.
+    sm.apply(vec![entry(6, publish_with(vec![at(message("b", 0, "y"), 50_000)], limits(window, 100, 100)))]).await.unwrap();
+    let r = sm.apply(vec![entry(7, publish_with(vec![at(message("a", 0, "x"), 50_001)], limits(window, 100, 100)))]).await.unwrap();
+    assert_eq!(r, vec![CommandResult::Published(vec![Position { partition: 0, sequence: 3 }])]);
+    let dedup_records = store
+        .db()
+        .prefix_iterator_cf(&store.db().cf_handle(kerwen_broker::storage::CF_STATE).unwrap(), [0, 0, 0, 1, b'd'])
+        .filter_map(|item| item.ok())
+        .take_while(|(k, _)| k.starts_with(&[0, 0, 0, 1, b'd']))
+        .count();
+    assert_eq!(dedup_records, 2, "only a's and b's live records are left");
+}
+
+/// Publishing past a mailbox's quota is refused as a whole and changes nothing; after an
+/// ack there is room again. Duplicates do not count.
+#[tokio::test]
+async fn publish_past_the_quota_is_refused_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    let quota = || limits(60_000, 2, 1_000);
+    let r = sm.apply(vec![entry(1, publish_with(vec![message("a", 0, "x"), message("b", 1, "y")], quota()))]).await.unwrap();
+    assert!(matches!(r[0], CommandResult::Published(_)));
+    let r = sm.apply(vec![entry(2, publish_with(vec![message("a", 0, "x"), message("c", 0, "z")], quota()))]).await.unwrap();
+    assert!(matches!(&r[0], CommandResult::Rejected(kerwen_broker::BrokerError::ResourceExhausted(m)) if m.contains("is full")), "{r:?}");
+    let stats = view.stats(1, &[0, 1]).unwrap();
+    assert_eq!((stats.messages, stats.bytes), (2, 2), "nothing of the refused publish was stored");
+    let r = sm.apply(vec![entry(3, publish_with(vec![message("b", 1, "y")], quota()))]).await.unwrap();
+    assert_eq!(r, vec![CommandResult::Published(vec![Position { partition: 1, sequence: 0 }])], "a duplicate needs no room");
+
+    sm.apply(vec![entry(4, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }] })]).await.unwrap();
+    let r = sm.apply(vec![entry(5, publish_with(vec![message("c", 0, "z")], quota()))]).await.unwrap();
+    assert_eq!(r, vec![CommandResult::Published(vec![Position { partition: 0, sequence: 1 }])]);
+    let big = sm.apply(vec![entry(6, publish_with(vec![message("d", 1, &"x".repeat(999))], limits(60_000, 100, 1_000)))]).await.unwrap();
+    assert!(matches!(&big[0], CommandResult::Rejected(kerwen_broker::BrokerError::ResourceExhausted(_))), "byte quota: {big:?}");
 }

@@ -32,6 +32,15 @@ pub enum MailboxCommand {
         /// Number of partitions (FIFO holds per partition); default: the cluster's.
         #[arg(long, default_value_t = 0)]
         partitions: u32,
+        /// Most messages stored (published, not yet acked); default 10,000,000.
+        #[arg(long, default_value_t = 0)]
+        max_messages: u64,
+        /// Most payload bytes stored; default 10 GiB.
+        #[arg(long, default_value_t = 0)]
+        max_bytes: u64,
+        /// A message id published again within this many ms is not stored twice; default 24 h.
+        #[arg(long, default_value_t = 0)]
+        dedup_window_ms: u64,
     },
     /// List all mailboxes.
     List,
@@ -94,14 +103,18 @@ fn mailbox_json(m: &pb::MailboxInfo) -> serde_json::Value {
         "pending_messages": m.pending_messages,
         "pending_bytes": m.pending_bytes,
         "created_unix_ms": m.created_unix_ms,
+        "dedup_window_ms": m.dedup_window_ms,
+        "max_messages": m.max_messages,
+        "max_bytes": m.max_bytes,
     })
 }
 
 pub async fn mailbox(opts: &ClientOpts, cmd: MailboxCommand) -> anyhow::Result<()> {
     let mut client = connect(opts).await?;
     match cmd {
-        MailboxCommand::Create { service, partitions } => {
-            let m = client.create_mailbox(&service, partitions).await.map_err(status_error)?;
+        MailboxCommand::Create { service, partitions, max_messages, max_bytes, dedup_window_ms } => {
+            let req = pb::CreateMailboxRequest { service, partitions, max_messages, max_bytes, dedup_window_ms };
+            let m = client.create_mailbox_with(req).await.map_err(status_error)?;
             if opts.json {
                 println!("{}", mailbox_json(&m));
             } else {
@@ -129,6 +142,7 @@ pub async fn mailbox(opts: &ClientOpts, cmd: MailboxCommand) -> anyhow::Result<(
                 println!("mailbox     {}", m.service);
                 println!("partitions  {} (on shards {:?})", m.partitions, m.partition_shards);
                 println!("pending     {} messages, {} bytes", m.pending_messages, m.pending_bytes);
+                println!("limits      {} messages, {} bytes; dedup window {} ms", m.max_messages, m.max_bytes, m.dedup_window_ms);
             }
         }
     }

@@ -120,8 +120,12 @@ impl Client {
         }
     }
 
+    /// Creates a mailbox with the default limits.
     pub async fn create_mailbox(&mut self, service: &str, partitions: u32) -> Result<MailboxInfo, Status> {
-        let req = CreateMailboxRequest { service: service.to_owned(), partitions };
+        self.create_mailbox_with(CreateMailboxRequest { service: service.to_owned(), partitions, ..Default::default() }).await
+    }
+
+    pub async fn create_mailbox_with(&mut self, req: CreateMailboxRequest) -> Result<MailboxInfo, Status> {
         self.with_failover(|ch| {
             let req = req.clone();
             async move { AdminClient::new(ch).create_mailbox(req).await.map(|r| r.into_inner()) }

@@ -54,6 +54,10 @@ pub struct ServeArgs {
     /// Build a snapshot of a group (and purge its log) after this many applied entries.
     #[arg(long, env = "KERWEN_SNAPSHOT_AFTER_ENTRIES")]
     pub snapshot_after_entries: Option<u64>,
+    /// Log entries a group may have proposed and not yet applied. Writes arriving meanwhile
+    /// are coalesced into the next entry (one fsync for all of them).
+    #[arg(long, env = "KERWEN_PROPOSALS_IN_FLIGHT")]
+    pub proposals_in_flight: Option<usize>,
     /// Accept the test-only InjectFault RPC (network partitions in tests). Never in production.
     #[arg(long, env = "KERWEN_ENABLE_FAULT_INJECTION")]
     #[serde(default)]
@@ -74,6 +78,7 @@ pub struct NodeConfig {
     pub max_batch_bytes: usize,
     pub request_timeout: Duration,
     pub snapshot_after_entries: u64,
+    pub proposals_in_flight: usize,
     pub enable_fault_injection: bool,
 }
 
@@ -84,6 +89,7 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SNAPSHOT_AFTER_ENTRIES: u64 = 20_000;
+pub const DEFAULT_PROPOSALS_IN_FLIGHT: usize = 2;
 
 /// Parses `1=host:port,2=host:port`.
 pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
@@ -134,6 +140,10 @@ impl ServeArgs {
         if max_payload_bytes == 0 || max_batch_bytes < max_payload_bytes {
             bail!("--max-payload-bytes must be at least 1 and at most --max-batch-bytes ({max_batch_bytes})");
         }
+        let proposals_in_flight = self.proposals_in_flight.or(file.proposals_in_flight).unwrap_or(DEFAULT_PROPOSALS_IN_FLIGHT);
+        if proposals_in_flight == 0 || proposals_in_flight > 64 {
+            bail!("--proposals-in-flight must be 1..=64");
+        }
         Ok(NodeConfig {
             node_id,
             listen,
@@ -148,6 +158,7 @@ impl ServeArgs {
                 self.request_timeout_ms.or(file.request_timeout_ms).unwrap_or(DEFAULT_REQUEST_TIMEOUT_MS),
             ),
             snapshot_after_entries: snapshot_after_entries(self.snapshot_after_entries.or(file.snapshot_after_entries))?,
+            proposals_in_flight,
             enable_fault_injection: self.enable_fault_injection || file.enable_fault_injection,
         })
     }

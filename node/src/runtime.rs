@@ -9,13 +9,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kerwen_broker::delivery::ConsumerId;
 use kerwen_broker::model::{
-    Command, CommandResult, GroupId, MailboxId, MailboxInfo, NodeId, PartitionStats, Position, TypeConfig,
+    Command, GroupId, MailboxId, MailboxInfo, NodeId, PartitionStats, Position, TypeConfig,
     METADATA_GROUP,
 };
+use kerwen_broker::proposer::{Proposer, ProposerConfig, WriteOutcome};
 use kerwen_broker::storage::state_machine::Leased;
 use kerwen_broker::storage::{MetaView, ShardView, StateMachine, Store};
 use kerwen_broker::BrokerError;
-use openraft::error::{ClientWriteError, InitializeError, RaftError};
+use openraft::error::{InitializeError, RaftError};
 use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -65,7 +66,16 @@ pub enum ReadAnswer {
 /// One Raft group hosted on this node.
 pub struct Group<V> {
     pub raft: Raft<TypeConfig>,
+    /// Every write to the group goes through it, so concurrent writes share log entries.
+    pub proposer: Proposer,
     pub view: Arc<V>,
+}
+
+impl<V> Group<V> {
+    fn new(id: GroupId, raft: Raft<TypeConfig>, view: Arc<V>, config: ProposerConfig) -> Self {
+        let proposer = Proposer::start(id, raft.clone(), config);
+        Self { raft, proposer, view }
+    }
 }
 
 /// Everything a node runs.
@@ -109,16 +119,17 @@ impl NodeRuntime {
         let peers = Peers::new(config.node_id, config.peers.clone(), config.enable_fault_injection);
         let raft_config = raft_config(&config)?;
         let transport = |group| RaftTransport { group, peers: peers.clone() };
+        let proposer_config = ProposerConfig { max_in_flight: config.proposals_in_flight, ..Default::default() };
 
         let (sm, view) = StateMachine::open_metadata(store.clone())?;
         let raft = Raft::new(config.node_id, raft_config.clone(), transport(METADATA_GROUP), store.log_store(METADATA_GROUP), sm).await?;
-        let meta = Group { raft, view };
+        let meta = Group::new(METADATA_GROUP, raft, view, proposer_config);
 
         let mut shards = BTreeMap::new();
         for group in 1..=config.shards {
             let (sm, view) = StateMachine::open_shard(store.clone(), group)?;
             let raft = Raft::new(config.node_id, raft_config.clone(), transport(group), store.log_store(group), sm).await?;
-            shards.insert(group, Group { raft, view });
+            shards.insert(group, Group::new(group, raft, view, proposer_config));
         }
 
         let runtime = Self { config, store, peers, meta, shards };
@@ -153,6 +164,13 @@ impl NodeRuntime {
             return Ok(&self.meta.raft);
         }
         self.shards.get(&group).map(|g| &g.raft).ok_or_else(|| BrokerError::NotFound(format!("group {group} is not hosted here")))
+    }
+
+    fn proposer(&self, group: GroupId) -> Result<&Proposer, BrokerError> {
+        if group == METADATA_GROUP {
+            return Ok(&self.meta.proposer);
+        }
+        Ok(&self.shard(group)?.proposer)
     }
 
     pub fn shard(&self, group: GroupId) -> Result<&Group<ShardView>, BrokerError> {
@@ -224,21 +242,13 @@ impl NodeRuntime {
 
     /// Replicates `cmd` through `group`'s log (on its leader) and returns the committed log
     /// index and the command's result.
-    pub async fn write(&self, group: GroupId, cmd: Command) -> Result<(u64, CommandResult), BrokerError> {
+    pub async fn write(&self, group: GroupId, cmd: Command) -> WriteOutcome {
         self.route(group, PeerMethod::Write, &cmd, || self.write_local(group, cmd.clone())).await
     }
 
     /// `write` on this node, which must lead `group`.
-    pub async fn write_local(&self, group: GroupId, cmd: Command) -> Result<(u64, CommandResult), BrokerError> {
-        let raft = self.raft(group)?;
-        match raft.client_write(cmd).await {
-            Ok(resp) => Ok((resp.log_id.index, resp.data)),
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                Err(BrokerError::NotLeader { group, leader: f.leader_id })
-            }
-            Err(RaftError::APIError(e)) => Err(BrokerError::Internal(e.to_string())),
-            Err(RaftError::Fatal(e)) => Err(BrokerError::Unavailable(format!("group {group} stopped: {e}"))),
-        }
+    pub async fn write_local(&self, group: GroupId, cmd: Command) -> WriteOutcome {
+        self.proposer(group)?.write(cmd).await
     }
 
     /// Leases deliverable messages of one shard to a consumer (on the shard's leader).

@@ -279,7 +279,7 @@ mod tests {
         };
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Command::Publish { messages: vec![NewMessage { mailbox: 1, partition: 0, message }] }),
+            payload: EntryPayload::Normal(Command::publish(vec![NewMessage { mailbox: 1, partition: 0, message }])),
         }
     }
 

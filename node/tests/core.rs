@@ -23,18 +23,6 @@ const MAILBOX: &str = "TM/GOV/MINCOM/registry/notices";
 /// Effectively "never expires" for the length of a test.
 const LONG_LEASE_MS: u64 = 600_000;
 
-fn delivered_id(d: &Delivery) -> Result<String> {
-    Ok(d.message.as_ref().ok_or_else(|| anyhow!("delivery without message: {d:?}"))?.id.clone())
-}
-
-fn delivered_pos(d: &Delivery) -> Result<(u32, u64)> {
-    Ok(pos_key(d.position.as_ref().ok_or_else(|| anyhow!("delivery without position: {d:?}"))?))
-}
-
-fn positions_of(ds: &[Delivery]) -> Vec<Position> {
-    ds.iter().filter_map(|d| d.position).collect()
-}
-
 /// Records, per message id, where a publish put it.
 #[derive(Default)]
 struct PublishLog {
@@ -62,45 +50,6 @@ impl PublishLog {
         }
         Ok(())
     }
-}
-
-/// Consumes until every id of `expected` was delivered at least once, then until the stream is
-/// quiet for `quiet`. Returns all deliveries in arrival order.
-async fn consume_all_of(consumer: &mut Consumer, expected: &HashSet<String>, timeout: Duration, quiet: Duration) -> Result<Vec<Delivery>> {
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut seen = HashSet::new();
-    let mut out = Vec::new();
-    while !expected.iter().all(|id| seen.contains(id)) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        if left.is_zero() {
-            let missing: Vec<&String> = expected.iter().filter(|id| !seen.contains(*id)).take(20).collect();
-            bail!(
-                "after {timeout:?} {} of {} expected messages were never delivered (first missing: {missing:?})",
-                expected.iter().filter(|id| !seen.contains(*id)).count(),
-                expected.len()
-            );
-        }
-        if let Some(d) = consumer.next(left).await? {
-            seen.insert(delivered_id(&d)?);
-            if std::env::var_os("KERWEN_TEST_TRACE_DELIVERIES").is_some() {
-                trace(format!("delivery {} {:?} attempt {}", delivered_id(&d)?, d.position, d.attempt));
-            }
-            out.push(d);
-        }
-    }
-    out.extend(consumer.drain(quiet).await?);
-    Ok(out)
-}
-
-/// Acks every delivery and waits for the confirmations.
-async fn ack_all(consumer: &mut Consumer, deliveries: &[Delivery]) -> Result<()> {
-    let positions = positions_of(deliveries);
-    for chunk in positions.chunks(500) {
-        consumer.ack(chunk.to_vec()).await?;
-    }
-    let extra = consumer.wait_confirmed(&positions, Duration::from_secs(60)).await?;
-    ensure!(extra.is_empty(), "{} unexpected deliveries while waiting for ack confirmations: {:?}", extra.len(), extra.first());
-    Ok(())
 }
 
 /// Duplicated ids among `deliveries`, split into (allowed: ambiguous publishes, not allowed).

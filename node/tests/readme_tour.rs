@@ -125,5 +125,8 @@ fn readme_tour_works_as_written() {
     assert!(first < second, "same ordering key: 001 is delivered before 002");
     assert!(stdout.contains("created mailbox TM/GOV/MINFIN/tax-registry/declarations"));
     assert!(stdout.contains("pending     2 messages"), "describe shows the two pending messages");
+    let retried: Vec<&str> = stdout.lines().filter(|l| l.starts_with("published decl-2026-001 ")).collect();
+    assert_eq!(retried.len(), 2, "decl-2026-001 is published twice");
+    assert_eq!(retried[0], retried[1], "the retry is answered with the first position");
     drop(cluster);
 }

@@ -10,6 +10,8 @@
 //! | `state`       | group u32, `n` (metadata group)                  | next mailbox id          |
 //! | `state`       | group u32, `p`, mailbox u64, partition u32       | partition state          |
 //! | `state`       | group u32, `m`, mailbox u64, partition u32, seq u64 | bincode `StoredMessage` |
+//! | `state`       | group u32, `d`, mailbox u64, message id          | bincode dedup record (position, accept time) |
+//! | `state`       | group u32, `e`, mailbox u64, accept ms u64, message id | empty: dedup records in expiry order |
 
 use crate::model::{GroupId, MailboxId};
 
@@ -23,9 +25,23 @@ pub const KIND_MAILBOX: u8 = b'x';
 pub const KIND_NEXT_MAILBOX_ID: u8 = b'n';
 pub const KIND_PARTITION: u8 = b'p';
 pub const KIND_MESSAGE: u8 = b'm';
+pub const KIND_DEDUP: u8 = b'd';
+pub const KIND_DEDUP_EXPIRY: u8 = b'e';
 
 pub fn group_prefix(group: GroupId) -> [u8; 4] {
     group.to_be_bytes()
+}
+
+/// The first key after every key that starts with `prefix` (`None`: no such key).
+pub fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
 }
 
 /// First key after every key of `group` (exclusive end of the group's range).
@@ -93,4 +109,31 @@ pub fn message_key(group: GroupId, mailbox: MailboxId, partition: u32, seq: u64)
 pub fn message_seq(key: &[u8]) -> Option<u64> {
     let tail = key.len().checked_sub(8)?;
     Some(u64::from_be_bytes(key[tail..].try_into().ok()?))
+}
+
+/// The dedup record of a message id in a mailbox.
+pub fn dedup_key(group: GroupId, mailbox: MailboxId, id: &str) -> Vec<u8> {
+    let mut k = state_key(group, KIND_DEDUP, &mailbox.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Prefix of a mailbox's dedup expiry index, ordered by accept time.
+pub fn dedup_expiry_prefix(group: GroupId, mailbox: MailboxId) -> Vec<u8> {
+    state_key(group, KIND_DEDUP_EXPIRY, &mailbox.to_be_bytes())
+}
+
+/// An entry of the dedup expiry index. Accept times before 1970 sort as 0.
+pub fn dedup_expiry_key(group: GroupId, mailbox: MailboxId, accepted_unix_ms: i64, id: &str) -> Vec<u8> {
+    let mut k = dedup_expiry_prefix(group, mailbox);
+    k.extend_from_slice(&u64::try_from(accepted_unix_ms).unwrap_or(0).to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Splits the rest of an expiry key after its prefix into (accept ms, message id).
+pub fn parse_dedup_expiry(rest: &[u8]) -> Option<(i64, &str)> {
+    let (time, id) = rest.split_at_checked(8)?;
+    let time = i64::try_from(u64::from_be_bytes(time.try_into().ok()?)).ok()?;
+    Some((time, std::str::from_utf8(id).ok()?))
 }

@@ -28,8 +28,8 @@ use super::{decode, encode, Store, CF_RAFT_META, CF_STATE};
 use crate::delivery::{ConsumerId, DeliveryTracker};
 use crate::error::{BrokerError, Result};
 use crate::model::{
-    Command, CommandResult, GroupId, MailboxId, MailboxInfo, NewMessage, NodeId, PartitionStats, Position,
-    StoredMessage, TypeConfig, METADATA_GROUP,
+    Command, CommandResult, GroupId, MailboxId, MailboxInfo, MailboxLimits, NewMessage, NodeId, PartitionStats,
+    Position, ShardLimits, StoredMessage, TypeConfig, METADATA_GROUP,
 };
 
 type StorageResult<T> = std::result::Result<T, StorageError<NodeId>>;
@@ -99,6 +99,9 @@ pub struct ShardView {
     partitions: Mutex<HashMap<(MailboxId, u32), PartitionState>>,
     tracker: Mutex<DeliveryTracker>,
     applied: watch::Sender<u64>,
+    /// Per mailbox, the accept time of the newest dedup record purged (not replicated: only
+    /// where the next purge scan starts).
+    dedup_purged_until: Mutex<HashMap<MailboxId, i64>>,
 }
 
 impl ShardView {
@@ -261,18 +264,24 @@ impl StateMachine {
             partitions: Mutex::new(HashMap::new()),
             tracker: Mutex::new(DeliveryTracker::default()),
             applied: watch::channel(applied.last_applied.map(|l| l.index).unwrap_or(0)).0,
+            dedup_purged_until: Mutex::new(HashMap::new()),
         });
         let sm = Self { group, store, kind: GroupKind::Shard(view.clone()), applied };
         Ok((sm, view))
     }
 
     fn apply_command(&mut self, batch: &mut WriteBatch, cmd: Command, scratch: &mut ApplyScratch) -> Result<CommandResult> {
+        if let Command::Batch(commands) = cmd {
+            // The scratch carries each command's effects to the next, as between entries.
+            let results = commands.into_iter().map(|c| self.apply_command(batch, c, scratch)).collect::<Result<_>>()?;
+            return Ok(CommandResult::Batch(results));
+        }
         match (&self.kind, cmd) {
-            (GroupKind::Metadata(view), Command::CreateMailbox { service, partitions, shard_count, created_unix_ms }) => {
-                let new = NewMailbox { service, partitions, shard_count, created_unix_ms };
+            (GroupKind::Metadata(view), Command::CreateMailbox { service, partitions, shard_count, created_unix_ms, limits }) => {
+                let new = NewMailbox { service, partitions, shard_count, created_unix_ms, limits };
                 apply_create_mailbox(&self.store, view, batch, new, scratch)
             }
-            (GroupKind::Shard(view), Command::Publish { messages }) => apply_publish(view, batch, messages, scratch),
+            (GroupKind::Shard(view), Command::Publish { messages, limits }) => apply_publish(view, batch, messages, limits, scratch),
             (GroupKind::Shard(view), Command::Ack { mailbox, positions }) => apply_ack(view, batch, mailbox, positions, scratch),
             (_, cmd) => Ok(CommandResult::Rejected(BrokerError::Internal(format!(
                 "command {} does not belong to group {}",
@@ -289,6 +298,7 @@ impl StateMachine {
             GroupKind::Shard(view) => {
                 lock(&view.partitions).clear();
                 lock(&view.tracker).clear();
+                lock(&view.dedup_purged_until).clear();
                 view.applied.send_replace(last);
             }
         }
@@ -307,6 +317,8 @@ struct ApplyScratch {
     acked: Vec<(MailboxId, Position)>,
     /// Next mailbox id, once read: later creations in the same batch must not reuse it.
     next_mailbox_id: Option<MailboxId>,
+    /// Dedup records written by this batch (not in RocksDB yet).
+    dedup: HashMap<Vec<u8>, DedupRecord>,
 }
 
 impl ApplyScratch {
@@ -330,6 +342,7 @@ fn command_name(cmd: &Command) -> &'static str {
         Command::CreateMailbox { .. } => "CreateMailbox",
         Command::Publish { .. } => "Publish",
         Command::Ack { .. } => "Ack",
+        Command::Batch(_) => "Batch",
     }
 }
 
@@ -339,6 +352,7 @@ struct NewMailbox {
     partitions: u32,
     shard_count: u32,
     created_unix_ms: i64,
+    limits: MailboxLimits,
 }
 
 fn apply_create_mailbox(
@@ -348,7 +362,7 @@ fn apply_create_mailbox(
     new: NewMailbox,
     scratch: &mut ApplyScratch,
 ) -> Result<CommandResult> {
-    let NewMailbox { service, partitions, shard_count, created_unix_ms } = new;
+    let NewMailbox { service, partitions, shard_count, created_unix_ms, limits } = new;
     if read(&view.mailboxes).contains_key(&service) {
         return Ok(CommandResult::Rejected(BrokerError::AlreadyExists(format!("mailbox {service} already exists"))));
     }
@@ -367,30 +381,188 @@ fn apply_create_mailbox(
     let partition_shards = (0..partitions)
         .map(|p| 1 + ((id + u64::from(p)) % u64::from(shard_count)) as GroupId)
         .collect();
-    let info = MailboxInfo { id, service: service.clone(), partitions, partition_shards, created_unix_ms };
+    let info = MailboxInfo { id, service: service.clone(), partitions, partition_shards, created_unix_ms, limits };
     batch.put_cf(&cf, &counter_key, encode(&(id + 1))?);
     batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_MAILBOX, service.as_bytes()), encode(&info)?);
     write(&view.mailboxes).insert(service, info.clone());
     Ok(CommandResult::MailboxCreated(info))
 }
 
-fn apply_publish(view: &ShardView, batch: &mut WriteBatch, messages: Vec<NewMessage>, scratch: &mut ApplyScratch) -> Result<CommandResult> {
+/// Where a message id was first stored, for idempotent publishing.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct DedupRecord {
+    position: Position,
+    accepted_unix_ms: i64,
+}
+
+/// Expired dedup records one publish removes per mailbox, beyond one per message it stores:
+/// expiry outpaces insertion while each apply's extra work stays bounded.
+const DEDUP_PURGE_SLACK: usize = 64;
+
+/// How far before the last purged accept time a purge scan starts: an id accepted by a node
+/// whose clock lags by less than this is still found and purged.
+const DEDUP_CLOCK_SLACK_MS: i64 = 60_000;
+
+/// What a publish does with one of its messages.
+enum Slot {
+    /// Seen within the dedup window: answer with the earlier position.
+    Earlier(Position),
+    /// The same id earlier in this command: answer with that message's position.
+    SameAs(usize),
+    /// Store it.
+    New,
+}
+
+fn within_window(earlier_ms: i64, now_ms: i64, window_ms: u64) -> bool {
+    i128::from(now_ms) - i128::from(earlier_ms) < i128::from(window_ms)
+}
+
+fn apply_publish(
+    view: &ShardView,
+    batch: &mut WriteBatch,
+    messages: Vec<NewMessage>,
+    limits: Vec<ShardLimits>,
+    scratch: &mut ApplyScratch,
+) -> Result<CommandResult> {
     let cf = view.store.cf(CF_STATE)?;
     let mut cache = lock(&view.partitions);
-    let mut positions = Vec::with_capacity(messages.len());
-    for m in messages {
-        let mut ps = scratch.partition(view, &mut cache, m.mailbox, m.partition)?;
-        let seq = ps.next_seq;
-        ps.next_seq += 1;
-        ps.stats.messages += 1;
-        ps.stats.bytes += m.message.payload.len() as u64;
-        scratch.dirty_partitions.insert((m.mailbox, m.partition), ps);
-        let key = keys::message_key(view.group, m.mailbox, m.partition, seq);
-        batch.put_cf(&cf, &key, encode(&m.message)?);
-        scratch.put_sizes.insert(key, m.message.payload.len() as u64);
-        positions.push(Position { partition: m.partition, sequence: seq });
+    let limits: HashMap<MailboxId, ShardLimits> = limits.into_iter().map(|l| (l.mailbox, l)).collect();
+    let window = |mailbox| limits.get(&mailbox).map_or(MailboxLimits::DEFAULT_DEDUP_WINDOW_MS, |l| l.dedup_window_ms);
+
+    // First pass, no writes: which messages are new, and do they fit the quotas?
+    let mut slots = Vec::with_capacity(messages.len());
+    let mut first_in_command: HashMap<(MailboxId, &str), usize> = HashMap::new();
+    let mut added: BTreeMap<MailboxId, PartitionStats> = BTreeMap::new();
+    for (i, m) in messages.iter().enumerate() {
+        if let Some(first) = first_in_command.get(&(m.mailbox, m.message.id.as_str())) {
+            slots.push(Slot::SameAs(*first));
+            continue;
+        }
+        let key = keys::dedup_key(view.group, m.mailbox, &m.message.id);
+        let earlier = match scratch.dedup.get(&key) {
+            Some(record) => Some(*record),
+            None => view.store.get::<DedupRecord>(CF_STATE, &key)?,
+        };
+        match earlier {
+            Some(r) if within_window(r.accepted_unix_ms, m.message.accepted_unix_ms, window(m.mailbox)) => {
+                slots.push(Slot::Earlier(r.position));
+            }
+            _ => {
+                first_in_command.insert((m.mailbox, m.message.id.as_str()), i);
+                let add = added.entry(m.mailbox).or_default();
+                add.messages += 1;
+                add.bytes += m.message.payload.len() as u64;
+                slots.push(Slot::New);
+            }
+        }
+    }
+    for (mailbox, add) in &added {
+        let Some(limit) = limits.get(mailbox) else { continue };
+        let mut stored = PartitionStats::default();
+        for partition in &limit.partitions {
+            let ps = scratch.partition(view, &mut cache, *mailbox, *partition)?;
+            stored.messages += ps.stats.messages;
+            stored.bytes += ps.stats.bytes;
+        }
+        if stored.messages.saturating_add(add.messages) > limit.max_messages
+            || stored.bytes.saturating_add(add.bytes) > limit.max_bytes
+        {
+            return Ok(CommandResult::Rejected(BrokerError::ResourceExhausted(format!(
+                "mailbox {} is full: its partitions on shard {} hold {} messages / {} bytes of the {} / {} \
+                 allowed there, and this publish adds {} / {}; consume or wait, then retry",
+                limit.service, view.group, stored.messages, stored.bytes, limit.max_messages, limit.max_bytes,
+                add.messages, add.bytes
+            ))));
+        }
+    }
+
+    // Second pass: store the new messages and remember their ids.
+    let mut positions: Vec<Position> = Vec::with_capacity(messages.len());
+    let mut newest: BTreeMap<MailboxId, i64> = BTreeMap::new();
+    for (m, slot) in messages.into_iter().zip(slots) {
+        let position = match slot {
+            Slot::Earlier(position) => position,
+            Slot::SameAs(first) => positions[first],
+            Slot::New => {
+                let mut ps = scratch.partition(view, &mut cache, m.mailbox, m.partition)?;
+                let position = Position { partition: m.partition, sequence: ps.next_seq };
+                ps.next_seq += 1;
+                ps.stats.messages += 1;
+                ps.stats.bytes += m.message.payload.len() as u64;
+                scratch.dirty_partitions.insert((m.mailbox, m.partition), ps);
+                let key = keys::message_key(view.group, m.mailbox, m.partition, position.sequence);
+                batch.put_cf(&cf, &key, encode(&m.message)?);
+                scratch.put_sizes.insert(key, m.message.payload.len() as u64);
+
+                let accepted_unix_ms = m.message.accepted_unix_ms;
+                let record = DedupRecord { position, accepted_unix_ms };
+                let dedup_key = keys::dedup_key(view.group, m.mailbox, &m.message.id);
+                batch.put_cf(&cf, &dedup_key, encode(&record)?);
+                scratch.dedup.insert(dedup_key, record);
+                batch.put_cf(&cf, keys::dedup_expiry_key(view.group, m.mailbox, accepted_unix_ms, &m.message.id), []);
+                let t = newest.entry(m.mailbox).or_insert(accepted_unix_ms);
+                *t = (*t).max(accepted_unix_ms);
+                position
+            }
+        };
+        positions.push(position);
+    }
+    for (mailbox, now_ms) in newest {
+        let budget = added.get(&mailbox).map_or(0, |a| a.messages as usize) + DEDUP_PURGE_SLACK;
+        purge_expired_dedup(view, batch, scratch, mailbox, window(mailbox), now_ms, budget)?;
     }
     Ok(CommandResult::Published(positions))
+}
+
+/// Removes up to `budget` dedup records of `mailbox` that fell out of the window by `now_ms`,
+/// oldest first. Only expired records go, so which ones a replica happens to remove does not
+/// change any answer.
+fn purge_expired_dedup(
+    view: &ShardView,
+    batch: &mut WriteBatch,
+    scratch: &mut ApplyScratch,
+    mailbox: MailboxId,
+    window_ms: u64,
+    now_ms: i64,
+    budget: usize,
+) -> Result<()> {
+    let cf = view.store.cf(CF_STATE)?;
+    let prefix = keys::dedup_expiry_prefix(view.group, mailbox);
+    // Skip the tombstones of earlier purges: start near where the last one stopped.
+    let resume_ms = lock(&view.dedup_purged_until).get(&mailbox).map_or(0, |t| t.saturating_sub(DEDUP_CLOCK_SLACK_MS));
+    let start = keys::dedup_expiry_key(view.group, mailbox, resume_ms, "");
+    let mut removed = 0usize;
+    let mut purged_until = None;
+    for_each_from(&view.store, &prefix, &start, |key, _| {
+        if removed >= budget {
+            return Ok(false);
+        }
+        let Some((accepted_ms, id)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
+        if within_window(accepted_ms, now_ms, window_ms) {
+            return Ok(false);
+        }
+        if !scratch.deleted.insert(key.to_vec()) {
+            return Ok(true);
+        }
+        batch.delete_cf(&cf, key);
+        let dedup_key = keys::dedup_key(view.group, mailbox, id);
+        let record = match scratch.dedup.get(&dedup_key) {
+            Some(record) => Some(*record),
+            None => view.store.get::<DedupRecord>(CF_STATE, &dedup_key)?,
+        };
+        // A newer publish of the same id owns the record now; its own expiry entry removes it.
+        if record.is_some_and(|r| r.accepted_unix_ms == accepted_ms) {
+            batch.delete_cf(&cf, &dedup_key);
+            scratch.dedup.remove(&dedup_key);
+        }
+        removed += 1;
+        purged_until = Some(accepted_ms);
+        Ok(true)
+    })?;
+    if let Some(t) = purged_until {
+        lock(&view.dedup_purged_until).insert(mailbox, t);
+    }
+    Ok(())
 }
 
 fn apply_ack(view: &ShardView, batch: &mut WriteBatch, mailbox: MailboxId, positions: Vec<Position>, scratch: &mut ApplyScratch) -> Result<CommandResult> {
@@ -581,9 +753,17 @@ fn load_applied(store: &Store, group: GroupId) -> Result<AppliedRecord> {
 }
 
 /// Calls `f(key, value)` for keys starting with `prefix`, from `from`, while it returns true.
+/// Calls `f` on the keys starting with `prefix`, from `from` on, while it returns true.
 fn for_each_from(store: &Store, prefix: &[u8], from: &[u8], mut f: impl FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
     let cf = store.cf(CF_STATE)?;
-    for item in store.db().iterator_cf(&cf, IteratorMode::From(from, Direction::Forward)) {
+    // The upper bound matters for speed, not correctness: without it, a scan that reaches the
+    // end of its prefix walks on through the tombstones of acked messages that follow (every
+    // other partition's), which made empty-mailbox polls the hottest code under load.
+    let mut options = ReadOptions::default();
+    if let Some(end) = keys::prefix_end(prefix) {
+        options.set_iterate_upper_bound(end);
+    }
+    for item in store.db().iterator_cf_opt(&cf, options, IteratorMode::From(from, Direction::Forward)) {
         let (key, value) = item.map_err(BrokerError::storage)?;
         if !key.starts_with(prefix) || !f(&key, &value)? {
             break;

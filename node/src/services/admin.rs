@@ -3,7 +3,7 @@
 use std::sync::Arc;
 
 use kerwen_broker::ids::ServiceId;
-use kerwen_broker::model::{Command, CommandResult, MailboxInfo, METADATA_GROUP};
+use kerwen_broker::model::{Command, CommandResult, MailboxInfo, MailboxLimits, METADATA_GROUP};
 use kerwen_broker::storage::state_machine::MAX_PARTITIONS;
 use kerwen_proto::v1 as pb;
 use kerwen_proto::v1::admin_server::Admin;
@@ -32,7 +32,30 @@ fn to_proto(info: MailboxInfo) -> pb::MailboxInfo {
         pending_messages: 0,
         pending_bytes: 0,
         created_unix_ms: info.created_unix_ms,
+        dedup_window_ms: info.limits.dedup_window_ms,
+        max_messages: info.limits.max_messages,
+        max_bytes: info.limits.max_bytes,
     }
+}
+
+/// Longest accepted dedup window.
+const MAX_DEDUP_WINDOW_MS: u64 = 30 * 24 * 60 * 60 * 1000;
+
+/// The limits asked for, defaults filled in (0 means default).
+fn requested_limits(req: &pb::CreateMailboxRequest) -> Result<MailboxLimits, Status> {
+    let or_default = |value: u64, default: u64| if value == 0 { default } else { value };
+    let limits = MailboxLimits {
+        dedup_window_ms: or_default(req.dedup_window_ms, MailboxLimits::DEFAULT_DEDUP_WINDOW_MS),
+        max_messages: or_default(req.max_messages, MailboxLimits::DEFAULT_MAX_MESSAGES),
+        max_bytes: or_default(req.max_bytes, MailboxLimits::DEFAULT_MAX_BYTES),
+    };
+    if limits.dedup_window_ms > MAX_DEDUP_WINDOW_MS {
+        return Err(Status::invalid_argument(format!(
+            "dedup_window_ms must be at most {MAX_DEDUP_WINDOW_MS} (30 days), got {}",
+            limits.dedup_window_ms
+        )));
+    }
+    Ok(limits)
 }
 
 fn role(state: ServerState) -> &'static str {
@@ -59,6 +82,7 @@ impl Admin for AdminService {
             partitions,
             shard_count: self.runtime.config.shards,
             created_unix_ms: now_unix_ms(),
+            limits: requested_limits(&req)?,
         };
         match self.runtime.write(METADATA_GROUP, cmd).await.map_err(to_status)?.1 {
             CommandResult::MailboxCreated(info) => {

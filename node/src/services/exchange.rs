@@ -1,8 +1,9 @@
 //! `kerwen.v1.Exchange`: publish and subscribe.
 //!
 //! Publish validates the whole batch first (nothing is stored if any message is bad), routes
-//! each message to a partition (ordering key hash, else round robin) and sends one Raft
-//! command per shard — one log entry for all of the batch's messages on that shard.
+//! each message to a partition (hash of its ordering key, else of its id, so a retry lands
+//! where the first attempt did and is deduplicated there) and sends one Raft command per
+//! shard, carrying the mailboxes' limits as that shard enforces them.
 //!
 //! Subscribe runs one pump task per shard of the mailbox. Each pump takes credits granted by
 //! the client, leases that many messages from the shard leader (long-polling), and streams
@@ -11,7 +12,6 @@
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,12 +45,11 @@ const FETCH_WAIT_MS: u64 = 1_000;
 
 pub struct ExchangeService {
     runtime: Arc<NodeRuntime>,
-    round_robin: AtomicU64,
 }
 
 impl ExchangeService {
     pub fn new(runtime: Arc<NodeRuntime>) -> Self {
-        Self { runtime, round_robin: AtomicU64::new(0) }
+        Self { runtime }
     }
 }
 
@@ -138,10 +137,8 @@ impl Exchange for ExchangeService {
         let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<NewMessage>)> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
             let info = &mailboxes[&m.recipient];
-            let partition = match &m.ordering_key {
-                Some(key) => (stable_hash(key) % u64::from(info.partitions)) as u32,
-                None => (self.round_robin.fetch_add(1, Ordering::Relaxed) % u64::from(info.partitions)) as u32,
-            };
+            let routing_key = m.ordering_key.as_deref().unwrap_or(&m.id);
+            let partition = (stable_hash(routing_key) % u64::from(info.partitions)) as u32;
             let shard = info.shard_of(partition).ok_or_else(|| Status::internal("partition without shard"))?;
             let new = NewMessage {
                 mailbox: info.id,
@@ -162,9 +159,14 @@ impl Exchange for ExchangeService {
 
         let writes = by_shard.into_iter().map(|(shard, (indices, batch))| {
             let runtime = self.runtime.clone();
+            let limits = mailboxes
+                .values()
+                .filter(|info| batch.iter().any(|m| m.mailbox == info.id))
+                .map(|info| info.shard_limits(shard))
+                .collect();
             async move {
                 let ids: Vec<String> = batch.iter().map(|m| m.message.id.clone()).collect();
-                let (index, result) = runtime.write(shard, Command::Publish { messages: batch }).await?;
+                let (index, result) = runtime.write(shard, Command::Publish { messages: batch, limits }).await?;
                 match result {
                     CommandResult::Published(positions) if positions.len() == ids.len() => {
                         Ok::<_, BrokerError>((shard, index, indices, ids, positions))

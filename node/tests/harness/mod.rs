@@ -15,7 +15,7 @@
 //! Used as `mod harness;` from each integration test file.
 #![allow(dead_code)]
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -25,7 +25,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytes::Bytes;
 use kerwen_node::client::{Client, Event, Subscription};
 use kerwen_proto::v1::{ClusterStatusResponse, Delivery, Message, Position, PublishResponse};
@@ -906,6 +906,12 @@ pub async fn create_mailbox(cluster: &ProcessCluster, node: NodeId, service: &st
     let mut client = cluster.client(node).await?;
     let info = client.create_mailbox(service, partitions).await.map_err(|s| anyhow!("CreateMailbox({service}): {s:?}"))?;
     trace(format!("mailbox {service} created: {info:?}"));
+    wait_mailbox_known(cluster, service).await?;
+    Ok(info)
+}
+
+/// Waits until every running node knows the mailbox.
+pub async fn wait_mailbox_known(cluster: &ProcessCluster, service: &str) -> Result<()> {
     for n in cluster.running() {
         let c = cluster.client(n).await?;
         eventually(&format!("mailbox {service} visible on node {n}"), Duration::from_secs(30), || {
@@ -921,7 +927,7 @@ pub async fn create_mailbox(cluster: &ProcessCluster, node: NodeId, service: &st
         .await?;
     }
     trace(format!("mailbox {service} visible on all nodes"));
-    Ok(info)
+    Ok(())
 }
 
 /// Pending message count of a mailbox as seen through `node`.
@@ -1115,3 +1121,55 @@ pub async fn publish_retry(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+pub fn delivered_id(d: &Delivery) -> Result<String> {
+    Ok(d.message.as_ref().ok_or_else(|| anyhow!("delivery without message: {d:?}"))?.id.clone())
+}
+
+pub fn delivered_pos(d: &Delivery) -> Result<(u32, u64)> {
+    Ok(pos_key(d.position.as_ref().ok_or_else(|| anyhow!("delivery without position: {d:?}"))?))
+}
+
+pub fn positions_of(ds: &[Delivery]) -> Vec<Position> {
+    ds.iter().filter_map(|d| d.position).collect()
+}
+
+/// Consumes until every id of `expected` was delivered at least once, then until the stream is
+/// quiet for `quiet`. Returns all deliveries in arrival order.
+pub async fn consume_all_of(consumer: &mut Consumer, expected: &HashSet<String>, timeout: Duration, quiet: Duration) -> Result<Vec<Delivery>> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut seen = HashSet::new();
+    let mut out = Vec::new();
+    while !expected.iter().all(|id| seen.contains(id)) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            let missing: Vec<&String> = expected.iter().filter(|id| !seen.contains(*id)).take(20).collect();
+            bail!(
+                "after {timeout:?} {} of {} expected messages were never delivered (first missing: {missing:?})",
+                expected.iter().filter(|id| !seen.contains(*id)).count(),
+                expected.len()
+            );
+        }
+        if let Some(d) = consumer.next(left).await? {
+            seen.insert(delivered_id(&d)?);
+            if std::env::var_os("KERWEN_TEST_TRACE_DELIVERIES").is_some() {
+                trace(format!("delivery {} {:?} attempt {}", delivered_id(&d)?, d.position, d.attempt));
+            }
+            out.push(d);
+        }
+    }
+    out.extend(consumer.drain(quiet).await?);
+    Ok(out)
+}
+
+/// Acks every delivery and waits for the confirmations.
+pub async fn ack_all(consumer: &mut Consumer, deliveries: &[Delivery]) -> Result<()> {
+    let positions = positions_of(deliveries);
+    for chunk in positions.chunks(500) {
+        consumer.ack(chunk.to_vec()).await?;
+    }
+    let extra = consumer.wait_confirmed(&positions, Duration::from_secs(60)).await?;
+    ensure!(extra.is_empty(), "{} unexpected deliveries while waiting for ack confirmations: {:?}", extra.len(), extra.first());
+    Ok(())
+}
+
