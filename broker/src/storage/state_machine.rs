@@ -99,9 +99,8 @@ pub struct ShardView {
     partitions: Mutex<HashMap<(MailboxId, u32), PartitionState>>,
     tracker: Mutex<DeliveryTracker>,
     applied: watch::Sender<u64>,
-    /// Per mailbox, the accept time of the newest dedup record purged (not replicated: only
-    /// where the next purge scan starts).
-    dedup_purged_until: Mutex<HashMap<MailboxId, i64>>,
+    /// Per mailbox, where the next dedup purge scan starts (not replicated).
+    dedup_purge_cursor: Mutex<HashMap<MailboxId, PurgeCursor>>,
 }
 
 impl ShardView {
@@ -264,7 +263,7 @@ impl StateMachine {
             partitions: Mutex::new(HashMap::new()),
             tracker: Mutex::new(DeliveryTracker::default()),
             applied: watch::channel(applied.last_applied.map(|l| l.index).unwrap_or(0)).0,
-            dedup_purged_until: Mutex::new(HashMap::new()),
+            dedup_purge_cursor: Mutex::new(HashMap::new()),
         });
         let sm = Self { group, store, kind: GroupKind::Shard(view.clone()), applied };
         Ok((sm, view))
@@ -298,7 +297,7 @@ impl StateMachine {
             GroupKind::Shard(view) => {
                 lock(&view.partitions).clear();
                 lock(&view.tracker).clear();
-                lock(&view.dedup_purged_until).clear();
+                lock(&view.dedup_purge_cursor).clear();
                 view.applied.send_replace(last);
             }
         }
@@ -399,9 +398,20 @@ struct DedupRecord {
 /// expiry outpaces insertion while each apply's extra work stays bounded.
 const DEDUP_PURGE_SLACK: usize = 64;
 
-/// How far before the last purged accept time a purge scan starts: an id accepted by a node
-/// whose clock lags by less than this is still found and purged.
-const DEDUP_CLOCK_SLACK_MS: i64 = 60_000;
+/// Every this many purges of a mailbox, the scan starts over from the oldest expiry entry.
+/// In between it resumes right after the last entry it removed, so it does not walk the
+/// tombstones of earlier purges (with a time-based restart point, a short window at a high
+/// rate made every publish walk hundreds of thousands of them). The occasional full scan
+/// finds entries that sort before the cursor: ids accepted by a node whose clock lagged.
+const DEDUP_FULL_SCAN_EVERY: u32 = 4096;
+
+/// Where a mailbox's next dedup purge starts.
+#[derive(Default)]
+struct PurgeCursor {
+    /// The last expiry key removed; the next scan starts right after it.
+    after: Option<Vec<u8>>,
+    purges: u32,
+}
 
 /// What a publish does with one of its messages.
 enum Slot {
@@ -528,11 +538,18 @@ fn purge_expired_dedup(
 ) -> Result<()> {
     let cf = view.store.cf(CF_STATE)?;
     let prefix = keys::dedup_expiry_prefix(view.group, mailbox);
-    // Skip the tombstones of earlier purges: start near where the last one stopped.
-    let resume_ms = lock(&view.dedup_purged_until).get(&mailbox).map_or(0, |t| t.saturating_sub(DEDUP_CLOCK_SLACK_MS));
-    let start = keys::dedup_expiry_key(view.group, mailbox, resume_ms, "");
+    let start = {
+        let mut cursors = lock(&view.dedup_purge_cursor);
+        let cursor = cursors.entry(mailbox).or_default();
+        cursor.purges = cursor.purges.wrapping_add(1);
+        match &cursor.after {
+            // The smallest key greater than the last one removed.
+            Some(after) if cursor.purges % DEDUP_FULL_SCAN_EVERY != 0 => [after.as_slice(), &[0]].concat(),
+            _ => prefix.clone(),
+        }
+    };
     let mut removed = 0usize;
-    let mut purged_until = None;
+    let mut last_removed = None;
     for_each_from(&view.store, &prefix, &start, |key, _| {
         if removed >= budget {
             return Ok(false);
@@ -556,11 +573,11 @@ fn purge_expired_dedup(
             scratch.dedup.remove(&dedup_key);
         }
         removed += 1;
-        purged_until = Some(accepted_ms);
+        last_removed = Some(key.to_vec());
         Ok(true)
     })?;
-    if let Some(t) = purged_until {
-        lock(&view.dedup_purged_until).insert(mailbox, t);
+    if last_removed.is_some() {
+        lock(&view.dedup_purge_cursor).entry(mailbox).or_default().after = last_removed;
     }
     Ok(())
 }
