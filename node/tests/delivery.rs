@@ -1,5 +1,6 @@
 //! Acceptance tests of the delivery-semantics issue on a real 3-node cluster of `kerwen
-//! serve` processes: idempotent publishing across a leader change, and mailbox quotas.
+//! serve` processes: idempotent publishing across a leader change, mailbox quotas, and
+//! competing consumers.
 
 mod harness;
 
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Result};
 use harness::*;
+use kerwen_node::client::Event;
 use kerwen_proto::v1::{CreateMailboxRequest, PublishResponse};
 use tonic::Code;
 
@@ -119,4 +121,56 @@ async fn scenario_quota(cluster: &ProcessCluster) -> Result<()> {
     let again: Vec<_> = (0..8).map(|i| message(format!("after-{i}"), MAILBOX, None, payload.clone())).collect();
     client.publish(again).await.map_err(|s| anyhow!("publish after consuming: {s:?}"))?;
     Ok(())
+}
+
+// -------------------------------------------------------------------------------------------------
+// Competing consumers: a consumer that stops reading holds only what its credits allowed; the
+// others get everything else, and its messages go to them once it disconnects.
+// -------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_consumer_does_not_block_the_others() {
+    let cluster = ProcessCluster::builder().lease_ms(LONG_LEASE_MS).start().await.expect("cluster start");
+    scenario_stalled_consumer(&cluster).await.expect("scenario failed");
+}
+
+async fn scenario_stalled_consumer(cluster: &ProcessCluster) -> Result<()> {
+    const COUNT: usize = 400;
+    const STALLED_CREDITS: u32 = 10;
+    create_mailbox(cluster, 1, MAILBOX, 4).await?;
+    let mut publisher = cluster.client(1).await?;
+    let msgs = batch("c", MAILBOX, 0, COUNT, 32);
+    let resp = publisher.publish(msgs.clone()).await.map_err(|s| anyhow!("publish: {s:?}"))?;
+    check_publish_response(&msgs, &resp)?;
+
+    // Takes its credits' worth, then neither reads on, nor acks, nor grants more.
+    let mut stalled_client = cluster.client(2).await?;
+    let mut stalled = stalled_client.subscribe(MAILBOX, STALLED_CREDITS).await.map_err(|s| anyhow!("subscribe: {s:?}"))?;
+    let mut held = HashSet::new();
+    while held.len() < STALLED_CREDITS as usize {
+        match stalled.next_event(Duration::from_secs(30)).await.map_err(|s| anyhow!("stalled consumer: {s:?}"))? {
+            Some(Event::Delivery(d)) => {
+                held.insert(delivered_id(&d)?);
+            }
+            Some(_) => {}
+            None => return Err(anyhow!("the stalled consumer got only {} deliveries", held.len())),
+        }
+    }
+
+    let mut active_client = cluster.client(3).await?;
+    let mut active = Consumer::open(&mut active_client, MAILBOX, 1_000).await?;
+    let others = active.take(COUNT - held.len(), Duration::from_secs(60)).await?;
+    let got: HashSet<String> = others.iter().map(delivered_id).collect::<Result<_>>()?;
+    ensure!(got.len() == COUNT - held.len(), "duplicates among the active consumer's deliveries");
+    ensure!(got.is_disjoint(&held), "the active consumer got messages leased to the stalled one");
+    ack_all(&mut active, &others).await?;
+    wait_pending(cluster, 1, MAILBOX, held.len() as u64, Duration::from_secs(30)).await?;
+
+    // The stalled consumer goes away: its leases are released to the active one.
+    drop(stalled);
+    let expected: HashSet<String> = held.clone();
+    let rest = consume_all_of(&mut active, &expected, Duration::from_secs(60), Duration::from_secs(1)).await?;
+    ensure!(rest.len() == held.len(), "{} redeliveries for {} released messages", rest.len(), held.len());
+    ack_all(&mut active, &rest).await?;
+    wait_pending(cluster, 1, MAILBOX, 0, Duration::from_secs(30)).await
 }
