@@ -136,7 +136,7 @@ impl MailboxInfo {
     /// The limits `shard` enforces for this mailbox: quotas in proportion to the partitions it
     /// stores (rounded up, so the shards together never allow less than the mailbox limit).
     pub fn shard_limits(&self, shard: GroupId) -> ShardLimits {
-        let partitions: Vec<u32> = (0..self.partitions).filter(|p| self.shard_of(*p) == Some(shard)).collect();
+        let partitions = self.partitions_by_shard().remove(&shard).unwrap_or_default();
         let share = |limit: u64| {
             let total = u128::from(self.partitions.max(1));
             let scaled = (u128::from(limit) * partitions.len() as u128).div_ceil(total);

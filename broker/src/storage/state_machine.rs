@@ -321,6 +321,14 @@ struct ApplyScratch {
 }
 
 impl ApplyScratch {
+    /// The dedup record under `key` as this batch left it so far.
+    fn dedup_record(&self, view: &ShardView, key: &[u8]) -> Result<Option<DedupRecord>> {
+        match self.dedup.get(key) {
+            Some(record) => Ok(Some(*record)),
+            None => view.store.get::<DedupRecord>(CF_STATE, key),
+        }
+    }
+
     /// A partition's state as this batch left it so far.
     fn partition(
         &self,
@@ -419,8 +427,8 @@ enum Slot {
     Earlier(Position),
     /// The same id earlier in this command: answer with that message's position.
     SameAs(usize),
-    /// Store it.
-    New,
+    /// Store it; the id's dedup key, computed once.
+    New(Vec<u8>),
 }
 
 fn within_window(earlier_ms: i64, now_ms: i64, window_ms: u64) -> bool {
@@ -449,11 +457,7 @@ fn apply_publish(
             continue;
         }
         let key = keys::dedup_key(view.group, m.mailbox, &m.message.id);
-        let earlier = match scratch.dedup.get(&key) {
-            Some(record) => Some(*record),
-            None => view.store.get::<DedupRecord>(CF_STATE, &key)?,
-        };
-        match earlier {
+        match scratch.dedup_record(view, &key)? {
             Some(r) if within_window(r.accepted_unix_ms, m.message.accepted_unix_ms, window(m.mailbox)) => {
                 slots.push(Slot::Earlier(r.position));
             }
@@ -462,7 +466,7 @@ fn apply_publish(
                 let add = added.entry(m.mailbox).or_default();
                 add.messages += 1;
                 add.bytes += m.message.payload.len() as u64;
-                slots.push(Slot::New);
+                slots.push(Slot::New(key));
             }
         }
     }
@@ -493,7 +497,7 @@ fn apply_publish(
         let position = match slot {
             Slot::Earlier(position) => position,
             Slot::SameAs(first) => positions[first],
-            Slot::New => {
+            Slot::New(dedup_key) => {
                 let mut ps = scratch.partition(view, &mut cache, m.mailbox, m.partition)?;
                 let position = Position { partition: m.partition, sequence: ps.next_seq };
                 ps.next_seq += 1;
@@ -506,7 +510,6 @@ fn apply_publish(
 
                 let accepted_unix_ms = m.message.accepted_unix_ms;
                 let record = DedupRecord { position, accepted_unix_ms };
-                let dedup_key = keys::dedup_key(view.group, m.mailbox, &m.message.id);
                 batch.put_cf(&cf, &dedup_key, encode(&record)?);
                 scratch.dedup.insert(dedup_key, record);
                 batch.put_cf(&cf, keys::dedup_expiry_key(view.group, m.mailbox, accepted_unix_ms, &m.message.id), []);
@@ -563,10 +566,7 @@ fn purge_expired_dedup(
         }
         batch.delete_cf(&cf, key);
         let dedup_key = keys::dedup_key(view.group, mailbox, id);
-        let record = match scratch.dedup.get(&dedup_key) {
-            Some(record) => Some(*record),
-            None => view.store.get::<DedupRecord>(CF_STATE, &dedup_key)?,
-        };
+        let record = scratch.dedup_record(view, &dedup_key)?;
         // A newer publish of the same id owns the record now; its own expiry entry removes it.
         if record.is_some_and(|r| r.accepted_unix_ms == accepted_ms) {
             batch.delete_cf(&cf, &dedup_key);
