@@ -26,6 +26,7 @@ pub fn publish_request(count: usize, size: usize) -> pb::PublishRequest {
                     .collect(),
                 payload: payload.clone(),
                 ordering_key: Some(format!("key-{}", i % 16)),
+                ttl_ms: None,
             })
             .collect(),
     }
@@ -45,6 +46,9 @@ pub fn publish_entry(index: u64, count: usize, size: usize) -> Entry<TypeConfig>
                 payload: payload.clone(),
                 ordering_key: Some(format!("key-{}", i % 16)),
                 accepted_unix_ms: 1_700_000_000_000,
+                ttl_ms: None,
+                expires_unix_ms: None,
+                dead_letter: None,
             },
         })
         .collect();

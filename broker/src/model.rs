@@ -38,6 +38,21 @@ pub struct Position {
     pub sequence: u64,
 }
 
+/// Partition numbers with this bit set hold a mailbox's dead letters: partition `p`'s
+/// dead-letter queue is `p | DEAD_LETTER_BIT`. It lives on the same shard as `p`, so moving a
+/// message there and back is one command of one Raft group.
+pub const DEAD_LETTER_BIT: u32 = 1 << 31;
+
+/// The dead-letter partition of a mailbox partition.
+pub fn dead_letter_partition(partition: u32) -> u32 {
+    partition | DEAD_LETTER_BIT
+}
+
+/// Whether a partition number names a dead-letter partition.
+pub fn is_dead_letter(partition: u32) -> bool {
+    partition & DEAD_LETTER_BIT != 0
+}
+
 /// A message as the cluster stores it until it is acked.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMessage {
@@ -51,6 +66,216 @@ pub struct StoredMessage {
     pub ordering_key: Option<String>,
     /// When the accepting node received it (Unix ms), decided by the proposer.
     pub accepted_unix_ms: i64,
+    /// Time to live the message was published with (its own or the mailbox default).
+    pub ttl_ms: Option<u64>,
+    /// When it expires (Unix ms): from then on it is never delivered, and it moves to the
+    /// dead-letter queue as `expired`. A redrive restarts the clock with `ttl_ms`.
+    pub expires_unix_ms: Option<i64>,
+    /// Set while the message sits in its mailbox's dead-letter queue.
+    pub dead_letter: Option<DeadLetter>,
+}
+
+impl StoredMessage {
+    /// Whether the message's time to live has run out at `now_unix_ms`.
+    pub fn expired_at(&self, now_unix_ms: i64) -> bool {
+        self.expires_unix_ms.is_some_and(|t| t <= now_unix_ms)
+    }
+}
+
+/// Why a message was moved to the dead-letter queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DeadLetterReason {
+    /// Delivered `max_attempts` times without an ack.
+    MaxAttempts,
+    /// Its time to live ran out before it was acked.
+    Expired,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::MaxAttempts => "max_attempts",
+            Self::Expired => "expired",
+        }
+    }
+}
+
+/// How and when a message reached the dead-letter queue, with its delivery history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub reason: DeadLetterReason,
+    /// Where it sat in the mailbox; a redrive puts it back on this partition.
+    pub from: Position,
+    pub dead_lettered_unix_ms: i64,
+    /// Delivery attempts made, and the last of them (at most [`MAX_ATTEMPT_HISTORY`]).
+    pub attempts: u32,
+    pub history: Vec<Attempt>,
+}
+
+/// Most delivery attempts remembered per message (the count itself is exact).
+pub const MAX_ATTEMPT_HISTORY: usize = 16;
+
+/// One delivery of a message to a consumer and how it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    pub consumer: u64,
+    pub leased_unix_ms: i64,
+    pub outcome: AttemptOutcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttemptOutcome {
+    /// Leased until this time (extended leases move it). Past it, the lease has expired.
+    Leased { until_unix_ms: i64 },
+    /// The consumer gave it back (nack) at this time.
+    Nacked { at_unix_ms: i64 },
+    /// The consumer's stream ended and gave it back at this time.
+    Released { at_unix_ms: i64 },
+    /// The lease ran out at this time without an ack.
+    Expired { at_unix_ms: i64 },
+}
+
+impl AttemptOutcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Leased { .. } => "leased",
+            Self::Nacked { .. } => "nacked",
+            Self::Released { .. } => "released",
+            Self::Expired { .. } => "expired",
+        }
+    }
+}
+
+/// Replicated delivery state of one message that has been delivered at least once (kept
+/// until it is acked or dead-lettered). The node mirrors it in memory to choose deliveries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryState {
+    /// Delivery attempts so far; the attempt number of the current or last delivery.
+    pub attempts: u32,
+    /// The latest attempts, oldest first (at most [`MAX_ATTEMPT_HISTORY`]).
+    pub history: Vec<Attempt>,
+    /// Earliest redelivery after a nack or release (Unix ms). After a lease expiry the
+    /// earliest redelivery is computed from the lease end instead, see [`Self::ready_at`].
+    pub not_before_unix_ms: i64,
+    /// The redelivery policy the message was last leased under.
+    pub policy: RedeliveryPolicy,
+}
+
+impl DeliveryState {
+    /// The current lease: consumer and end time, if the last attempt is still leased (it may
+    /// have expired by now; compare with the clock).
+    pub fn lease(&self) -> Option<(u64, i64)> {
+        match self.history.last()?.outcome {
+            AttemptOutcome::Leased { until_unix_ms } => Some((self.history.last()?.consumer, until_unix_ms)),
+            _ => None,
+        }
+    }
+
+    /// Whether a consumer holds an unexpired lease at `now`.
+    pub fn leased_at(&self, now_unix_ms: i64) -> bool {
+        self.lease().is_some_and(|(_, until)| until > now_unix_ms)
+    }
+
+    /// Earliest time the message may be leased again: after an expired lease, its end plus
+    /// the back-off for the attempts so far; otherwise `not_before_unix_ms`.
+    pub fn ready_at(&self) -> i64 {
+        match self.lease() {
+            Some((_, until)) => until.saturating_add(self.policy.backoff_ms(self.attempts) as i64),
+            None => self.not_before_unix_ms,
+        }
+    }
+
+    /// Whether the message may not be delivered again: it has had all its attempts.
+    pub fn exhausted(&self) -> bool {
+        self.attempts >= self.policy.max_attempts
+    }
+
+    /// Ends the current lease (if any) with `outcome`.
+    pub fn end_lease(&mut self, outcome: AttemptOutcome) {
+        if let Some(last) = self.history.last_mut() {
+            if matches!(last.outcome, AttemptOutcome::Leased { .. }) {
+                last.outcome = outcome;
+            }
+        }
+    }
+
+    /// Records a new attempt leased to `consumer`.
+    pub fn record_lease(&mut self, consumer: u64, now_unix_ms: i64, until_unix_ms: i64, policy: RedeliveryPolicy) {
+        self.attempts = self.attempts.saturating_add(1);
+        self.policy = policy;
+        if self.history.len() >= MAX_ATTEMPT_HISTORY {
+            self.history.remove(0);
+        }
+        self.history.push(Attempt { consumer, leased_unix_ms: now_unix_ms, outcome: AttemptOutcome::Leased { until_unix_ms } });
+    }
+}
+
+/// How often and how soon a message is redelivered: part of a mailbox's [`DeliveryPolicy`],
+/// copied into each lease command so applying needs nothing from outside the shard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RedeliveryPolicy {
+    /// Deliveries before the message moves to the dead-letter queue.
+    pub max_attempts: u32,
+    /// Delay before the redelivery after the first failed attempt; doubles with every
+    /// further attempt up to `backoff_max_ms`.
+    pub backoff_initial_ms: u64,
+    pub backoff_max_ms: u64,
+}
+
+impl RedeliveryPolicy {
+    /// For dead letters: delivered until acked, no back-off.
+    pub const UNLIMITED: Self = Self { max_attempts: u32::MAX, backoff_initial_ms: 0, backoff_max_ms: 0 };
+
+    /// Back-off before redelivering a message that has failed `attempts` times:
+    /// `backoff_initial_ms * 2^(attempts - 1)`, at most `backoff_max_ms`.
+    pub fn backoff_ms(&self, attempts: u32) -> u64 {
+        let doublings = attempts.saturating_sub(1).min(63);
+        self.backoff_initial_ms.saturating_mul(1u64 << doublings).min(self.backoff_max_ms)
+    }
+}
+
+/// A mailbox's delivery settings, chosen at creation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveryPolicy {
+    /// How long a delivery is leased to its consumer (consumers may extend it).
+    pub lease_ms: u64,
+    pub redelivery: RedeliveryPolicy,
+    /// Time to live of messages published without their own; 0: they live until acked.
+    pub default_ttl_ms: u64,
+    /// Messages with the same ordering key are delivered one at a time, in publish order.
+    pub ordered: bool,
+}
+
+impl DeliveryPolicy {
+    pub const DEFAULT_LEASE_MS: u64 = 30_000;
+    pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
+    pub const DEFAULT_BACKOFF_INITIAL_MS: u64 = 1_000;
+    pub const DEFAULT_BACKOFF_MAX_MS: u64 = 5 * 60 * 1_000;
+}
+
+impl Default for DeliveryPolicy {
+    fn default() -> Self {
+        Self {
+            lease_ms: Self::DEFAULT_LEASE_MS,
+            redelivery: RedeliveryPolicy {
+                max_attempts: Self::DEFAULT_MAX_ATTEMPTS,
+                backoff_initial_ms: Self::DEFAULT_BACKOFF_INITIAL_MS,
+                backoff_max_ms: Self::DEFAULT_BACKOFF_MAX_MS,
+            },
+            default_ttl_ms: 0,
+            ordered: false,
+        }
+    }
+}
+
+/// One message leased to a consumer: what a delivery carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Leased {
+    pub position: Position,
+    pub message: StoredMessage,
+    /// 1 on the first delivery, counted across leader changes and restarts.
+    pub attempt: u32,
+    pub lease_expires_unix_ms: i64,
 }
 
 impl fmt::Debug for StoredMessage {
@@ -82,6 +307,7 @@ pub struct MailboxInfo {
     pub partition_shards: Vec<GroupId>,
     pub created_unix_ms: i64,
     pub limits: MailboxLimits,
+    pub policy: DeliveryPolicy,
 }
 
 /// A mailbox's retention and idempotency settings, chosen at creation.
@@ -152,6 +378,20 @@ impl MailboxInfo {
         }
     }
 
+    /// The mailbox's dead-letter partitions grouped by the shard that stores them.
+    pub fn dead_letter_partitions_by_shard(&self) -> std::collections::BTreeMap<GroupId, Vec<u32>> {
+        let mut by_shard = self.partitions_by_shard();
+        for partitions in by_shard.values_mut() {
+            partitions.iter_mut().for_each(|p| *p = dead_letter_partition(*p));
+        }
+        by_shard
+    }
+
+    /// The shard storing `partition` or its dead-letter partition.
+    pub fn shard_of_any(&self, partition: u32) -> Option<GroupId> {
+        self.shard_of(partition & !DEAD_LETTER_BIT)
+    }
+
     /// The mailbox's partitions grouped by the shard that stores them.
     pub fn partitions_by_shard(&self) -> std::collections::BTreeMap<GroupId, Vec<u32>> {
         let mut by_shard: std::collections::BTreeMap<GroupId, Vec<u32>> = Default::default();
@@ -173,13 +413,43 @@ pub struct PartitionStats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Metadata group: create a mailbox whose partitions are spread over `shard_count` shards.
-    CreateMailbox { service: String, partitions: u32, shard_count: u32, created_unix_ms: i64, limits: MailboxLimits },
+    CreateMailbox {
+        service: String,
+        partitions: u32,
+        shard_count: u32,
+        created_unix_ms: i64,
+        limits: MailboxLimits,
+        policy: DeliveryPolicy,
+    },
     /// Data shard: store a batch of messages (one Raft entry for the whole batch). `limits`
     /// holds one entry per mailbox of the batch; a mailbox without one gets the default
     /// dedup window and no quota.
     Publish { messages: Vec<NewMessage>, limits: Vec<ShardLimits> },
     /// Data shard: remove acked messages.
     Ack { mailbox: MailboxId, positions: Vec<Position> },
+    /// Data shard: lease messages chosen by the leader to `consumer` until `until_unix_ms`.
+    /// Applying skips any that are gone, leased to someone else, or not due yet, and moves
+    /// expired or exhausted ones to the dead-letter queue instead.
+    Lease {
+        mailbox: MailboxId,
+        consumer: u64,
+        positions: Vec<Position>,
+        now_unix_ms: i64,
+        until_unix_ms: i64,
+        policy: RedeliveryPolicy,
+    },
+    /// Data shard: a consumer ends or extends its leases. Positions it does not hold are
+    /// ignored.
+    Settle { mailbox: MailboxId, consumer: u64, positions: Vec<Position>, now_unix_ms: i64, action: SettleAction },
+    /// Data shard: move messages whose time to live ran out, or whose last lease expired
+    /// after their last attempt, to the dead-letter queue (others are left alone).
+    DeadLetter { mailbox: MailboxId, positions: Vec<Position>, now_unix_ms: i64 },
+    /// Data shard: move dead letters back to the partitions they came from, as new messages
+    /// with a fresh attempt count.
+    Redrive { mailbox: MailboxId, positions: Vec<Position>, now_unix_ms: i64 },
+    /// Data shard: a consumer's stream ended; every lease it holds on the mailbox is released
+    /// (the replicated state says which).
+    ReleaseConsumer { mailbox: MailboxId, consumer: u64, now_unix_ms: i64 },
     /// Commands coalesced into one entry by the [`crate::proposer::Proposer`], applied in
     /// order; each gets its own result in [`CommandResult::Batch`].
     Batch(Vec<Command>),
@@ -202,11 +472,28 @@ impl Command {
                     m.message.payload.len() + m.message.id.len() + m.message.recipient.len() + headers + OVERHEAD
                 })
                 .sum(),
-            Command::Ack { positions, .. } => positions.len() * 12 + OVERHEAD,
+            Command::Ack { positions, .. }
+            | Command::Lease { positions, .. }
+            | Command::Settle { positions, .. }
+            | Command::DeadLetter { positions, .. }
+            | Command::Redrive { positions, .. } => positions.len() * 12 + OVERHEAD,
+            Command::ReleaseConsumer { .. } => OVERHEAD,
             Command::CreateMailbox { service, partitions, .. } => service.len() + *partitions as usize * 4 + OVERHEAD,
             Command::Batch(commands) => commands.iter().map(Command::approximate_size).sum::<usize>() + OVERHEAD,
         }
     }
+}
+
+/// What a consumer does with messages it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SettleAction {
+    /// Give them back for redelivery after `delay_ms`, or after the back-off when `None`.
+    /// The last allowed attempt goes to the dead-letter queue instead.
+    Nack { delay_ms: Option<u64> },
+    /// The consumer went away: redeliver at once (the attempt still counts).
+    Release,
+    /// Keep them longer: the leases end at `until_unix_ms` instead.
+    Extend { until_unix_ms: i64 },
 }
 
 /// The outcome of applying a [`Command`].
@@ -220,6 +507,10 @@ pub enum CommandResult {
     Published(Vec<Position>),
     /// Number of messages actually removed (already-acked ones are not counted).
     Acked(u64),
+    /// The messages actually leased, with their payloads.
+    Leased(Vec<Leased>),
+    /// How many positions a settle, dead-letter or redrive command changed.
+    Changed(u64),
     /// The command was refused deterministically on every replica.
     Rejected(BrokerError),
     /// One result per command of a [`Command::Batch`], in order.

@@ -64,6 +64,9 @@ fn publish(id: usize) -> Command {
         payload: vec![b'x'; 100].into(),
         ordering_key: None,
         accepted_unix_ms: 1,
+        ttl_ms: None,
+        expires_unix_ms: None,
+        dead_letter: None,
     };
     Command::publish(vec![NewMessage { mailbox: 1, partition: (id % 2) as u32, message }])
 }

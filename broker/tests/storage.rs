@@ -1,10 +1,13 @@
 //! Storage tests: openraft's own compliance suite against the RocksDB log store and state
 //! machine, and the shard state machine's message semantics (publish, fetch, ack, snapshot).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
-use kerwen_broker::model::{Command, CommandResult, NewMessage, Position, ShardLimits, StoredMessage, TypeConfig};
+use kerwen_broker::model::{
+    Command, CommandResult, DeadLetterReason, Leased, NewMessage, Position, RedeliveryPolicy, SettleAction, ShardLimits,
+    StoredMessage, TypeConfig, DEAD_LETTER_BIT,
+};
 use kerwen_broker::storage::{LogStore, ShardView, StateMachine, Store};
 use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
@@ -46,6 +49,9 @@ fn message(id: &str, partition: u32, payload: &str) -> NewMessage {
             payload: payload.as_bytes().to_vec().into(),
             ordering_key: None,
             accepted_unix_ms: 1,
+            ttl_ms: None,
+            expires_unix_ms: None,
+            dead_letter: None,
         },
     }
 }
@@ -56,7 +62,57 @@ fn open_shard(dir: &std::path::Path) -> (Arc<Store>, StateMachine, Arc<ShardView
     (store, sm, view)
 }
 
-const LEASE: Duration = Duration::from_secs(60);
+/// The clock reading carried by the delivery commands of these tests (Unix ms).
+const T0: i64 = 1_000_000;
+const LEASE_MS: i64 = 60_000;
+const TERM: u64 = 1;
+const POLICY: RedeliveryPolicy = RedeliveryPolicy { max_attempts: 5, backoff_initial_ms: 1_000, backoff_max_ms: 60_000 };
+
+/// Applies one command as the next log entry and returns its result.
+async fn apply_one(sm: &mut StateMachine, cmd: Command) -> CommandResult {
+    static INDEX: AtomicU64 = AtomicU64::new(1_000);
+    sm.apply(vec![entry(INDEX.fetch_add(1, Ordering::Relaxed), cmd)]).await.unwrap().remove(0)
+}
+
+/// What a shard leader does on a fetch at `now`: pick, propose the lease, apply it.
+async fn fetch_at(sm: &mut StateMachine, view: &ShardView, consumer: u64, partitions: &[u32], max: usize, now: i64) -> Vec<Leased> {
+    fetch_with(sm, view, Fetch { consumer, partitions, max, now, policy: POLICY, ordered: false }).await
+}
+
+struct Fetch<'a> {
+    consumer: u64,
+    partitions: &'a [u32],
+    max: usize,
+    now: i64,
+    policy: RedeliveryPolicy,
+    ordered: bool,
+}
+
+async fn fetch_with(sm: &mut StateMachine, view: &ShardView, f: Fetch<'_>) -> Vec<Leased> {
+    let Fetch { consumer, partitions, max, now, policy, ordered } = f;
+    let picked = view.select(TERM, 1, partitions, max, ordered, now, true).unwrap();
+    if picked.is_empty() {
+        return Vec::new();
+    }
+    let cmd = Command::Lease {
+        mailbox: 1,
+        consumer,
+        positions: picked.clone(),
+        now_unix_ms: now,
+        until_unix_ms: now + LEASE_MS,
+        policy,
+    };
+    let result = apply_one(sm, cmd).await;
+    view.unreserve(1, &picked, false);
+    match result {
+        CommandResult::Leased(leased) => leased,
+        other => panic!("unexpected lease result {other:?}"),
+    }
+}
+
+async fn fetch(sm: &mut StateMachine, view: &ShardView, consumer: u64, partitions: &[u32], max: usize) -> Vec<Leased> {
+    fetch_at(sm, view, consumer, partitions, max, T0).await
+}
 
 #[tokio::test]
 async fn publish_assigns_per_partition_sequences_and_ack_purges() {
@@ -76,10 +132,10 @@ async fn publish_assigns_per_partition_sequences_and_ack_purges() {
     );
     assert_eq!(view.stats(1, &[0, 1]).unwrap().messages, 3);
 
-    let leased = view.fetch(1, 42, 1, &[0, 1], 10, LEASE).unwrap();
+    let leased = fetch(&mut sm, &view, 42, &[0, 1], 10).await;
     let ids: Vec<&str> = leased.iter().map(|l| l.message.id.as_str()).collect();
     assert_eq!(ids, ["a", "c", "b"], "partition order, partition by partition");
-    assert!(view.fetch(1, 43, 1, &[0, 1], 10, LEASE).unwrap().is_empty(), "all leased");
+    assert!(fetch(&mut sm, &view, 43, &[0, 1], 10).await.is_empty(), "all leased");
 
     let acked = sm
         .apply(vec![entry(2, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }] })])
@@ -96,23 +152,29 @@ async fn publish_assigns_per_partition_sequences_and_ack_purges() {
     assert_eq!((stats.messages, stats.bytes), (2, 8));
 
     // A released consumer's leases are redelivered, with the attempt counted.
-    view.release(42, 1, None);
-    let redelivered = view.fetch(1, 43, 1, &[0, 1], 10, LEASE).unwrap();
+    let released = apply_one(&mut sm, Command::ReleaseConsumer { mailbox: 1, consumer: 42, now_unix_ms: T0 }).await;
+    assert_eq!(released, CommandResult::Changed(2));
+    let redelivered = fetch(&mut sm, &view, 43, &[0, 1], 10).await;
     assert_eq!(redelivered.len(), 2);
     assert!(redelivered.iter().all(|l| l.attempt == 2));
 }
 
 #[tokio::test]
-async fn expired_leases_are_redelivered_and_a_new_term_starts_over() {
+async fn expired_leases_are_redelivered_after_the_backoff_and_survive_a_reopen() {
     let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, mut sm, view) = open_shard(dir.path());
+        sm.apply(vec![entry(1, Command::publish(vec![message("a", 0, "x")]))]).await.unwrap();
+        assert_eq!(fetch(&mut sm, &view, 1, &[0], 10).await.len(), 1);
+        store.sync().await.unwrap();
+    }
+    // A new leader (here: the reopened replica, a new term) knows the lease and the attempt.
     let (_store, mut sm, view) = open_shard(dir.path());
-    sm.apply(vec![entry(1, Command::publish(vec![message("a", 0, "x")]))]).await.unwrap();
-    assert_eq!(view.fetch(1, 1, 1, &[0], 10, Duration::ZERO).unwrap().len(), 1);
-    let again = view.fetch(1, 2, 1, &[0], 10, LEASE).unwrap();
+    let expiry = T0 + LEASE_MS;
+    assert!(fetch_at(&mut sm, &view, 2, &[0], 10, expiry - 1).await.is_empty(), "still leased");
+    assert!(fetch_at(&mut sm, &view, 2, &[0], 10, expiry + 999).await.is_empty(), "1 s back-off after attempt 1");
+    let again = fetch_at(&mut sm, &view, 2, &[0], 10, expiry + 1_000).await;
     assert_eq!((again.len(), again[0].attempt), (1, 2), "expired lease is redelivered");
-    assert!(view.fetch(1, 3, 1, &[0], 10, LEASE).unwrap().is_empty());
-    // A new leader term forgets leases: everything stored is deliverable again.
-    assert_eq!(view.fetch(2, 3, 1, &[0], 10, LEASE).unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -141,7 +203,7 @@ async fn state_survives_reopen_and_travels_in_snapshots() {
     let (_s2, mut follower, follower_view) = open_shard(other.path());
     follower.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
     assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(2)));
-    let leased = follower_view.fetch(1, 1, 1, &[0], 10, LEASE).unwrap();
+    let leased = fetch(&mut follower, &follower_view, 1, &[0], 10).await;
     let ids: Vec<&str> = leased.iter().map(|l| l.message.id.as_str()).collect();
     assert_eq!(ids, ["a", "b", "c"]);
     assert_eq!(&leased[0].message.payload[..], b"x");
@@ -198,7 +260,7 @@ async fn publish_and_ack_in_one_apply_batch_leave_nothing_behind() {
     assert_eq!(results[1], CommandResult::Acked(1));
     let stats = view.stats(1, &[0]).unwrap();
     assert_eq!((stats.messages, stats.bytes), (1, 1));
-    let left = view.fetch(1, 1, 1, &[0], 10, LEASE).unwrap();
+    let left = fetch(&mut sm, &view, 1, &[0], 10).await;
     assert_eq!(left.iter().map(|l| l.message.id.as_str()).collect::<Vec<_>>(), ["b"]);
 }
 
@@ -214,6 +276,7 @@ async fn mailboxes_created_in_one_batch_get_distinct_ids() {
         shard_count: 3,
         created_unix_ms: 5,
         limits: Default::default(),
+        policy: Default::default(),
     };
     let r = sm
         .apply(vec![entry(1, create("TM/GOV/A/s/one")), entry(2, create("TM/GOV/A/s/two")), entry(3, create("TM/GOV/A/s/one"))])
@@ -241,7 +304,7 @@ async fn a_batch_entry_applies_each_command_in_order() {
     let results = sm
         .apply(vec![entry(1, Command::Batch(vec![
             Command::publish(vec![message("a", 0, "x"), message("b", 0, "y")]),
-            Command::CreateMailbox { service: "TM/GOV/A/s/one".into(), partitions: 1, shard_count: 1, created_unix_ms: 1, limits: Default::default() },
+            Command::CreateMailbox { service: "TM/GOV/A/s/one".into(), partitions: 1, shard_count: 1, created_unix_ms: 1, limits: Default::default(), policy: Default::default() },
             Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }] },
             Command::publish(vec![message("c", 0, "z")]),
         ]))])
@@ -252,7 +315,7 @@ async fn a_batch_entry_applies_each_command_in_order() {
     assert!(matches!(results[1], CommandResult::Rejected(kerwen_broker::BrokerError::Internal(_))), "{:?}", results[1]);
     assert_eq!(results[2], CommandResult::Acked(1));
     assert_eq!(results[3], CommandResult::Published(vec![Position { partition: 0, sequence: 2 }]));
-    let left = view.fetch(1, 1, 1, &[0], 10, LEASE).unwrap();
+    let left = fetch(&mut sm, &view, 1, &[0], 10).await;
     assert_eq!(left.iter().map(|l| l.message.id.as_str()).collect::<Vec<_>>(), ["b", "c"]);
 }
 
@@ -336,4 +399,177 @@ async fn publish_past_the_quota_is_refused_and_stores_nothing() {
     assert_eq!(r, vec![CommandResult::Published(vec![Position { partition: 0, sequence: 1 }])]);
     let big = sm.apply(vec![entry(6, publish_with(vec![message("d", 1, &"x".repeat(999))], limits(60_000, 100, 1_000)))]).await.unwrap();
     assert!(matches!(&big[0], CommandResult::Rejected(kerwen_broker::BrokerError::ResourceExhausted(_))), "byte quota: {big:?}");
+}
+
+// ---- Delivery semantics: leases, nack, back-off, dead letters, TTL, ordering ----------------
+
+fn settle(consumer: u64, positions: Vec<Position>, now_unix_ms: i64, action: SettleAction) -> Command {
+    Command::Settle { mailbox: 1, consumer, positions, now_unix_ms, action }
+}
+
+fn ids(leased: &[Leased]) -> Vec<&str> {
+    leased.iter().map(|l| l.message.id.as_str()).collect()
+}
+
+const DLQ0: u32 = DEAD_LETTER_BIT;
+
+#[tokio::test]
+async fn nack_delay_and_backoff_set_the_earliest_redelivery_then_max_attempts_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    let policy = RedeliveryPolicy { max_attempts: 3, backoff_initial_ms: 1_000, backoff_max_ms: 60_000 };
+    let at = |now| Fetch { consumer: 7, partitions: &[0], max: 10, now, policy, ordered: false };
+    apply_one(&mut sm, Command::publish(vec![message("a", 0, "payload")])).await;
+
+    let first = fetch_with(&mut sm, &view, at(T0)).await;
+    assert_eq!((ids(&first), first[0].attempt), (vec!["a"], 1));
+    let pos = first[0].position;
+    // A nack from another consumer changes nothing.
+    assert_eq!(apply_one(&mut sm, settle(8, vec![pos], T0, SettleAction::Nack { delay_ms: None })).await, CommandResult::Changed(0));
+    // Nack with a delay: redelivered no earlier than the delay.
+    apply_one(&mut sm, settle(7, vec![pos], T0 + 10, SettleAction::Nack { delay_ms: Some(5_000) })).await;
+    assert!(fetch_with(&mut sm, &view, at(T0 + 5_009)).await.is_empty());
+    let second = fetch_with(&mut sm, &view, at(T0 + 5_010)).await;
+    assert_eq!(second[0].attempt, 2);
+    // Nack without a delay: the back-off after attempt 2 is 2 x 1 s.
+    let t = T0 + 6_000;
+    apply_one(&mut sm, settle(7, vec![pos], t, SettleAction::Nack { delay_ms: None })).await;
+    assert!(fetch_with(&mut sm, &view, at(t + 1_999)).await.is_empty());
+    let third = fetch_with(&mut sm, &view, at(t + 2_000)).await;
+    assert_eq!(third[0].attempt, 3);
+    // The last allowed attempt is nacked: straight to the dead-letter queue.
+    let t = t + 3_000;
+    apply_one(&mut sm, settle(7, vec![pos], t, SettleAction::Nack { delay_ms: None })).await;
+    assert!(fetch_with(&mut sm, &view, at(t + 3_600_000)).await.is_empty(), "never delivered from the mailbox again");
+    assert_eq!(view.stats(1, &[0]).unwrap().messages, 0);
+    assert_eq!(view.stats(1, &[DLQ0]).unwrap().messages, 1);
+    let dead = view.dead_letters(1, &[DLQ0], 10).unwrap();
+    assert_eq!(dead.len(), 1);
+    let letter = &dead[0].letter;
+    assert_eq!((letter.reason, letter.attempts, letter.from), (DeadLetterReason::MaxAttempts, 3, pos));
+    let outcomes: Vec<&str> = letter.history.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["nacked", "nacked", "nacked"]);
+
+    // Redrive: back on its partition as a new message, delivered from attempt 1.
+    let redriven = apply_one(&mut sm, Command::Redrive { mailbox: 1, positions: vec![dead[0].position], now_unix_ms: t }).await;
+    assert_eq!(redriven, CommandResult::Changed(1));
+    assert!(view.dead_letters(1, &[DLQ0], 10).unwrap().is_empty());
+    let back = fetch_with(&mut sm, &view, at(t + 1)).await;
+    assert_eq!((ids(&back), back[0].attempt), (vec!["a"], 1));
+    assert_eq!(back[0].position, Position { partition: 0, sequence: 1 });
+    assert_eq!(&back[0].message.payload[..], b"payload");
+    assert!(back[0].message.dead_letter.is_none());
+}
+
+#[tokio::test]
+async fn expired_leases_count_as_attempts_and_the_last_one_is_swept_to_the_dead_letter_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    let policy = RedeliveryPolicy { max_attempts: 2, backoff_initial_ms: 500, backoff_max_ms: 500 };
+    let at = |now| Fetch { consumer: 7, partitions: &[0], max: 10, now, policy, ordered: false };
+    apply_one(&mut sm, Command::publish(vec![message("a", 0, "x")])).await;
+    assert_eq!(fetch_with(&mut sm, &view, at(T0)).await[0].attempt, 1);
+    let t2 = T0 + LEASE_MS + 500;
+    assert_eq!(fetch_with(&mut sm, &view, at(t2)).await[0].attempt, 2);
+    // The second lease has not ended: nothing to sweep.
+    assert!(view.sweep_candidates(t2 + LEASE_MS - 1, 100).unwrap().is_empty());
+    let candidates = view.sweep_candidates(t2 + LEASE_MS, 100).unwrap();
+    let positions = candidates.get(&1).cloned().unwrap_or_default();
+    assert_eq!(positions, vec![Position { partition: 0, sequence: 0 }]);
+    // Applying re-checks: too early, nothing moves; at the lease end, it moves.
+    let early = Command::DeadLetter { mailbox: 1, positions: positions.clone(), now_unix_ms: t2 + 1 };
+    assert_eq!(apply_one(&mut sm, early).await, CommandResult::Changed(0));
+    let due = Command::DeadLetter { mailbox: 1, positions, now_unix_ms: t2 + LEASE_MS };
+    assert_eq!(apply_one(&mut sm, due).await, CommandResult::Changed(1));
+    let dead = view.dead_letters(1, &[DLQ0], 10).unwrap();
+    assert_eq!((dead[0].letter.reason, dead[0].letter.attempts), (DeadLetterReason::MaxAttempts, 2));
+    let outcomes: Vec<&str> = dead[0].letter.history.iter().map(|a| a.outcome.as_str()).collect();
+    assert_eq!(outcomes, ["expired", "expired"]);
+
+    // The dead-letter queue is consumed like a mailbox, its messages carrying the letter.
+    let from_dlq = fetch_with(&mut sm, &view, Fetch { partitions: &[DLQ0], ..at(t2 + LEASE_MS) }).await;
+    assert_eq!(ids(&from_dlq), ["a"]);
+    assert_eq!(from_dlq[0].message.dead_letter.as_ref().map(|d| d.reason), Some(DeadLetterReason::MaxAttempts));
+    let acked = apply_one(&mut sm, Command::Ack { mailbox: 1, positions: vec![from_dlq[0].position] }).await;
+    assert_eq!(acked, CommandResult::Acked(1));
+    assert_eq!(view.stats(1, &[DLQ0]).unwrap().messages, 0);
+}
+
+fn with_ttl(mut m: NewMessage, expires_unix_ms: i64) -> NewMessage {
+    m.message.ttl_ms = Some(100);
+    m.message.expires_unix_ms = Some(expires_unix_ms);
+    m
+}
+
+#[tokio::test]
+async fn expired_messages_are_never_delivered_and_land_in_the_dead_letter_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    let expires = T0 + 100;
+    apply_one(&mut sm, Command::publish(vec![with_ttl(message("a", 0, "x"), expires), with_ttl(message("b", 1, "y"), expires)])).await;
+    // Before expiry it is delivered; a fetch at expiry moves it instead of leasing it.
+    assert!(view.sweep_candidates(expires - 1, 100).unwrap().is_empty());
+    assert!(fetch_at(&mut sm, &view, 1, &[0], 10, expires).await.is_empty());
+    // The other one is found by the sweep.
+    let candidates = view.sweep_candidates(expires, 100).unwrap();
+    assert_eq!(candidates.get(&1).cloned().unwrap_or_default(), vec![Position { partition: 1, sequence: 0 }]);
+    let sweep = Command::DeadLetter { mailbox: 1, positions: candidates[&1].clone(), now_unix_ms: expires };
+    assert_eq!(apply_one(&mut sm, sweep).await, CommandResult::Changed(1));
+    assert!(view.sweep_candidates(expires + 1_000, 100).unwrap().is_empty(), "the expiry index is emptied");
+    let dead = view.dead_letters(1, &[DLQ0, DEAD_LETTER_BIT | 1], 10).unwrap();
+    assert_eq!(dead.iter().map(|d| (d.id.as_str(), d.letter.reason)).collect::<Vec<_>>(), [
+        ("a", DeadLetterReason::Expired),
+        ("b", DeadLetterReason::Expired)
+    ]);
+    assert_eq!(view.stats(1, &[0, 1]).unwrap().messages, 0);
+    // Redriven, the time to live starts over from the redrive.
+    let redrive = Command::Redrive { mailbox: 1, positions: vec![dead[0].position], now_unix_ms: T0 + 10_000 };
+    assert_eq!(apply_one(&mut sm, redrive).await, CommandResult::Changed(1));
+    let back = fetch_at(&mut sm, &view, 1, &[0], 10, T0 + 10_050).await;
+    assert_eq!(back[0].message.expires_unix_ms, Some(T0 + 10_100));
+}
+
+fn keyed(id: &str, key: &str) -> NewMessage {
+    let mut m = message(id, 0, "x");
+    m.message.ordering_key = Some(key.into());
+    m
+}
+
+#[tokio::test]
+async fn ordered_delivery_leases_one_message_per_key_in_publish_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    let ordered = |consumer, now| Fetch { consumer, partitions: &[0], max: 10, now, policy: POLICY, ordered: true };
+    apply_one(
+        &mut sm,
+        Command::publish(vec![keyed("k1-1", "k1"), keyed("k2-1", "k2"), keyed("k1-2", "k1"), keyed("k1-3", "k1"), keyed("k2-2", "k2")]),
+    )
+    .await;
+    let heads = fetch_with(&mut sm, &view, ordered(1, T0)).await;
+    assert_eq!(ids(&heads), ["k1-1", "k2-1"]);
+    assert!(fetch_with(&mut sm, &view, ordered(2, T0)).await.is_empty(), "both keys are in flight");
+    // Ack k1's head: its next message becomes eligible, k2 still waits.
+    apply_one(&mut sm, Command::Ack { mailbox: 1, positions: vec![heads[0].position] }).await;
+    assert_eq!(ids(&fetch_with(&mut sm, &view, ordered(2, T0)).await), ["k1-2"]);
+    // A nacked head blocks its key until redelivered; it comes back before anything later.
+    apply_one(&mut sm, settle(1, vec![heads[1].position], T0, SettleAction::Nack { delay_ms: Some(1_000) })).await;
+    assert!(fetch_with(&mut sm, &view, ordered(3, T0 + 999)).await.is_empty());
+    let again = fetch_with(&mut sm, &view, ordered(3, T0 + 1_000)).await;
+    assert_eq!((ids(&again), again[0].attempt), (vec!["k2-1"], 2));
+}
+
+#[tokio::test]
+async fn extending_a_lease_postpones_redelivery_and_only_the_holder_may_extend() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    apply_one(&mut sm, Command::publish(vec![message("a", 0, "x")])).await;
+    let leased = fetch(&mut sm, &view, 1, &[0], 10).await;
+    let pos = leased[0].position;
+    let longer = SettleAction::Extend { until_unix_ms: T0 + 2 * LEASE_MS };
+    assert_eq!(apply_one(&mut sm, settle(2, vec![pos], T0 + 1, longer)).await, CommandResult::Changed(0));
+    assert_eq!(apply_one(&mut sm, settle(1, vec![pos], T0 + 1, longer)).await, CommandResult::Changed(1));
+    let after_first_lease = T0 + LEASE_MS + 60_000;
+    assert!(fetch_at(&mut sm, &view, 3, &[0], 10, after_first_lease).await.is_empty());
+    let later = T0 + 2 * LEASE_MS + 60_000;
+    assert_eq!(fetch_at(&mut sm, &view, 3, &[0], 10, later).await[0].attempt, 2);
 }

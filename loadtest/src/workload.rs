@@ -650,6 +650,7 @@ async fn producer(run: Arc<Run>, index: u32, mailboxes: Arc<Vec<String>>, record
                     payload: run.payload(size, &mut rng),
                     ordering_key: (config.ordering_keys > 0)
                         .then(|| format!("key-{}", rng.random_range(0..config.ordering_keys))),
+                    ttl_ms: None,
                 }
             })
             .collect();

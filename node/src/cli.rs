@@ -1,4 +1,4 @@
-//! Client commands of the `kerwen` binary: mailboxes, publish, consume, status. Output is
+//! Client commands of the `kerwen` binary: mailboxes, publish, consume, dead letters, status. Output is
 //! for people by default and one JSON document (or one per line for streams) with `--json`.
 
 use std::collections::HashMap;
@@ -41,11 +41,57 @@ pub enum MailboxCommand {
         /// A message id published again within this many ms is not stored twice; default 24 h.
         #[arg(long, default_value_t = 0)]
         dedup_window_ms: u64,
+        #[command(flatten)]
+        delivery: DeliveryOpts,
     },
     /// List all mailboxes.
     List,
     /// Show a mailbox with its pending message count.
     Describe { service: String },
+}
+
+/// A mailbox's delivery policy (0 or absent: the default).
+#[derive(Debug, Clone, Args)]
+pub struct DeliveryOpts {
+    /// How long a delivery is leased to its consumer before it is redelivered; default 30 s.
+    #[arg(long, default_value_t = 0)]
+    pub lease_ms: u64,
+    /// Deliveries before a message moves to the dead-letter queue; default 5.
+    #[arg(long, default_value_t = 0)]
+    pub max_attempts: u32,
+    /// Redelivery back-off after the first failed attempt, doubling after each; default 1 s.
+    #[arg(long, default_value_t = 0)]
+    pub backoff_initial_ms: u64,
+    /// Longest redelivery back-off; default 5 min.
+    #[arg(long, default_value_t = 0)]
+    pub backoff_max_ms: u64,
+    /// Time to live of messages published without one; default: none.
+    #[arg(long, default_value_t = 0)]
+    pub default_ttl_ms: u64,
+    /// Deliver messages with the same ordering key one at a time, in publish order.
+    #[arg(long)]
+    pub ordered: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List a mailbox's dead letters (without payloads).
+    List {
+        mailbox: String,
+        /// Most entries shown.
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
+    /// Move dead letters back into the mailbox (attempts start over).
+    Redrive {
+        mailbox: String,
+        /// Dead-letter positions as PARTITION:SEQUENCE, as `dlq list` shows them (repeatable).
+        #[arg(long = "position", value_name = "PARTITION:SEQUENCE", required_unless_present = "all")]
+        positions: Vec<String>,
+        /// Redrive every dead letter of the mailbox.
+        #[arg(long, conflicts_with = "positions")]
+        all: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -68,6 +114,9 @@ pub struct PublishArgs {
     /// Header as NAME=VALUE (repeatable).
     #[arg(long = "header", value_name = "NAME=VALUE")]
     pub headers: Vec<String>,
+    /// Time to live in milliseconds; default: the mailbox's.
+    #[arg(long)]
+    pub ttl_ms: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -84,6 +133,9 @@ pub struct ConsumeArgs {
     /// Do not ack (messages are redelivered after the lease or on disconnect).
     #[arg(long)]
     pub no_ack: bool,
+    /// Consume the mailbox's dead-letter queue instead.
+    #[arg(long)]
+    pub dead_letters: bool,
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
@@ -106,14 +158,34 @@ fn mailbox_json(m: &pb::MailboxInfo) -> serde_json::Value {
         "dedup_window_ms": m.dedup_window_ms,
         "max_messages": m.max_messages,
         "max_bytes": m.max_bytes,
+        "lease_ms": m.lease_ms,
+        "max_attempts": m.max_attempts,
+        "backoff_initial_ms": m.backoff_initial_ms,
+        "backoff_max_ms": m.backoff_max_ms,
+        "default_ttl_ms": m.default_ttl_ms,
+        "ordered": m.ordered,
+        "dead_letter_messages": m.dead_letter_messages,
+        "dead_letter_bytes": m.dead_letter_bytes,
     })
 }
 
 pub async fn mailbox(opts: &ClientOpts, cmd: MailboxCommand) -> anyhow::Result<()> {
     let mut client = connect(opts).await?;
     match cmd {
-        MailboxCommand::Create { service, partitions, max_messages, max_bytes, dedup_window_ms } => {
-            let req = pb::CreateMailboxRequest { service, partitions, max_messages, max_bytes, dedup_window_ms };
+        MailboxCommand::Create { service, partitions, max_messages, max_bytes, dedup_window_ms, delivery } => {
+            let req = pb::CreateMailboxRequest {
+                service,
+                partitions,
+                max_messages,
+                max_bytes,
+                dedup_window_ms,
+                lease_ms: delivery.lease_ms,
+                max_attempts: delivery.max_attempts,
+                backoff_initial_ms: delivery.backoff_initial_ms,
+                backoff_max_ms: delivery.backoff_max_ms,
+                default_ttl_ms: delivery.default_ttl_ms,
+                ordered: delivery.ordered,
+            };
             let m = client.create_mailbox_with(req).await.map_err(status_error)?;
             if opts.json {
                 println!("{}", mailbox_json(&m));
@@ -142,7 +214,18 @@ pub async fn mailbox(opts: &ClientOpts, cmd: MailboxCommand) -> anyhow::Result<(
                 println!("mailbox     {}", m.service);
                 println!("partitions  {} (on shards {:?})", m.partitions, m.partition_shards);
                 println!("pending     {} messages, {} bytes", m.pending_messages, m.pending_bytes);
+                println!("dead letters {} messages, {} bytes", m.dead_letter_messages, m.dead_letter_bytes);
                 println!("limits      {} messages, {} bytes; dedup window {} ms", m.max_messages, m.max_bytes, m.dedup_window_ms);
+                let ttl = if m.default_ttl_ms == 0 { "none".to_owned() } else { format!("{} ms", m.default_ttl_ms) };
+                println!(
+                    "delivery    lease {} ms, {} attempts, back-off {}..{} ms, default ttl {}{}",
+                    m.lease_ms,
+                    m.max_attempts,
+                    m.backoff_initial_ms,
+                    m.backoff_max_ms,
+                    ttl,
+                    if m.ordered { ", ordered" } else { "" }
+                );
             }
         }
     }
@@ -174,6 +257,7 @@ pub async fn publish(opts: &ClientOpts, args: PublishArgs) -> anyhow::Result<()>
         headers,
         payload: payload.into(),
         ordering_key: args.key,
+        ttl_ms: args.ttl_ms,
     };
     let mut client = connect(opts).await?;
     let response = client.publish(vec![message]).await.map_err(status_error)?;
@@ -205,6 +289,9 @@ fn print_delivery(json_output: bool, d: &pb::Delivery) {
             "headers": m.headers,
             "payload_len": m.payload.len(),
         });
+        if let Some(dl) = &d.dead_letter {
+            v["dead_letter"] = dead_letter_json(dl);
+        }
         match text {
             Some(t) => v["payload_utf8"] = json!(t),
             None => v["payload_hex"] = json!(m.payload.iter().map(|b| format!("{b:02x}")).collect::<String>()),
@@ -212,7 +299,8 @@ fn print_delivery(json_output: bool, d: &pb::Delivery) {
         println!("{v}");
     } else {
         let body = text.map(|t| t.trim_end().to_owned()).unwrap_or_else(|| format!("<{} bytes of binary>", m.payload.len()));
-        println!("[partition {} seq {} attempt {}] {}: {}", pos.partition, pos.sequence, d.attempt, m.id, body);
+        let reason = d.dead_letter.as_ref().map(|dl| format!(" dead letter: {}", dl.reason)).unwrap_or_default();
+        println!("[partition {} seq {} attempt {}{reason}] {}: {}", partition_name(pos.partition), pos.sequence, d.attempt, m.id, body);
     }
 }
 
@@ -222,7 +310,7 @@ pub async fn consume(opts: &ClientOpts, args: ConsumeArgs) -> anyhow::Result<()>
     }
     let credits = args.count.unwrap_or(256).min(256) as u32;
     let mut client = connect(opts).await?;
-    let mut sub = client.subscribe(&args.from, credits).await.map_err(status_error)?;
+    let mut sub = client.subscribe_to(&args.from, credits, args.dead_letters).await.map_err(status_error)?;
     let idle = args.timeout_secs.map(Duration::from_secs).unwrap_or(Duration::from_secs(u64::MAX / 4));
     let mut received = 0u64;
     let mut acks_sent = 0u64;
@@ -258,6 +346,92 @@ pub async fn consume(opts: &ClientOpts, args: ConsumeArgs) -> anyhow::Result<()>
     sub.wait_acked(acks_sent, Duration::from_secs(30)).await.map_err(status_error)?;
     if !opts.json {
         eprintln!("{received} message(s) received, {acks_sent} acked");
+    }
+    Ok(())
+}
+
+/// Dead-letter partitions have the top bit set; people read them as `dlq:N`.
+fn partition_name(partition: u32) -> String {
+    const DEAD_LETTER_BIT: u32 = 1 << 31;
+    if partition & DEAD_LETTER_BIT != 0 {
+        format!("dlq:{}", partition & !DEAD_LETTER_BIT)
+    } else {
+        partition.to_string()
+    }
+}
+
+fn dead_letter_json(dl: &pb::DeadLetterInfo) -> serde_json::Value {
+    let from = dl.from.unwrap_or_default();
+    let history: Vec<_> = dl
+        .history
+        .iter()
+        .map(|a| json!({"consumer": a.consumer, "leased_unix_ms": a.leased_unix_ms, "outcome": a.outcome, "ended_unix_ms": a.ended_unix_ms}))
+        .collect();
+    json!({
+        "reason": dl.reason,
+        "from_partition": from.partition,
+        "from_sequence": from.sequence,
+        "dead_lettered_unix_ms": dl.dead_lettered_unix_ms,
+        "attempts": dl.attempts,
+        "history": history,
+    })
+}
+
+/// Parses PARTITION:SEQUENCE; the partition may be written `dlq:N` as `dlq list` prints it.
+fn parse_position(text: &str) -> anyhow::Result<pb::Position> {
+    const DEAD_LETTER_BIT: u32 = 1 << 31;
+    let (partition, sequence) = text.rsplit_once(':').with_context(|| format!("position {text:?} is not PARTITION:SEQUENCE"))?;
+    let partition = match partition.strip_prefix("dlq:") {
+        Some(p) => p.parse::<u32>().map(|p| p | DEAD_LETTER_BIT),
+        None => partition.parse::<u32>(),
+    }
+    .with_context(|| format!("bad partition in {text:?}"))?;
+    let sequence = sequence.parse::<u64>().with_context(|| format!("bad sequence in {text:?}"))?;
+    Ok(pb::Position { partition, sequence })
+}
+
+pub async fn dlq(opts: &ClientOpts, cmd: DlqCommand) -> anyhow::Result<()> {
+    let mut client = connect(opts).await?;
+    match cmd {
+        DlqCommand::List { mailbox, limit } => {
+            let list = client.list_dead_letters(&mailbox, limit).await.map_err(status_error)?;
+            if opts.json {
+                let entries: Vec<_> = list
+                    .iter()
+                    .map(|d| {
+                        let pos = d.position.unwrap_or_default();
+                        json!({
+                            "position": format!("{}:{}", partition_name(pos.partition), pos.sequence),
+                            "id": d.id,
+                            "payload_bytes": d.payload_bytes,
+                            "ordering_key": d.ordering_key,
+                            "accepted_unix_ms": d.accepted_unix_ms,
+                            "dead_letter": d.info.as_ref().map(dead_letter_json),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(entries));
+            } else if list.is_empty() {
+                println!("no dead letters in {mailbox}");
+            } else {
+                println!("{:<16} {:<40} {:<13} {:>8} {:>10}", "POSITION", "ID", "REASON", "ATTEMPTS", "BYTES");
+                for d in list {
+                    let pos = d.position.unwrap_or_default();
+                    let info = d.info.unwrap_or_default();
+                    let position = format!("{}:{}", partition_name(pos.partition), pos.sequence);
+                    println!("{:<16} {:<40} {:<13} {:>8} {:>10}", position, d.id, info.reason, info.attempts, d.payload_bytes);
+                }
+            }
+        }
+        DlqCommand::Redrive { mailbox, positions, all } => {
+            let positions = positions.iter().map(|p| parse_position(p)).collect::<anyhow::Result<Vec<_>>>()?;
+            let moved = client.redrive(&mailbox, positions, all).await.map_err(status_error)?;
+            if opts.json {
+                println!("{}", json!({"redriven": moved}));
+            } else {
+                println!("redrove {moved} message(s) into {mailbox}");
+            }
+        }
     }
     Ok(())
 }

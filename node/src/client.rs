@@ -9,9 +9,9 @@ use std::time::Duration;
 use kerwen_proto::v1::admin_client::AdminClient;
 use kerwen_proto::v1::exchange_client::ExchangeClient;
 use kerwen_proto::v1::{
-    subscribe_request, subscribe_response, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest,
-    DescribeMailboxRequest, Delivery, ListMailboxesRequest, MailboxInfo, Message, Position, PublishRequest,
-    PublishResponse, Settle, SubscribeRequest, SubscribeStart,
+    subscribe_request, subscribe_response, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest, DeadLetter,
+    DescribeMailboxRequest, Delivery, Extend, ListDeadLettersRequest, ListMailboxesRequest, MailboxInfo, Message, Position,
+    PublishRequest, PublishResponse, RedriveRequest, Settle, SubscribeRequest, SubscribeStart,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -172,16 +172,42 @@ impl Client {
         .await
     }
 
+    /// Dead letters of a mailbox (up to `limit`, 0 for the server's default), without payloads.
+    pub async fn list_dead_letters(&mut self, mailbox: &str, limit: u32) -> Result<Vec<DeadLetter>, Status> {
+        let req = ListDeadLettersRequest { mailbox: mailbox.to_owned(), limit };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AdminClient::new(ch).list_dead_letters(req).await.map(|r| r.into_inner().dead_letters) }
+        })
+        .await
+    }
+
+    /// Moves dead letters back into their mailbox (`positions`, or all of them); returns how
+    /// many moved.
+    pub async fn redrive(&mut self, mailbox: &str, positions: Vec<Position>, all: bool) -> Result<u64, Status> {
+        let req = RedriveRequest { mailbox: mailbox.to_owned(), positions, all };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AdminClient::new(ch).redrive_dead_letters(req).await.map(|r| r.into_inner().redriven) }
+        })
+        .await
+    }
+
     /// Opens a consumer stream on `mailbox` with `credits` granted up front.
     pub async fn subscribe(&mut self, mailbox: &str, credits: u32) -> Result<Subscription, Status> {
+        self.subscribe_to(mailbox, credits, false).await
+    }
+
+    /// Opens a consumer stream on the mailbox's dead-letter queue (`dead_letters`) or on the
+    /// mailbox itself.
+    pub async fn subscribe_to(&mut self, mailbox: &str, credits: u32, dead_letters: bool) -> Result<Subscription, Status> {
         let mailbox = mailbox.to_owned();
         self.with_failover(|ch| {
             let mailbox = mailbox.clone();
             async move {
                 let (tx, rx) = mpsc::channel(64);
-                let start = SubscribeRequest {
-                    request: Some(subscribe_request::Request::Start(SubscribeStart { mailbox, initial_credits: credits })),
-                };
+                let start = SubscribeStart { mailbox, initial_credits: credits, dead_letters };
+                let start = SubscribeRequest { request: Some(subscribe_request::Request::Start(start)) };
                 tx.send(start).await.map_err(|_| Status::internal("request stream closed"))?;
                 let mut client = ExchangeClient::new(ch).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
                 let inbound = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
@@ -228,11 +254,23 @@ impl Subscription {
     }
 
     pub async fn ack(&self, positions: Vec<Position>) -> Result<(), Status> {
-        self.send(subscribe_request::Request::Ack(Settle { positions })).await
+        self.send(subscribe_request::Request::Ack(Settle { positions, delay_ms: None })).await
     }
 
+    /// Gives messages back for redelivery after the mailbox's back-off.
     pub async fn nack(&self, positions: Vec<Position>) -> Result<(), Status> {
-        self.send(subscribe_request::Request::Nack(Settle { positions })).await
+        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms: None })).await
+    }
+
+    /// Gives messages back for redelivery no earlier than `delay` from now.
+    pub async fn nack_after(&self, positions: Vec<Position>, delay: Duration) -> Result<(), Status> {
+        let delay_ms = Some(delay.as_millis() as u64);
+        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms })).await
+    }
+
+    /// Extends the leases of messages this stream holds to end `lease` from now.
+    pub async fn extend(&self, positions: Vec<Position>, lease: Duration) -> Result<(), Status> {
+        self.send(subscribe_request::Request::Extend(Extend { positions, lease_ms: lease.as_millis() as u64 })).await
     }
 
     /// Next event, `None` when the server ended the stream, `Err(DEADLINE_EXCEEDED)` when

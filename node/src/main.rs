@@ -1,7 +1,7 @@
 //! The `kerwen` binary: `serve` and `dev` run nodes; every other command is a client.
 
 use clap::{Parser, Subcommand};
-use kerwen_node::cli::{self, ClientOpts, ConsumeArgs, MailboxCommand, PublishArgs};
+use kerwen_node::cli::{self, ClientOpts, ConsumeArgs, DlqCommand, MailboxCommand, PublishArgs};
 use kerwen_node::config::ServeArgs;
 use kerwen_node::dev::{self, DevArgs};
 use tracing_subscriber::EnvFilter;
@@ -31,6 +31,11 @@ enum Command {
     Publish(PublishArgs),
     /// Consume (and ack) messages from a mailbox.
     Consume(ConsumeArgs),
+    /// List and redrive a mailbox's dead letters.
+    Dlq {
+        #[command(subcommand)]
+        command: DlqCommand,
+    },
     /// Show nodes, Raft groups and their leaders.
     Status,
 }
@@ -67,6 +72,10 @@ async fn main() {
         Command::Consume(args) => {
             init_logging("warn");
             cli::consume(&cli.client, args).await
+        }
+        Command::Dlq { command } => {
+            init_logging("warn");
+            cli::dlq(&cli.client, command).await
         }
         Command::Status => {
             init_logging("warn");

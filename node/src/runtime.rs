@@ -9,11 +9,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kerwen_broker::delivery::ConsumerId;
 use kerwen_broker::model::{
-    Command, GroupId, MailboxId, MailboxInfo, NodeId, PartitionStats, Position, TypeConfig,
-    METADATA_GROUP,
+    Command, CommandResult, DeliveryPolicy, GroupId, Leased, MailboxId, MailboxInfo, NodeId, PartitionStats, Position,
+    TypeConfig, METADATA_GROUP,
 };
 use kerwen_broker::proposer::{Proposer, ProposerConfig, WriteOutcome};
-use kerwen_broker::storage::state_machine::Leased;
+use kerwen_broker::storage::state_machine::DeadLetterSummary;
 use kerwen_broker::storage::{MetaView, ShardView, StateMachine, Store};
 use kerwen_broker::BrokerError;
 use openraft::error::{InitializeError, RaftError};
@@ -24,25 +24,24 @@ use tokio::time::Instant;
 use crate::config::NodeConfig;
 use crate::transport::{PeerMethod, Peers, RaftTransport};
 
+/// How often a shard leader looks for messages to move to the dead-letter queue (time to
+/// live run out, last attempt's lease expired).
+const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// Most messages one sweep round moves per shard.
+const SWEEP_BUDGET: usize = 1_024;
+
 /// Arguments of a forwarded fetch (lease messages to a consumer).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FetchArgs {
     pub consumer: ConsumerId,
     pub mailbox: MailboxId,
+    /// Partitions of the mailbox on this shard (dead-letter partitions to consume those).
     pub partitions: Vec<u32>,
     pub max: u32,
-    pub lease_ms: u64,
+    /// The mailbox's delivery policy: lease length, redelivery, ordering.
+    pub policy: DeliveryPolicy,
     /// How long the leader may wait for messages when none are deliverable.
     pub wait_ms: u64,
-}
-
-/// Arguments of a forwarded release (give leases back).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReleaseArgs {
-    pub consumer: ConsumerId,
-    pub mailbox: MailboxId,
-    /// `None` releases every lease of the consumer on the mailbox.
-    pub positions: Option<Vec<Position>>,
 }
 
 /// Reads served by a group's leader.
@@ -54,6 +53,8 @@ pub enum ReadQuery {
     Mailboxes,
     /// Data shard: pending counts of a mailbox over some partitions.
     PartitionStats { mailbox: MailboxId, partitions: Vec<u32> },
+    /// Data shard: dead letters of a mailbox (without payloads).
+    DeadLetters { mailbox: MailboxId, partitions: Vec<u32>, limit: u32 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -61,6 +62,7 @@ pub enum ReadAnswer {
     Mailbox(Option<MailboxInfo>),
     Mailboxes(Vec<MailboxInfo>),
     PartitionStats(PartitionStats),
+    DeadLetters(Vec<DeadLetterSummary>),
 }
 
 /// One Raft group hosted on this node.
@@ -143,7 +145,9 @@ impl NodeRuntime {
         }
         let config = &runtime.config;
         tracing::info!(node = config.node_id, shards = config.shards, listen = %config.listen, "node started");
-        Ok(Arc::new(runtime))
+        let runtime = Arc::new(runtime);
+        runtime.run_sweeper();
+        Ok(runtime)
     }
 
     /// Stops every Raft group (the store closes when the last reference goes).
@@ -258,18 +262,28 @@ impl NodeRuntime {
 
     /// `fetch` on this node, which must lead `group`. Long-polls up to `wait_ms`. With
     /// `max == 0` it leases nothing and returns (empty) as soon as something is deliverable.
+    ///
+    /// The leader picks the messages; the lease itself is a command through the shard's log,
+    /// so attempt counts, lease ends and back-off survive a leader change.
     pub async fn fetch_local(&self, group: GroupId, args: FetchArgs) -> Result<Vec<Leased>, BrokerError> {
         let shard = self.shard(group)?;
         let mut applied = shard.view.applied();
         let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
+        let ordered = args.policy.ordered;
         loop {
             let term = self.leading_term(group)?;
+            let now = now_unix_ms();
             let answer = if args.max == 0 {
-                shard.view.has_deliverable(term, args.mailbox, &args.partitions)?.then(Vec::new)
+                let any = shard.view.select(term, args.mailbox, &args.partitions, 1, ordered, now, false)?;
+                (!any.is_empty()).then(Vec::new)
             } else {
-                let lease = Duration::from_millis(args.lease_ms);
-                let got = shard.view.fetch(term, args.consumer, args.mailbox, &args.partitions, args.max as usize, lease)?;
-                (!got.is_empty()).then_some(got)
+                let picked = shard.view.select(term, args.mailbox, &args.partitions, args.max as usize, ordered, now, true)?;
+                if picked.is_empty() {
+                    None
+                } else {
+                    let got = self.lease(group, &args, picked, now).await?;
+                    (!got.is_empty()).then_some(got)
+                }
             };
             let left = deadline.saturating_duration_since(Instant::now());
             match answer {
@@ -282,15 +296,67 @@ impl NodeRuntime {
         }
     }
 
-    pub async fn release(&self, group: GroupId, args: ReleaseArgs) -> Result<(), BrokerError> {
-        self.route(group, PeerMethod::Release, &args, || async { self.release_local(group, &args) }).await
+    /// Proposes the lease of `picked` (chosen by this leader) and returns what was leased.
+    async fn lease(&self, group: GroupId, args: &FetchArgs, picked: Vec<Position>, now: i64) -> Result<Vec<Leased>, BrokerError> {
+        let view = &self.shard(group)?.view;
+        let lease_ms = i64::try_from(args.policy.lease_ms).unwrap_or(i64::MAX);
+        let cmd = Command::Lease {
+            mailbox: args.mailbox,
+            consumer: args.consumer,
+            positions: picked.clone(),
+            now_unix_ms: now,
+            until_unix_ms: now.saturating_add(lease_ms),
+            policy: args.policy.redelivery,
+        };
+        let outcome = self.write_local(group, cmd).await;
+        view.unreserve(args.mailbox, &picked, outcome.is_err());
+        match outcome?.1 {
+            CommandResult::Leased(leased) => Ok(leased),
+            CommandResult::Rejected(e) => Err(e),
+            other => Err(BrokerError::Internal(format!("unexpected lease result {other:?}"))),
+        }
     }
 
-    /// `release` on this node, which must lead `group`.
-    pub fn release_local(&self, group: GroupId, args: &ReleaseArgs) -> Result<(), BrokerError> {
-        self.leading_term(group)?;
-        self.shard(group)?.view.release(args.consumer, args.mailbox, args.positions.as_deref());
-        Ok(())
+    /// Proposes moving expired and exhausted messages of the shards this node leads to their
+    /// dead-letter queues. Run periodically by [`Self::run_sweeper`].
+    pub async fn sweep(&self) {
+        for (group, shard) in &self.shards {
+            if self.leading_term(*group).is_err() {
+                continue;
+            }
+            let now = now_unix_ms();
+            let candidates = match shard.view.sweep_candidates(now, SWEEP_BUDGET) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "dead-letter sweep could not read the shard");
+                    continue;
+                }
+            };
+            for (mailbox, positions) in candidates {
+                let count = positions.len();
+                match self.write_local(*group, Command::DeadLetter { mailbox, positions, now_unix_ms: now }).await {
+                    Ok((_, CommandResult::Changed(n))) if n > 0 => {
+                        tracing::debug!(group, mailbox, moved = n, candidates = count, "dead-lettered messages")
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::debug!(group, error = %e, "dead-letter sweep not applied; next round retries"),
+                }
+            }
+        }
+    }
+
+    /// Sweeps every `SWEEP_INTERVAL` until the runtime is dropped.
+    fn run_sweeper(self: &Arc<Self>) {
+        let runtime = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(SWEEP_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(runtime) = runtime.upgrade() else { return };
+                runtime.sweep().await;
+            }
+        });
     }
 
     /// A read served by `group`'s leader after confirming its leadership with a quorum.
@@ -311,6 +377,9 @@ impl NodeRuntime {
             ReadQuery::Mailboxes => Ok(ReadAnswer::Mailboxes(self.meta.view.mailboxes())),
             ReadQuery::PartitionStats { mailbox, partitions } => {
                 Ok(ReadAnswer::PartitionStats(self.shard(group)?.view.stats(mailbox, &partitions)?))
+            }
+            ReadQuery::DeadLetters { mailbox, partitions, limit } => {
+                Ok(ReadAnswer::DeadLetters(self.shard(group)?.view.dead_letters(mailbox, &partitions, limit as usize)?))
             }
         }
     }
@@ -336,10 +405,12 @@ impl NodeRuntime {
         }
     }
 
-    /// Pending messages and bytes of a mailbox, summed over its shards' leaders.
-    pub async fn mailbox_stats(&self, info: &MailboxInfo) -> Result<PartitionStats, BrokerError> {
+    /// Pending messages and bytes of a mailbox (or, with `dead_letters`, of its dead-letter
+    /// queue), summed over its shards' leaders.
+    pub async fn mailbox_stats(&self, info: &MailboxInfo, dead_letters: bool) -> Result<PartitionStats, BrokerError> {
         let mut total = PartitionStats::default();
-        for (shard, partitions) in info.partitions_by_shard() {
+        let by_shard = if dead_letters { info.dead_letter_partitions_by_shard() } else { info.partitions_by_shard() };
+        for (shard, partitions) in by_shard {
             match self.read(shard, ReadQuery::PartitionStats { mailbox: info.id, partitions }).await? {
                 ReadAnswer::PartitionStats(s) => {
                     total.messages += s.messages;

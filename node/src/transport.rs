@@ -149,7 +149,6 @@ impl Peers {
         let reply: Result<tonic::Response<PeerReply>, tonic::Status> = match method {
             PeerMethod::Write => client.write(request).await,
             PeerMethod::Fetch => client.fetch(request).await,
-            PeerMethod::Release => client.release(request).await,
             PeerMethod::Read => client.read(request).await,
         };
         let reply = reply.map_err(|s| BrokerError::Unavailable(format!("node {node}: {}", s.message())))?;
@@ -162,7 +161,6 @@ impl Peers {
 pub enum PeerMethod {
     Write,
     Fetch,
-    Release,
     Read,
 }
 
@@ -276,6 +274,9 @@ mod tests {
             payload: vec![0u8; payload_bytes].into(),
             ordering_key: None,
             accepted_unix_ms: 0,
+            ttl_ms: None,
+            expires_unix_ms: None,
+            dead_letter: None,
         };
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),

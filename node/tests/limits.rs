@@ -20,6 +20,7 @@ fn message(id: usize, size: usize) -> Message {
         headers: HashMap::new(),
         payload: vec![7u8; size].into(),
         ordering_key: None,
+        ttl_ms: None,
     }
 }
 

@@ -27,6 +27,7 @@ async fn publish(client: &mut Client, first: usize, count: usize) -> Result<()> 
             headers: HashMap::new(),
             payload: format!("payload {i}").into_bytes().into(),
             ordering_key: None,
+            ttl_ms: None,
         })
         .collect();
     client.publish(messages).await.map_err(|s| anyhow::anyhow!("publish: {s}"))?;

@@ -12,6 +12,11 @@
 //! | `state`       | group u32, `m`, mailbox u64, partition u32, seq u64 | bincode `StoredMessage` |
 //! | `state`       | group u32, `d`, mailbox u64, message id          | bincode dedup record (position, accept time) |
 //! | `state`       | group u32, `e`, mailbox u64, accept ms u64, message id | empty: dedup records in expiry order |
+//! | `state`       | group u32, `l`, mailbox u64, partition u32, seq u64 | bincode `DeliveryState` (delivered at least once) |
+//! | `state`       | group u32, `t`, expires ms u64, mailbox u64, partition u32, seq u64 | empty: messages with a time to live, in expiry order |
+//!
+//! Dead-letter partitions are partition numbers with the top bit set, so a mailbox's dead
+//! letters sort after its live messages.
 
 use crate::model::{GroupId, MailboxId};
 
@@ -27,6 +32,8 @@ pub const KIND_PARTITION: u8 = b'p';
 pub const KIND_MESSAGE: u8 = b'm';
 pub const KIND_DEDUP: u8 = b'd';
 pub const KIND_DEDUP_EXPIRY: u8 = b'e';
+pub const KIND_DELIVERY: u8 = b'l';
+pub const KIND_TTL: u8 = b't';
 
 pub fn group_prefix(group: GroupId) -> [u8; 4] {
     group.to_be_bytes()
@@ -136,4 +143,42 @@ pub fn parse_dedup_expiry(rest: &[u8]) -> Option<(i64, &str)> {
     let (time, id) = rest.split_at_checked(8)?;
     let time = i64::try_from(u64::from_be_bytes(time.try_into().ok()?)).ok()?;
     Some((time, std::str::from_utf8(id).ok()?))
+}
+
+/// The delivery state of a message that has been delivered at least once.
+pub fn delivery_key(group: GroupId, mailbox: MailboxId, partition: u32, seq: u64) -> Vec<u8> {
+    let mut rest = [0u8; 20];
+    rest[..8].copy_from_slice(&mailbox.to_be_bytes());
+    rest[8..12].copy_from_slice(&partition.to_be_bytes());
+    rest[12..].copy_from_slice(&seq.to_be_bytes());
+    state_key(group, KIND_DELIVERY, &rest)
+}
+
+/// Splits the rest of a delivery key after `group, l` into (mailbox, partition, seq).
+pub fn parse_position_rest(rest: &[u8]) -> Option<(MailboxId, u32, u64)> {
+    if rest.len() != 20 {
+        return None;
+    }
+    let mailbox = MailboxId::from_be_bytes(rest[..8].try_into().ok()?);
+    let partition = u32::from_be_bytes(rest[8..12].try_into().ok()?);
+    let seq = u64::from_be_bytes(rest[12..].try_into().ok()?);
+    Some((mailbox, partition, seq))
+}
+
+/// An entry of the shard's time-to-live index. Times before 1970 sort as 0.
+pub fn ttl_key(group: GroupId, expires_unix_ms: i64, mailbox: MailboxId, partition: u32, seq: u64) -> Vec<u8> {
+    let mut rest = [0u8; 28];
+    rest[..8].copy_from_slice(&u64::try_from(expires_unix_ms).unwrap_or(0).to_be_bytes());
+    rest[8..16].copy_from_slice(&mailbox.to_be_bytes());
+    rest[16..20].copy_from_slice(&partition.to_be_bytes());
+    rest[20..].copy_from_slice(&seq.to_be_bytes());
+    state_key(group, KIND_TTL, &rest)
+}
+
+/// Splits the rest of a TTL key after `group, t` into (expires ms, mailbox, partition, seq).
+pub fn parse_ttl_rest(rest: &[u8]) -> Option<(i64, MailboxId, u32, u64)> {
+    let (time, position) = rest.split_at_checked(8)?;
+    let time = i64::try_from(u64::from_be_bytes(time.try_into().ok()?)).ok()?;
+    let (mailbox, partition, seq) = parse_position_rest(position)?;
+    Some((time, mailbox, partition, seq))
 }

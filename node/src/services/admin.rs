@@ -1,16 +1,20 @@
-//! `kerwen.v1.Admin`: mailboxes and cluster status.
+//! `kerwen.v1.Admin`: mailboxes, their dead-letter queues, and cluster status.
 
 use std::sync::Arc;
 
 use kerwen_broker::ids::ServiceId;
-use kerwen_broker::model::{Command, CommandResult, MailboxInfo, MailboxLimits, METADATA_GROUP};
+use kerwen_broker::model::{
+    dead_letter_partition, is_dead_letter, Command, CommandResult, DeliveryPolicy, MailboxInfo, MailboxLimits, Position,
+    RedeliveryPolicy, METADATA_GROUP,
+};
 use kerwen_broker::storage::state_machine::MAX_PARTITIONS;
 use kerwen_proto::v1 as pb;
 use kerwen_proto::v1::admin_server::Admin;
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
-use crate::runtime::{now_unix_ms, NodeRuntime};
+use crate::runtime::{now_unix_ms, NodeRuntime, ReadAnswer, ReadQuery};
+use crate::services::exchange::{to_proto_dead_letter, to_proto_position};
 use crate::status::to_status;
 
 pub struct AdminService {
@@ -35,7 +39,55 @@ fn to_proto(info: MailboxInfo) -> pb::MailboxInfo {
         dedup_window_ms: info.limits.dedup_window_ms,
         max_messages: info.limits.max_messages,
         max_bytes: info.limits.max_bytes,
+        lease_ms: info.policy.lease_ms,
+        max_attempts: info.policy.redelivery.max_attempts,
+        backoff_initial_ms: info.policy.redelivery.backoff_initial_ms,
+        backoff_max_ms: info.policy.redelivery.backoff_max_ms,
+        default_ttl_ms: info.policy.default_ttl_ms,
+        ordered: info.policy.ordered,
+        dead_letter_messages: 0,
+        dead_letter_bytes: 0,
     }
+}
+
+/// Most dead letters one list call returns.
+const MAX_DEAD_LETTER_PAGE: u32 = 10_000;
+/// Most dead letters one redrive command moves: applying it rewrites their payloads.
+const REDRIVE_PAGE: u32 = 256;
+/// Longest lease, back-off or default time to live a mailbox may ask for: 7 days.
+const MAX_POLICY_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+/// The delivery policy asked for, defaults filled in (0 means default).
+fn requested_policy(req: &pb::CreateMailboxRequest, default_lease_ms: u64) -> Result<DeliveryPolicy, Status> {
+    let defaults = DeliveryPolicy::default();
+    let or_default = |value: u64, default: u64| if value == 0 { default } else { value };
+    let policy = DeliveryPolicy {
+        lease_ms: or_default(req.lease_ms, default_lease_ms),
+        redelivery: RedeliveryPolicy {
+            max_attempts: if req.max_attempts == 0 { defaults.redelivery.max_attempts } else { req.max_attempts },
+            backoff_initial_ms: or_default(req.backoff_initial_ms, defaults.redelivery.backoff_initial_ms),
+            backoff_max_ms: or_default(req.backoff_max_ms, defaults.redelivery.backoff_max_ms),
+        },
+        default_ttl_ms: req.default_ttl_ms,
+        ordered: req.ordered,
+    };
+    for (name, value) in [
+        ("lease_ms", policy.lease_ms),
+        ("backoff_initial_ms", policy.redelivery.backoff_initial_ms),
+        ("backoff_max_ms", policy.redelivery.backoff_max_ms),
+        ("default_ttl_ms", policy.default_ttl_ms),
+    ] {
+        if value > MAX_POLICY_MS {
+            return Err(Status::invalid_argument(format!("{name} must be at most {MAX_POLICY_MS} (7 days), got {value}")));
+        }
+    }
+    if policy.redelivery.backoff_initial_ms > policy.redelivery.backoff_max_ms {
+        return Err(Status::invalid_argument(format!(
+            "backoff_initial_ms ({}) must not exceed backoff_max_ms ({})",
+            policy.redelivery.backoff_initial_ms, policy.redelivery.backoff_max_ms
+        )));
+    }
+    Ok(policy)
 }
 
 /// Longest accepted dedup window.
@@ -56,6 +108,26 @@ fn requested_limits(req: &pb::CreateMailboxRequest) -> Result<MailboxLimits, Sta
         )));
     }
     Ok(limits)
+}
+
+impl AdminService {
+    async fn mailbox(&self, service: &str) -> Result<MailboxInfo, Status> {
+        service.parse::<ServiceId>().map_err(|e| Status::invalid_argument(format!("mailbox: {e}")))?;
+        self.runtime.mailbox(service).await.map_err(to_status)
+    }
+
+    /// Moves dead letters of one shard back into the mailbox; returns how many moved.
+    async fn redrive(&self, shard: u32, mailbox: u64, positions: Vec<Position>) -> Result<u64, Status> {
+        if positions.is_empty() {
+            return Ok(0);
+        }
+        let cmd = Command::Redrive { mailbox, positions, now_unix_ms: now_unix_ms() };
+        match self.runtime.write(shard, cmd).await.map_err(to_status)?.1 {
+            CommandResult::Changed(n) => Ok(n),
+            CommandResult::Rejected(e) => Err(to_status(e)),
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
 }
 
 fn role(state: ServerState) -> &'static str {
@@ -83,6 +155,7 @@ impl Admin for AdminService {
             shard_count: self.runtime.config.shards,
             created_unix_ms: now_unix_ms(),
             limits: requested_limits(&req)?,
+            policy: requested_policy(&req, self.runtime.config.lease.as_millis() as u64)?,
         };
         match self.runtime.write(METADATA_GROUP, cmd).await.map_err(to_status)?.1 {
             CommandResult::MailboxCreated(info) => {
@@ -103,11 +176,93 @@ impl Admin for AdminService {
         let service = request.into_inner().service;
         service.parse::<ServiceId>().map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
         let info = self.runtime.mailbox(&service).await.map_err(to_status)?;
-        let stats = self.runtime.mailbox_stats(&info).await.map_err(to_status)?;
+        let stats = self.runtime.mailbox_stats(&info, false).await.map_err(to_status)?;
+        let dead = self.runtime.mailbox_stats(&info, true).await.map_err(to_status)?;
         let mut out = to_proto(info);
         out.pending_messages = stats.messages;
         out.pending_bytes = stats.bytes;
+        out.dead_letter_messages = dead.messages;
+        out.dead_letter_bytes = dead.bytes;
         Ok(Response::new(out))
+    }
+
+    async fn list_dead_letters(
+        &self,
+        request: Request<pb::ListDeadLettersRequest>,
+    ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let req = request.into_inner();
+        let info = self.mailbox(&req.mailbox).await?;
+        let limit = if req.limit == 0 { 100 } else { req.limit.min(MAX_DEAD_LETTER_PAGE) };
+        let mut dead_letters = Vec::new();
+        for (shard, partitions) in info.dead_letter_partitions_by_shard() {
+            let left = limit.saturating_sub(dead_letters.len() as u32);
+            if left == 0 {
+                break;
+            }
+            let query = ReadQuery::DeadLetters { mailbox: info.id, partitions, limit: left };
+            let ReadAnswer::DeadLetters(found) = self.runtime.read(shard, query).await.map_err(to_status)? else {
+                return Err(Status::internal("unexpected answer to a dead-letter listing"));
+            };
+            dead_letters.extend(found.into_iter().map(|d| pb::DeadLetter {
+                position: Some(to_proto_position(d.position)),
+                id: d.id,
+                payload_bytes: d.payload_bytes,
+                ordering_key: d.ordering_key,
+                accepted_unix_ms: d.accepted_unix_ms,
+                info: Some(to_proto_dead_letter(&d.letter)),
+            }));
+        }
+        Ok(Response::new(pb::ListDeadLettersResponse { dead_letters }))
+    }
+
+    async fn redrive_dead_letters(&self, request: Request<pb::RedriveRequest>) -> Result<Response<pb::RedriveResponse>, Status> {
+        let req = request.into_inner();
+        let info = self.mailbox(&req.mailbox).await?;
+        let mut by_shard: std::collections::BTreeMap<u32, Vec<Position>> = Default::default();
+        if !req.all {
+            if req.positions.is_empty() {
+                return Err(Status::invalid_argument("name the dead-letter positions to redrive, or ask for all"));
+            }
+            for p in &req.positions {
+                if !is_dead_letter(p.partition) {
+                    return Err(Status::invalid_argument(format!(
+                        "position {}:{} is not in the dead-letter queue (its partitions have the top bit set)",
+                        p.partition, p.sequence
+                    )));
+                }
+                let shard = info
+                    .shard_of_any(p.partition)
+                    .ok_or_else(|| Status::invalid_argument(format!("partition {} does not exist", p.partition)))?;
+                by_shard.entry(shard).or_default().push(Position { partition: p.partition, sequence: p.sequence });
+            }
+        }
+        let mut redriven = 0;
+        if req.all {
+            // Page through each shard's dead letters until none are left to move.
+            for (shard, partitions) in info.partitions_by_shard() {
+                let partitions: Vec<u32> = partitions.into_iter().map(dead_letter_partition).collect();
+                loop {
+                    let query = ReadQuery::DeadLetters { mailbox: info.id, partitions: partitions.clone(), limit: REDRIVE_PAGE };
+                    let ReadAnswer::DeadLetters(found) = self.runtime.read(shard, query).await.map_err(to_status)? else {
+                        return Err(Status::internal("unexpected answer to a dead-letter listing"));
+                    };
+                    let positions: Vec<Position> = found.into_iter().map(|d| d.position).collect();
+                    let moved = self.redrive(shard, info.id, positions).await?;
+                    redriven += moved;
+                    if moved == 0 {
+                        break;
+                    }
+                }
+            }
+        } else {
+            for (shard, positions) in by_shard {
+                for page in positions.chunks(REDRIVE_PAGE as usize) {
+                    redriven += self.redrive(shard, info.id, page.to_vec()).await?;
+                }
+            }
+        }
+        tracing::info!(mailbox = %info.service, redriven, "dead letters redriven");
+        Ok(Response::new(pb::RedriveResponse { redriven }))
     }
 
     async fn cluster_status(&self, _request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {

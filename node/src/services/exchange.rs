@@ -5,10 +5,11 @@
 //! where the first attempt did and is deduplicated there) and sends one Raft command per
 //! shard, carrying the mailboxes' limits as that shard enforces them.
 //!
-//! Subscribe runs one pump task per shard of the mailbox. Each pump takes credits granted by
-//! the client, leases that many messages from the shard leader (long-polling), and streams
-//! them. Acks are replicated through the shard's Raft log and confirmed back on the stream;
-//! when the stream ends, the consumer's remaining leases are released for redelivery.
+//! Subscribe runs one pump task per shard of the mailbox (or of its dead-letter queue). Each
+//! pump takes credits granted by the client, has the shard leader lease that many messages
+//! (long-polling; the lease is a Raft command), and streams them. Acks, nacks and lease
+//! extensions are replicated through the shard's Raft log; when the stream ends, the
+//! consumer's remaining leases are released for redelivery.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -17,8 +18,10 @@ use std::time::Duration;
 
 use futures::Stream;
 use kerwen_broker::ids::ServiceId;
-use kerwen_broker::model::{Command, CommandResult, GroupId, MailboxInfo, NewMessage, Position, StoredMessage};
-use kerwen_broker::storage::state_machine::Leased;
+use kerwen_broker::model::{
+    AttemptOutcome, Command, CommandResult, DeadLetter, GroupId, Leased, MailboxInfo, NewMessage, Position, SettleAction,
+    StoredMessage,
+};
 use kerwen_broker::BrokerError;
 use kerwen_proto::v1 as pb;
 use kerwen_proto::v1::exchange_server::Exchange;
@@ -27,7 +30,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::runtime::{now_unix_ms, FetchArgs, NodeRuntime, ReleaseArgs};
+use crate::runtime::{now_unix_ms, FetchArgs, NodeRuntime};
 use crate::status::to_status;
 
 /// Longest accepted message id, in bytes.
@@ -42,6 +45,10 @@ const MAX_ACKS_IN_FLIGHT: usize = 64;
 const MAX_OUTSTANDING_CREDITS: usize = 1 << 20;
 /// How long a shard leader may hold a wait-for-messages call.
 const FETCH_WAIT_MS: u64 = 1_000;
+/// Longest time to live a message may ask for: one year.
+const MAX_TTL_MS: u64 = 365 * 24 * 60 * 60 * 1000;
+/// Longest nack delay or lease extension: 7 days.
+const MAX_SETTLE_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
 pub struct ExchangeService {
     runtime: Arc<NodeRuntime>,
@@ -70,6 +77,11 @@ fn validate_message(m: &pb::Message, index: usize, max_payload: usize) -> Result
     if m.payload.is_empty() {
         return Err(bad("payload is empty".into()));
     }
+    if let Some(ttl) = m.ttl_ms {
+        if ttl == 0 || ttl > MAX_TTL_MS {
+            return Err(bad(format!("ttl_ms must be 1..={MAX_TTL_MS}, got {ttl}")));
+        }
+    }
     if m.payload.len() > max_payload {
         return Err(Status::resource_exhausted(format!(
             "message {index}: payload of {} bytes exceeds the limit of {max_payload} bytes",
@@ -86,20 +98,51 @@ fn to_proto_message(m: StoredMessage) -> pb::Message {
         headers: m.headers.into_iter().collect(),
         payload: m.payload,
         ordering_key: m.ordering_key,
+        ttl_ms: m.ttl_ms,
     }
 }
 
-fn to_proto_position(p: Position) -> pb::Position {
+pub(crate) fn to_proto_position(p: Position) -> pb::Position {
     pb::Position { partition: p.partition, sequence: p.sequence }
 }
 
+pub(crate) fn to_proto_dead_letter(d: &DeadLetter) -> pb::DeadLetterInfo {
+    pb::DeadLetterInfo {
+        reason: d.reason.as_str().to_owned(),
+        from: Some(to_proto_position(d.from)),
+        dead_lettered_unix_ms: d.dead_lettered_unix_ms,
+        attempts: d.attempts,
+        history: d
+            .history
+            .iter()
+            .map(|a| pb::AttemptRecord {
+                consumer: a.consumer,
+                leased_unix_ms: a.leased_unix_ms,
+                outcome: a.outcome.as_str().to_owned(),
+                ended_unix_ms: match a.outcome {
+                    AttemptOutcome::Leased { until_unix_ms } => until_unix_ms,
+                    AttemptOutcome::Nacked { at_unix_ms }
+                    | AttemptOutcome::Released { at_unix_ms }
+                    | AttemptOutcome::Expired { at_unix_ms } => at_unix_ms,
+                },
+            })
+            .collect(),
+    }
+}
+
 fn to_delivery(l: Leased) -> pb::SubscribeResponse {
+    let dead_letter = l.message.dead_letter.as_ref().map(to_proto_dead_letter);
+    let accepted_unix_ms = l.message.accepted_unix_ms;
+    let expires_unix_ms = l.message.expires_unix_ms.unwrap_or(0);
     pb::SubscribeResponse {
         event: Some(subscribe_response::Event::Delivery(pb::Delivery {
             message: Some(to_proto_message(l.message)),
             position: Some(to_proto_position(l.position)),
             attempt: l.attempt,
             lease_expires_unix_ms: l.lease_expires_unix_ms,
+            dead_letter,
+            accepted_unix_ms,
+            expires_unix_ms,
         })),
     }
 }
@@ -140,6 +183,8 @@ impl Exchange for ExchangeService {
             let routing_key = m.ordering_key.as_deref().unwrap_or(&m.id);
             let partition = (stable_hash(routing_key) % u64::from(info.partitions)) as u32;
             let shard = info.shard_of(partition).ok_or_else(|| Status::internal("partition without shard"))?;
+            let ttl_ms = m.ttl_ms.or((info.policy.default_ttl_ms > 0).then_some(info.policy.default_ttl_ms));
+            let expires_unix_ms = ttl_ms.map(|ttl| accepted_unix_ms.saturating_add(ttl as i64));
             let new = NewMessage {
                 mailbox: info.id,
                 partition,
@@ -150,6 +195,9 @@ impl Exchange for ExchangeService {
                     payload: m.payload,
                     ordering_key: m.ordering_key,
                     accepted_unix_ms,
+                    ttl_ms,
+                    expires_unix_ms,
+                    dead_letter: None,
                 },
             };
             let entry = by_shard.entry(shard).or_default();
@@ -210,8 +258,7 @@ impl Exchange for ExchangeService {
 
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::SubscribeResponse, Status>>(MAX_FETCH as usize);
         let credits = Arc::new(Semaphore::new((start.initial_credits as usize).min(MAX_OUTSTANDING_CREDITS)));
-        let shards = info.partitions_by_shard();
-        let lease_ms = self.runtime.config.lease.as_millis() as u64;
+        let shards = if start.dead_letters { info.dead_letter_partitions_by_shard() } else { info.partitions_by_shard() };
         let mut pumps = Vec::new();
         for (shard, partitions) in &shards {
             let pump = Pump {
@@ -222,7 +269,7 @@ impl Exchange for ExchangeService {
                     mailbox: info.id,
                     partitions: partitions.clone(),
                     max: 0,
-                    lease_ms,
+                    policy: info.policy,
                     wait_ms: 0,
                 },
                 credits: credits.clone(),
@@ -240,12 +287,9 @@ impl Exchange for ExchangeService {
                     Ok(Some(r)) => r.request,
                     Ok(None) | Err(_) => break,
                 };
-                if let Some(subscribe_request::Request::Ack(settle) | subscribe_request::Request::Nack(settle)) = &request {
-                    if settle.positions.len() > MAX_SETTLE_POSITIONS {
-                        let message = format!("an ack or nack may carry at most {MAX_SETTLE_POSITIONS} positions");
-                        let _ = out_tx.send(Err(Status::invalid_argument(message))).await;
-                        break;
-                    }
+                if let Err(status) = validate_settle(&request) {
+                    let _ = out_tx.send(Err(status)).await;
+                    break;
                 }
                 match request {
                     Some(subscribe_request::Request::Credits(n)) => {
@@ -254,7 +298,7 @@ impl Exchange for ExchangeService {
                         credits.add_permits((n as usize).min(room));
                     }
                     Some(subscribe_request::Request::Ack(settle)) => {
-                        for (shard, positions) in group_positions(&info, settle) {
+                        for (shard, positions) in group_positions(&info, settle.positions) {
                             let Ok(slot) = ack_slots.clone().acquire_owned().await else { break };
                             let runtime = runtime.clone();
                             let out = out_tx.clone();
@@ -265,6 +309,7 @@ impl Exchange for ExchangeService {
                                     Ok(_) => Ok(pb::SubscribeResponse {
                                         event: Some(subscribe_response::Event::Acked(pb::Settle {
                                             positions: positions.into_iter().map(to_proto_position).collect(),
+                                            delay_ms: None,
                                         })),
                                     }),
                                     Err(e) => Err(to_status(e)),
@@ -274,12 +319,13 @@ impl Exchange for ExchangeService {
                         }
                     }
                     Some(subscribe_request::Request::Nack(settle)) => {
-                        for (shard, positions) in group_positions(&info, settle) {
-                            let args = ReleaseArgs { consumer, mailbox, positions: Some(positions) };
-                            if let Err(e) = runtime.release(shard, args).await {
-                                tracing::debug!(error = %e, "nack could not be applied; the lease will expire");
-                            }
-                        }
+                        let action = SettleAction::Nack { delay_ms: settle.delay_ms };
+                        settle_leases(&runtime, &info, consumer, group_positions(&info, settle.positions), action).await;
+                    }
+                    Some(subscribe_request::Request::Extend(extend)) => {
+                        let until = now_unix_ms().saturating_add(extend.lease_ms as i64);
+                        let action = SettleAction::Extend { until_unix_ms: until };
+                        settle_leases(&runtime, &info, consumer, group_positions(&info, extend.positions), action).await;
                     }
                     Some(subscribe_request::Request::Start(_)) => {
                         let _ = out_tx.send(Err(Status::invalid_argument("subscription already started"))).await;
@@ -292,8 +338,8 @@ impl Exchange for ExchangeService {
                 pump.abort();
             }
             for shard in shards.keys() {
-                let args = ReleaseArgs { consumer, mailbox, positions: None };
-                if let Err(e) = runtime.release(*shard, args).await {
+                let cmd = Command::ReleaseConsumer { mailbox, consumer, now_unix_ms: now_unix_ms() };
+                if let Err(e) = runtime.write(*shard, cmd).await {
                     tracing::debug!(error = %e, shard, "release on disconnect failed; leases will expire");
                 }
             }
@@ -304,10 +350,46 @@ impl Exchange for ExchangeService {
     }
 }
 
-fn group_positions(info: &MailboxInfo, settle: pb::Settle) -> BTreeMap<GroupId, Vec<Position>> {
+/// Checks the size and bounds of an ack, nack or extension.
+fn validate_settle(request: &Option<subscribe_request::Request>) -> Result<(), Status> {
+    let (positions, millis) = match request {
+        Some(subscribe_request::Request::Ack(s)) => (s.positions.len(), None),
+        Some(subscribe_request::Request::Nack(s)) => (s.positions.len(), s.delay_ms),
+        Some(subscribe_request::Request::Extend(e)) => (e.positions.len(), Some(e.lease_ms)),
+        _ => return Ok(()),
+    };
+    if positions > MAX_SETTLE_POSITIONS {
+        return Err(Status::invalid_argument(format!(
+            "an ack, nack or extension may carry at most {MAX_SETTLE_POSITIONS} positions"
+        )));
+    }
+    if millis.is_some_and(|ms| ms > MAX_SETTLE_MS) {
+        return Err(Status::invalid_argument(format!("a nack delay or lease extension may be at most {MAX_SETTLE_MS} ms")));
+    }
+    Ok(())
+}
+
+/// Replicates a nack or lease extension per shard. A failure is logged, not fatal: the
+/// lease then simply runs out and the message is redelivered.
+async fn settle_leases(
+    runtime: &NodeRuntime,
+    info: &MailboxInfo,
+    consumer: u64,
+    by_shard: BTreeMap<GroupId, Vec<Position>>,
+    action: SettleAction,
+) {
+    for (shard, positions) in by_shard {
+        let cmd = Command::Settle { mailbox: info.id, consumer, positions, now_unix_ms: now_unix_ms(), action };
+        if let Err(e) = runtime.write(shard, cmd).await {
+            tracing::debug!(error = %e, shard, "settle not applied; the lease will run out instead");
+        }
+    }
+}
+
+fn group_positions(info: &MailboxInfo, positions: Vec<pb::Position>) -> BTreeMap<GroupId, Vec<Position>> {
     let mut by_shard: BTreeMap<GroupId, Vec<Position>> = BTreeMap::new();
-    for p in settle.positions {
-        if let Some(shard) = info.shard_of(p.partition) {
+    for p in positions {
+        if let Some(shard) = info.shard_of_any(p.partition) {
             by_shard.entry(shard).or_default().push(Position { partition: p.partition, sequence: p.sequence });
         }
     }

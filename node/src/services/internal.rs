@@ -15,7 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
-use crate::runtime::{FetchArgs, NodeRuntime, ReadQuery, ReleaseArgs};
+use crate::runtime::{FetchArgs, NodeRuntime, ReadQuery};
 use crate::transport::{decode, encode};
 
 pub struct InternalService {
@@ -96,13 +96,6 @@ impl Peer for InternalService {
         let mut args: FetchArgs = decode(&req.body).map_err(bad_body)?;
         args.wait_ms = args.wait_ms.min(Duration::from_secs(5).as_millis() as u64);
         peer_reply(self.runtime.fetch_local(req.group, args).await)
-    }
-
-    async fn release(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
-        let req = request.into_inner();
-        self.admit(req.from)?;
-        let args: ReleaseArgs = decode(&req.body).map_err(bad_body)?;
-        peer_reply(self.runtime.release_local(req.group, &args))
     }
 
     async fn read(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {

@@ -850,6 +850,7 @@ pub fn message(id: impl Into<String>, recipient: &str, ordering_key: Option<Stri
         headers: HashMap::new(),
         payload: payload.into(),
         ordering_key,
+        ttl_ms: None,
     }
 }
 

@@ -9,10 +9,11 @@
 //!
 //! Architecture invariant: `apply` reads no clock and draws no randomness.
 
+mod delivery;
+
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Cursor;
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine, Snapshot};
 use openraft::{
@@ -23,13 +24,15 @@ use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::keys::{self, KIND_APPLIED, KIND_MAILBOX, KIND_NEXT_MAILBOX_ID, TAG_SNAPSHOT};
+use super::keys::{self, KIND_APPLIED, KIND_DELIVERY, KIND_MAILBOX, KIND_NEXT_MAILBOX_ID, KIND_TTL, TAG_SNAPSHOT};
 use super::{decode, encode, Store, CF_RAFT_META, CF_STATE};
-use crate::delivery::{ConsumerId, DeliveryTracker};
+use self::delivery::{LeaseRequest, PartitionCache, SettleRequest};
+use crate::delivery::{DeliveryTracker, PartitionDelivery};
 use crate::error::{BrokerError, Result};
 use crate::model::{
-    Command, CommandResult, GroupId, MailboxId, MailboxInfo, MailboxLimits, NewMessage, NodeId, PartitionStats,
-    Position, ShardLimits, StoredMessage, TypeConfig, METADATA_GROUP,
+    dead_letter_partition, is_dead_letter, Command, CommandResult, DeliveryPolicy, DeliveryState, GroupId, MailboxId,
+    MailboxInfo, MailboxLimits, NewMessage, NodeId, PartitionStats, Position, ShardLimits, StoredMessage, TypeConfig,
+    METADATA_GROUP,
 };
 
 type StorageResult<T> = std::result::Result<T, StorageError<NodeId>>;
@@ -83,15 +86,6 @@ impl MetaView {
     }
 }
 
-/// One leased message handed to a consumer.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Leased {
-    pub position: Position,
-    pub message: StoredMessage,
-    pub attempt: u32,
-    pub lease_expires_unix_ms: i64,
-}
-
 /// View of one data shard shared with the node's services: pending messages, delivery leases.
 pub struct ShardView {
     group: GroupId,
@@ -133,21 +127,23 @@ impl ShardView {
         Ok(total)
     }
 
-    /// Leases up to `max` deliverable messages of `mailbox` from `partitions` to `consumer`:
-    /// first redeliveries (released or expired leases), then messages never delivered in this
-    /// term, each partition in sequence order. `term` is the caller's current leader term.
-    pub fn fetch(
+    /// Picks up to `max` messages of `mailbox` in `partitions` that may be leased at `now`,
+    /// for the leader to propose in a `Lease` command: first redeliveries that are due, then
+    /// messages never delivered, in sequence order per partition. In an ordered mailbox only
+    /// the oldest stored message of each ordering key is eligible. With `reserve` the picks
+    /// are held for this fetch until [`Self::unreserve`]; without, this only asks whether
+    /// anything is deliverable. `term` is the caller's current leader term.
+    #[allow(clippy::too_many_arguments)]
+    pub fn select(
         &self,
         term: u64,
-        consumer: ConsumerId,
         mailbox: MailboxId,
         partitions: &[u32],
         max: usize,
-        lease: Duration,
-    ) -> Result<Vec<Leased>> {
-        let now = Instant::now();
-        let expires = now + lease;
-        let expires_unix_ms = unix_ms(SystemTime::now() + lease);
+        ordered: bool,
+        now_unix_ms: i64,
+        reserve: bool,
+    ) -> Result<Vec<Position>> {
         let mut out = Vec::new();
         let mut tracker = lock(&self.tracker);
         tracker.start_term(term);
@@ -155,76 +151,162 @@ impl ShardView {
             if out.len() >= max {
                 break;
             }
-            let cursor = tracker.cursor(mailbox, partition);
-            cursor.expire(now);
-            while out.len() < max {
-                let Some((seq, attempts)) = cursor.pop_ready() else { break };
-                let key = keys::message_key(self.group, mailbox, partition, seq);
-                if let Some(message) = self.store.get::<StoredMessage>(CF_STATE, &key)? {
-                    cursor.lease(seq, consumer, expires, attempts + 1);
-                    out.push(Leased {
-                        position: Position { partition, sequence: seq },
-                        message,
-                        attempt: attempts + 1,
-                        lease_expires_unix_ms: expires_unix_ms,
-                    });
-                }
-            }
-            if out.len() >= max {
-                break;
-            }
-            let prefix = keys::message_prefix(self.group, mailbox, partition);
-            let from = keys::message_key(self.group, mailbox, partition, cursor.next_scan);
-            let mut fresh = Vec::new();
             let wanted = max - out.len();
-            for_each_from(&self.store, &prefix, &from, |key, value| {
-                let seq = keys::message_seq(key).ok_or_else(|| BrokerError::Storage("bad message key".into()))?;
-                fresh.push((seq, decode::<StoredMessage>(value)?));
-                Ok(fresh.len() < wanted)
-            })?;
-            for (seq, message) in fresh {
-                cursor.lease(seq, consumer, expires, 1);
-                out.push(Leased {
-                    position: Position { partition, sequence: seq },
-                    message,
-                    attempt: 1,
-                    lease_expires_unix_ms: expires_unix_ms,
-                });
+            let cursor = tracker.partition(mailbox, partition);
+            let picked = if ordered && !is_dead_letter(partition) {
+                self.select_ordered(cursor, mailbox, partition, wanted, now_unix_ms)?
+            } else {
+                self.select_unordered(cursor, mailbox, partition, wanted, now_unix_ms, reserve)?
+            };
+            if reserve {
+                picked.iter().for_each(|seq| cursor.reserve(*seq));
             }
+            out.extend(picked.into_iter().map(|sequence| Position { partition, sequence }));
         }
         Ok(out)
     }
 
-    /// Whether `fetch` would lease anything now: a redelivery is due or a message was never
-    /// handed out in this term.
-    pub fn has_deliverable(&self, term: u64, mailbox: MailboxId, partitions: &[u32]) -> Result<bool> {
-        let now = Instant::now();
-        let mut tracker = lock(&self.tracker);
-        tracker.start_term(term);
-        for &partition in partitions {
-            let cursor = tracker.cursor(mailbox, partition);
-            cursor.expire(now);
-            if cursor.has_ready() {
-                return Ok(true);
-            }
-            let prefix = keys::message_prefix(self.group, mailbox, partition);
-            let from = keys::message_key(self.group, mailbox, partition, cursor.next_scan);
-            let mut found = false;
-            for_each_from(&self.store, &prefix, &from, |_, _| {
-                found = true;
-                Ok(false)
-            })?;
-            if found {
-                return Ok(true);
-            }
+    fn select_unordered(
+        &self,
+        cursor: &mut PartitionDelivery,
+        mailbox: MailboxId,
+        partition: u32,
+        wanted: usize,
+        now_unix_ms: i64,
+        advance: bool,
+    ) -> Result<Vec<u64>> {
+        let mut picked: Vec<u64> = cursor.due(now_unix_ms).take(wanted).collect();
+        if picked.len() >= wanted {
+            return Ok(picked);
         }
-        Ok(false)
+        let prefix = keys::message_prefix(self.group, mailbox, partition);
+        let from = keys::message_key(self.group, mailbox, partition, cursor.next_scan);
+        let mut scanned_to = None;
+        for_each_from(&self.store, &prefix, &from, |key, _| {
+            let seq = keys::message_seq(key).ok_or_else(|| BrokerError::Storage("bad message key".into()))?;
+            scanned_to = Some(seq);
+            if !cursor.is_known(seq) {
+                picked.push(seq);
+            }
+            Ok(picked.len() < wanted)
+        })?;
+        if let (true, Some(seq)) = (advance, scanned_to) {
+            cursor.next_scan = seq + 1;
+        }
+        Ok(picked)
     }
 
-    /// Gives back leases of `consumer` on `mailbox` (all, or only `positions`) for redelivery.
-    pub fn release(&self, consumer: ConsumerId, mailbox: MailboxId, positions: Option<&[Position]>) {
-        lock(&self.tracker).release(consumer, mailbox, positions);
+    /// Ordered mailboxes: walks the partition from its oldest message and picks each ordering
+    /// key's oldest message if it may be leased; a key whose oldest message is in flight or
+    /// waiting for redelivery has nothing eligible.
+    fn select_ordered(
+        &self,
+        cursor: &PartitionDelivery,
+        mailbox: MailboxId,
+        partition: u32,
+        wanted: usize,
+        now_unix_ms: i64,
+    ) -> Result<Vec<u64>> {
+        let prefix = keys::message_prefix(self.group, mailbox, partition);
+        let mut seen_keys: HashSet<String> = HashSet::new();
+        let mut picked = Vec::new();
+        let mut scanned = 0usize;
+        for_each_in_prefix(&self.store, &prefix, |key, value| {
+            scanned += 1;
+            let seq = keys::message_seq(key).ok_or_else(|| BrokerError::Storage("bad message key".into()))?;
+            let message: StoredMessage = decode(value)?;
+            let oldest_of_key = message.ordering_key.is_none_or(|k| seen_keys.insert(k));
+            if oldest_of_key && cursor.may_lease(seq, now_unix_ms) {
+                picked.push(seq);
+            }
+            Ok(picked.len() < wanted && scanned < ORDERED_SCAN_LIMIT)
+        })?;
+        Ok(picked)
     }
+
+    /// A fetch's lease command was applied (or failed): its picks are free again.
+    pub fn unreserve(&self, mailbox: MailboxId, positions: &[Position], failed: bool) {
+        lock(&self.tracker).unreserve(mailbox, positions, failed);
+    }
+
+    /// What the leader should propose to dead-letter at `now`: messages whose time to live
+    /// ran out and messages whose last allowed lease expired, at most `budget`.
+    pub fn sweep_candidates(&self, now_unix_ms: i64, budget: usize) -> Result<BTreeMap<MailboxId, Vec<Position>>> {
+        let mut out: BTreeMap<MailboxId, Vec<Position>> = BTreeMap::new();
+        let prefix = keys::state_key(self.group, KIND_TTL, &[]);
+        let mut found = 0usize;
+        for_each_in_prefix(&self.store, &prefix, |key, _| {
+            let Some((expires, mailbox, partition, sequence)) = keys::parse_ttl_rest(&key[prefix.len()..]) else {
+                return Ok(true);
+            };
+            if expires > now_unix_ms || found >= budget {
+                return Ok(false);
+            }
+            out.entry(mailbox).or_default().push(Position { partition, sequence });
+            found += 1;
+            Ok(true)
+        })?;
+        for (mailbox, position) in lock(&self.tracker).exhausted(now_unix_ms, budget.saturating_sub(found)) {
+            out.entry(mailbox).or_default().push(position);
+        }
+        Ok(out)
+    }
+
+    /// Up to `limit` dead letters of `mailbox` in the given dead-letter partitions, oldest
+    /// first per partition, without their payloads.
+    pub fn dead_letters(&self, mailbox: MailboxId, partitions: &[u32], limit: usize) -> Result<Vec<DeadLetterSummary>> {
+        let mut out = Vec::new();
+        for &partition in partitions.iter().filter(|p| is_dead_letter(**p)) {
+            let prefix = keys::message_prefix(self.group, mailbox, partition);
+            for_each_in_prefix(&self.store, &prefix, |key, value| {
+                if out.len() >= limit {
+                    return Ok(false);
+                }
+                let sequence = keys::message_seq(key).ok_or_else(|| BrokerError::Storage("bad message key".into()))?;
+                let message: StoredMessage = decode(value)?;
+                if let Some(letter) = message.dead_letter {
+                    out.push(DeadLetterSummary {
+                        position: Position { partition, sequence },
+                        id: message.id,
+                        payload_bytes: message.payload.len() as u64,
+                        ordering_key: message.ordering_key,
+                        accepted_unix_ms: message.accepted_unix_ms,
+                        letter,
+                    });
+                }
+                Ok(true)
+            })?;
+        }
+        Ok(out)
+    }
+
+    /// Rebuilds the in-memory mirror of the replicated delivery state from the store.
+    fn rebuild_tracker(&self) -> Result<()> {
+        let mut tracker = lock(&self.tracker);
+        tracker.clear();
+        let prefix = keys::state_key(self.group, KIND_DELIVERY, &[]);
+        for_each_in_prefix(&self.store, &prefix, |key, value| {
+            let (mailbox, partition, sequence) = keys::parse_position_rest(&key[prefix.len()..])
+                .ok_or_else(|| BrokerError::Storage("bad delivery key".into()))?;
+            tracker.set_state(mailbox, Position { partition, sequence }, Some(decode::<DeliveryState>(value)?));
+            Ok(true)
+        })
+    }
+}
+
+/// Most messages an ordered fetch walks per partition looking for free ordering keys: a
+/// backlog deeper than this behind busy keys waits until those drain.
+const ORDERED_SCAN_LIMIT: usize = 4_096;
+
+/// A dead letter as listed for operators: everything but the payload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeadLetterSummary {
+    pub position: Position,
+    pub id: String,
+    pub payload_bytes: u64,
+    pub ordering_key: Option<String>,
+    pub accepted_unix_ms: i64,
+    pub letter: crate::model::DeadLetter,
 }
 
 /// The group a state machine serves.
@@ -265,6 +347,7 @@ impl StateMachine {
             applied: watch::channel(applied.last_applied.map(|l| l.index).unwrap_or(0)).0,
             dedup_purge_cursor: Mutex::new(HashMap::new()),
         });
+        view.rebuild_tracker()?;
         let sm = Self { group, store, kind: GroupKind::Shard(view.clone()), applied };
         Ok((sm, view))
     }
@@ -275,19 +358,48 @@ impl StateMachine {
             let results = commands.into_iter().map(|c| self.apply_command(batch, c, scratch)).collect::<Result<_>>()?;
             return Ok(CommandResult::Batch(results));
         }
-        match (&self.kind, cmd) {
-            (GroupKind::Metadata(view), Command::CreateMailbox { service, partitions, shard_count, created_unix_ms, limits }) => {
-                let new = NewMailbox { service, partitions, shard_count, created_unix_ms, limits };
-                apply_create_mailbox(&self.store, view, batch, new, scratch)
+        let view = match (&self.kind, cmd) {
+            (GroupKind::Metadata(view), Command::CreateMailbox { service, partitions, shard_count, created_unix_ms, limits, policy }) => {
+                let new = NewMailbox { service, partitions, shard_count, created_unix_ms, limits, policy };
+                return apply_create_mailbox(&self.store, view, batch, new, scratch);
             }
-            (GroupKind::Shard(view), Command::Publish { messages, limits }) => apply_publish(view, batch, messages, limits, scratch),
-            (GroupKind::Shard(view), Command::Ack { mailbox, positions }) => apply_ack(view, batch, mailbox, positions, scratch),
-            (_, cmd) => Ok(CommandResult::Rejected(BrokerError::Internal(format!(
-                "command {} does not belong to group {}",
-                command_name(&cmd),
-                self.group
-            )))),
+            (GroupKind::Shard(view), cmd) => (view.clone(), cmd),
+            (_, cmd) => return Ok(self.misplaced(&cmd)),
+        };
+        let (view, cmd) = view;
+        let mut cache = lock(&view.partitions);
+        let cache = &mut *cache;
+        match cmd {
+            Command::Publish { messages, limits } => apply_publish(&view, batch, cache, messages, limits, scratch),
+            Command::Ack { mailbox, positions } => apply_ack(&view, batch, cache, mailbox, positions, scratch),
+            Command::Lease { mailbox, consumer, positions, now_unix_ms, until_unix_ms, policy } => {
+                let request = LeaseRequest { mailbox, consumer, positions, now_unix_ms, until_unix_ms, policy };
+                delivery::apply_lease(&view, batch, scratch, cache, request)
+            }
+            Command::Settle { mailbox, consumer, positions, now_unix_ms, action } => {
+                let request = SettleRequest { mailbox, consumer, positions, now_unix_ms, action };
+                delivery::apply_settle(&view, batch, scratch, cache, request)
+            }
+            Command::DeadLetter { mailbox, positions, now_unix_ms } => {
+                delivery::apply_dead_letter(&view, batch, scratch, cache, mailbox, positions, now_unix_ms)
+            }
+            Command::Redrive { mailbox, positions, now_unix_ms } => {
+                delivery::apply_redrive(&view, batch, scratch, cache, mailbox, positions, now_unix_ms)
+            }
+            Command::ReleaseConsumer { mailbox, consumer, now_unix_ms } => {
+                delivery::apply_release_consumer(&view, batch, scratch, cache, mailbox, consumer, now_unix_ms)
+            }
+            cmd @ (Command::CreateMailbox { .. } | Command::Batch(_)) => Ok(self.misplaced(&cmd)),
         }
+    }
+
+    /// A command sent to a group that does not apply it: refused the same way everywhere.
+    fn misplaced(&self, cmd: &Command) -> CommandResult {
+        CommandResult::Rejected(BrokerError::Internal(format!(
+            "command {} does not belong to group {}",
+            command_name(cmd),
+            self.group
+        )))
     }
 
     fn reload_views(&mut self) -> Result<()> {
@@ -296,7 +408,7 @@ impl StateMachine {
             GroupKind::Metadata(view) => view.reload(&self.store)?,
             GroupKind::Shard(view) => {
                 lock(&view.partitions).clear();
-                lock(&view.tracker).clear();
+                view.rebuild_tracker()?;
                 lock(&view.dedup_purge_cursor).clear();
                 view.applied.send_replace(last);
             }
@@ -310,10 +422,12 @@ impl StateMachine {
 struct ApplyScratch {
     dirty_partitions: HashMap<(MailboxId, u32), PartitionState>,
     deleted: HashSet<Vec<u8>>,
-    /// Payload sizes of messages put by this batch: not in RocksDB yet, but an ack later in
-    /// the same batch (a follower catching up) must find them.
-    put_sizes: HashMap<Vec<u8>, u64>,
-    acked: Vec<(MailboxId, Position)>,
+    /// Messages put by this batch: not in RocksDB yet, but a lease or ack later in the same
+    /// batch (a follower catching up) must find them.
+    puts: HashMap<Vec<u8>, StoredMessage>,
+    /// Delivery states changed by this batch (`None`: removed), mirrored into the tracker
+    /// once the batch is written.
+    delivery: HashMap<(MailboxId, Position), Option<DeliveryState>>,
     /// Next mailbox id, once read: later creations in the same batch must not reuse it.
     next_mailbox_id: Option<MailboxId>,
     /// Dedup records written by this batch (not in RocksDB yet).
@@ -321,6 +435,27 @@ struct ApplyScratch {
 }
 
 impl ApplyScratch {
+    /// A stored message as this batch left it so far.
+    fn message(&self, view: &ShardView, mailbox: MailboxId, position: Position) -> Result<Option<StoredMessage>> {
+        let key = keys::message_key(view.group, mailbox, position.partition, position.sequence);
+        if self.deleted.contains(&key) {
+            return Ok(None);
+        }
+        match self.puts.get(&key) {
+            Some(message) => Ok(Some(message.clone())),
+            None => view.store.get::<StoredMessage>(CF_STATE, &key),
+        }
+    }
+
+    /// A message's delivery state as this batch left it so far (the tracker mirrors what
+    /// earlier batches wrote).
+    fn delivery_state(&self, view: &ShardView, mailbox: MailboxId, position: Position) -> Option<DeliveryState> {
+        match self.delivery.get(&(mailbox, position)) {
+            Some(state) => state.clone(),
+            None => lock(&view.tracker).state(mailbox, position).cloned(),
+        }
+    }
+
     /// The dedup record under `key` as this batch left it so far.
     fn dedup_record(&self, view: &ShardView, key: &[u8]) -> Result<Option<DedupRecord>> {
         match self.dedup.get(key) {
@@ -349,6 +484,11 @@ fn command_name(cmd: &Command) -> &'static str {
         Command::CreateMailbox { .. } => "CreateMailbox",
         Command::Publish { .. } => "Publish",
         Command::Ack { .. } => "Ack",
+        Command::Lease { .. } => "Lease",
+        Command::Settle { .. } => "Settle",
+        Command::DeadLetter { .. } => "DeadLetter",
+        Command::Redrive { .. } => "Redrive",
+        Command::ReleaseConsumer { .. } => "ReleaseConsumer",
         Command::Batch(_) => "Batch",
     }
 }
@@ -360,6 +500,7 @@ struct NewMailbox {
     shard_count: u32,
     created_unix_ms: i64,
     limits: MailboxLimits,
+    policy: DeliveryPolicy,
 }
 
 fn apply_create_mailbox(
@@ -369,7 +510,7 @@ fn apply_create_mailbox(
     new: NewMailbox,
     scratch: &mut ApplyScratch,
 ) -> Result<CommandResult> {
-    let NewMailbox { service, partitions, shard_count, created_unix_ms, limits } = new;
+    let NewMailbox { service, partitions, shard_count, created_unix_ms, limits, policy } = new;
     if read(&view.mailboxes).contains_key(&service) {
         return Ok(CommandResult::Rejected(BrokerError::AlreadyExists(format!("mailbox {service} already exists"))));
     }
@@ -388,7 +529,7 @@ fn apply_create_mailbox(
     let partition_shards = (0..partitions)
         .map(|p| 1 + ((id + u64::from(p)) % u64::from(shard_count)) as GroupId)
         .collect();
-    let info = MailboxInfo { id, service: service.clone(), partitions, partition_shards, created_unix_ms, limits };
+    let info = MailboxInfo { id, service: service.clone(), partitions, partition_shards, created_unix_ms, limits, policy };
     batch.put_cf(&cf, &counter_key, encode(&(id + 1))?);
     batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_MAILBOX, service.as_bytes()), encode(&info)?);
     write(&view.mailboxes).insert(service, info.clone());
@@ -438,12 +579,12 @@ fn within_window(earlier_ms: i64, now_ms: i64, window_ms: u64) -> bool {
 fn apply_publish(
     view: &ShardView,
     batch: &mut WriteBatch,
+    cache: &mut PartitionCache,
     messages: Vec<NewMessage>,
     limits: Vec<ShardLimits>,
     scratch: &mut ApplyScratch,
 ) -> Result<CommandResult> {
     let cf = view.store.cf(CF_STATE)?;
-    let mut cache = lock(&view.partitions);
     let limits: HashMap<MailboxId, ShardLimits> = limits.into_iter().map(|l| (l.mailbox, l)).collect();
     let window = |mailbox| limits.get(&mailbox).map_or(MailboxLimits::DEFAULT_DEDUP_WINDOW_MS, |l| l.dedup_window_ms);
 
@@ -473,10 +614,13 @@ fn apply_publish(
     for (mailbox, add) in &added {
         let Some(limit) = limits.get(mailbox) else { continue };
         let mut stored = PartitionStats::default();
-        for partition in &limit.partitions {
-            let ps = scratch.partition(view, &mut cache, *mailbox, *partition)?;
-            stored.messages += ps.stats.messages;
-            stored.bytes += ps.stats.bytes;
+        // Dead letters count: a dead-letter queue nobody drains must not grow without bound.
+        for &partition in &limit.partitions {
+            for p in [partition, dead_letter_partition(partition)] {
+                let ps = scratch.partition(view, cache, *mailbox, p)?;
+                stored.messages += ps.stats.messages;
+                stored.bytes += ps.stats.bytes;
+            }
         }
         if stored.messages.saturating_add(add.messages) > limit.max_messages
             || stored.bytes.saturating_add(add.bytes) > limit.max_bytes
@@ -498,21 +642,13 @@ fn apply_publish(
             Slot::Earlier(position) => position,
             Slot::SameAs(first) => positions[first],
             Slot::New(dedup_key) => {
-                let mut ps = scratch.partition(view, &mut cache, m.mailbox, m.partition)?;
-                let position = Position { partition: m.partition, sequence: ps.next_seq };
-                ps.next_seq += 1;
-                ps.stats.messages += 1;
-                ps.stats.bytes += m.message.payload.len() as u64;
-                scratch.dirty_partitions.insert((m.mailbox, m.partition), ps);
-                let key = keys::message_key(view.group, m.mailbox, m.partition, position.sequence);
-                batch.put_cf(&cf, &key, encode(&m.message)?);
-                scratch.put_sizes.insert(key, m.message.payload.len() as u64);
-
                 let accepted_unix_ms = m.message.accepted_unix_ms;
+                let id = m.message.id.clone();
+                let position = delivery::insert_message(view, batch, scratch, cache, m.mailbox, m.partition, m.message)?;
                 let record = DedupRecord { position, accepted_unix_ms };
                 batch.put_cf(&cf, &dedup_key, encode(&record)?);
                 scratch.dedup.insert(dedup_key, record);
-                batch.put_cf(&cf, keys::dedup_expiry_key(view.group, m.mailbox, accepted_unix_ms, &m.message.id), []);
+                batch.put_cf(&cf, keys::dedup_expiry_key(view.group, m.mailbox, accepted_unix_ms, &id), []);
                 let t = newest.entry(m.mailbox).or_insert(accepted_unix_ms);
                 *t = (*t).max(accepted_unix_ms);
                 position
@@ -582,29 +718,18 @@ fn purge_expired_dedup(
     Ok(())
 }
 
-fn apply_ack(view: &ShardView, batch: &mut WriteBatch, mailbox: MailboxId, positions: Vec<Position>, scratch: &mut ApplyScratch) -> Result<CommandResult> {
-    let cf = view.store.cf(CF_STATE)?;
-    let mut cache = lock(&view.partitions);
+fn apply_ack(
+    view: &ShardView,
+    batch: &mut WriteBatch,
+    cache: &mut PartitionCache,
+    mailbox: MailboxId,
+    positions: Vec<Position>,
+    scratch: &mut ApplyScratch,
+) -> Result<CommandResult> {
     let mut removed = 0;
-    for pos in positions {
-        let key = keys::message_key(view.group, mailbox, pos.partition, pos.sequence);
-        if scratch.deleted.contains(&key) {
-            continue;
-        }
-        let size = match scratch.put_sizes.remove(&key) {
-            Some(size) => size,
-            None => match view.store.get::<StoredMessage>(CF_STATE, &key)? {
-                Some(message) => message.payload.len() as u64,
-                None => continue,
-            },
-        };
-        let mut ps = scratch.partition(view, &mut cache, mailbox, pos.partition)?;
-        ps.stats.messages = ps.stats.messages.saturating_sub(1);
-        ps.stats.bytes = ps.stats.bytes.saturating_sub(size);
-        scratch.dirty_partitions.insert((mailbox, pos.partition), ps);
-        batch.delete_cf(&cf, &key);
-        scratch.deleted.insert(key);
-        scratch.acked.push((mailbox, pos));
+    for position in positions {
+        let Some(message) = scratch.message(view, mailbox, position)? else { continue };
+        delivery::remove_message(view, batch, scratch, cache, mailbox, position, &message)?;
         removed += 1;
     }
     Ok(CommandResult::Acked(removed))
@@ -651,10 +776,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.put_cf(&cf, keys::state_key(self.group, KIND_APPLIED, &[]), encode(&self.applied).map_err(io)?);
         self.store.write_unsynced(batch).map_err(io)?;
         if let GroupKind::Shard(view) = &self.kind {
-            if !scratch.acked.is_empty() {
+            if !scratch.delivery.is_empty() {
                 let mut tracker = lock(&view.tracker);
-                for (mailbox, pos) in &scratch.acked {
-                    tracker.forget(*mailbox, pos.partition, pos.sequence);
+                for ((mailbox, position), state) in scratch.delivery.drain() {
+                    tracker.set_state(mailbox, position, state);
                 }
             }
             view.applied.send_replace(self.applied.last_applied.map(|l| l.index).unwrap_or(0));
@@ -791,10 +916,6 @@ fn for_each_from(store: &Store, prefix: &[u8], from: &[u8], mut f: impl FnMut(&[
 
 fn for_each_in_prefix(store: &Store, prefix: &[u8], f: impl FnMut(&[u8], &[u8]) -> Result<bool>) -> Result<()> {
     for_each_from(store, prefix, prefix, f)
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 // A poisoned lock means a panic while holding it; the data is still the best we have.
