@@ -31,7 +31,7 @@ pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 1024 * 1024 * 1024;
 /// openraft 0.9 times AppendEntries out after the heartbeat interval, and the follower's
 /// fsync of the whole payload happens inside that window: unbounded messages would time out,
 /// back off and starve heartbeats until elections churn.
-pub const APPEND_ENTRIES_BUDGET_BYTES: usize = 4 * 1024 * 1024;
+pub const APPEND_ENTRIES_BUDGET_BYTES: usize = kerwen_broker::storage::log_store::REPLICATION_READ_BUDGET_BYTES;
 
 /// Keeps the longest prefix of `entries` within `budget` bytes (at least one entry).
 /// Returns whether every entry was kept.
@@ -277,6 +277,7 @@ mod tests {
             ttl_ms: None,
             expires_unix_ms: None,
             dead_letter: None,
+            large: None,
         };
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),

@@ -19,6 +19,11 @@ use crate::model::{GroupId, NodeId, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
 
+/// Most bytes of entries read for one replication round (at least one entry is always read).
+/// openraft asks for up to `max_payload_entries` entries at a time; with chunk-sized entries
+/// (large payloads) reading them all would hold hundreds of MiB per follower.
+pub const REPLICATION_READ_BUDGET_BYTES: usize = 4 * 1024 * 1024;
+
 #[derive(Clone)]
 pub struct LogStore {
     group: GroupId,
@@ -48,11 +53,9 @@ impl LogStore {
     }
 }
 
-impl RaftLogReader<TypeConfig> for LogStore {
-    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
-        &mut self,
-        range: RB,
-    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+impl LogStore {
+    /// Entries in `range`, stopping once `max_bytes` of encoded entries have been read.
+    fn read_entries<RB: RangeBounds<u64>>(&self, range: RB, max_bytes: usize) -> StorageResult<Vec<Entry<TypeConfig>>> {
         let start = match range.start_bound() {
             Bound::Included(i) => *i,
             Bound::Excluded(i) => i.saturating_add(1),
@@ -61,15 +64,30 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let cf = self.store.cf(CF_RAFT_LOG).map_err(|e| StorageIOError::read_logs(&e))?;
         let from = keys::log_key(self.group, start);
         let mut entries = Vec::new();
+        let mut bytes = 0usize;
         for item in self.store.db().iterator_cf(&cf, IteratorMode::From(&from, Direction::Forward)) {
             let (key, value) = item.map_err(|e| StorageIOError::read_logs(&e))?;
             let Some((group, index)) = keys::parse_log_key(&key) else { break };
-            if group != self.group || !range.contains(&index) {
+            if group != self.group || !range.contains(&index) || (!entries.is_empty() && bytes >= max_bytes) {
                 break;
             }
+            bytes += value.len();
             entries.push(decode(&value).map_err(|e| StorageIOError::read_logs(&e))?);
         }
         Ok(entries)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        self.read_entries(range, usize::MAX)
+    }
+
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> StorageResult<Vec<Entry<TypeConfig>>> {
+        self.read_entries(start..end, REPLICATION_READ_BUDGET_BYTES)
     }
 }
 

@@ -31,6 +31,10 @@ pub const CF_STATE: &str = "state";
 
 /// WAL bytes kept before the column families holding the oldest ones are flushed.
 const MAX_TOTAL_WAL_BYTES: u64 = 256 * 1024 * 1024;
+/// Memtable bytes of all column families together before RocksDB flushes: without a cap,
+/// a 1 GiB upload passing through both the log and the state column families filled two
+/// 64 MiB memtables each (plus the immutable ones being flushed).
+const MAX_MEMTABLE_BYTES: usize = 64 * 1024 * 1024;
 
 /// The node's storage: one RocksDB shared by every Raft group on the node.
 pub struct Store {
@@ -53,6 +57,7 @@ impl Store {
         // files until the default limit (4x all memtables, ~1.5 GB); a 10-minute soak had
         // 735 MB of WAL per node. Past this total, RocksDB flushes the stale family instead.
         opts.set_max_total_wal_size(MAX_TOTAL_WAL_BYTES);
+        opts.set_db_write_buffer_size(MAX_MEMTABLE_BYTES);
         // Syncs are issued explicitly by the group-commit thread.
         opts.set_manual_wal_flush(false);
         let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_STATE].map(|name| {
