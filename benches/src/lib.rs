@@ -49,6 +49,7 @@ pub fn publish_entry(index: u64, count: usize, size: usize) -> Entry<TypeConfig>
                 ttl_ms: None,
                 expires_unix_ms: None,
                 dead_letter: None,
+                large: None,
             },
         })
         .collect();

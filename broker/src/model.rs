@@ -73,9 +73,48 @@ pub struct StoredMessage {
     pub expires_unix_ms: Option<i64>,
     /// Set while the message sits in its mailbox's dead-letter queue.
     pub dead_letter: Option<DeadLetter>,
+    /// Set for a payload uploaded in chunks: `payload` is empty and the bytes are stored as
+    /// the upload's chunks, streamed on download.
+    pub large: Option<LargePayload>,
+}
+
+/// Where a chunked payload's bytes are and what they must hash to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LargePayload {
+    /// The shard-local upload number its chunks are stored under.
+    pub upload: u64,
+    pub total_bytes: u64,
+    pub sha256: [u8; 32],
+}
+
+/// An upload in progress: chunks received so far of one large message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadState {
+    pub upload: u64,
+    pub partition: u32,
+    /// The message as it will be stored, without its payload.
+    pub message: StoredMessage,
+    pub total_bytes: u64,
+    pub sha256: [u8; 32],
+    /// Bytes stored so far (chunks are appended in order).
+    pub received: u64,
+}
+
+/// Where an upload stands, the answer to every upload command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum UploadProgress {
+    /// Chunks up to `received` are stored; send the rest from there.
+    Receiving { upload: u64, received: u64 },
+    /// The message is stored (now, or by an earlier upload or publish of the same id).
+    Stored(Position),
 }
 
 impl StoredMessage {
+    /// Payload size, whether inline or chunked.
+    pub fn payload_len(&self) -> u64 {
+        self.large.map_or(self.payload.len() as u64, |l| l.total_bytes)
+    }
+
     /// Whether the message's time to live has run out at `now_unix_ms`.
     pub fn expired_at(&self, now_unix_ms: i64) -> bool {
         self.expires_unix_ms.is_some_and(|t| t <= now_unix_ms)
@@ -450,6 +489,16 @@ pub enum Command {
     /// Data shard: a consumer's stream ended; every lease it holds on the mailbox is released
     /// (the replicated state says which).
     ReleaseConsumer { mailbox: MailboxId, consumer: u64, now_unix_ms: i64 },
+    /// Data shard: start (or find, to resume) the upload of a large message. Answered with
+    /// the stored position if the id was already stored within the dedup window.
+    UploadBegin { new: NewMessage, total_bytes: u64, sha256: [u8; 32], limits: ShardLimits },
+    /// Data shard: store the next chunk of an upload; a chunk not at the upload's current end
+    /// is ignored (the answer says where to continue).
+    UploadChunk { mailbox: MailboxId, id: String, offset: u64, data: bytes::Bytes },
+    /// Data shard: all chunks are stored and verified: store the message.
+    UploadCommit { mailbox: MailboxId, id: String },
+    /// Data shard: drop an upload and its chunks (bad checksum).
+    UploadAbort { mailbox: MailboxId, id: String },
     /// Commands coalesced into one entry by the [`crate::proposer::Proposer`], applied in
     /// order; each gets its own result in [`CommandResult::Batch`].
     Batch(Vec<Command>),
@@ -477,7 +526,9 @@ impl Command {
             | Command::Settle { positions, .. }
             | Command::DeadLetter { positions, .. }
             | Command::Redrive { positions, .. } => positions.len() * 12 + OVERHEAD,
-            Command::ReleaseConsumer { .. } => OVERHEAD,
+            Command::ReleaseConsumer { .. } | Command::UploadCommit { .. } | Command::UploadAbort { .. } => OVERHEAD,
+            Command::UploadBegin { new, .. } => new.message.id.len() + new.message.recipient.len() + OVERHEAD,
+            Command::UploadChunk { data, id, .. } => data.len() + id.len() + OVERHEAD,
             Command::CreateMailbox { service, partitions, .. } => service.len() + *partitions as usize * 4 + OVERHEAD,
             Command::Batch(commands) => commands.iter().map(Command::approximate_size).sum::<usize>() + OVERHEAD,
         }
@@ -511,6 +562,7 @@ pub enum CommandResult {
     Leased(Vec<Leased>),
     /// How many positions a settle, dead-letter or redrive command changed.
     Changed(u64),
+    Upload(UploadProgress),
     /// The command was refused deterministically on every replica.
     Rejected(BrokerError),
     /// One result per command of a [`Command::Batch`], in order.

@@ -67,6 +67,7 @@ fn publish(id: usize) -> Command {
         ttl_ms: None,
         expires_unix_ms: None,
         dead_letter: None,
+        large: None,
     };
     Command::publish(vec![NewMessage { mailbox: 1, partition: (id % 2) as u32, message }])
 }

@@ -52,6 +52,7 @@ fn message(id: &str, partition: u32, payload: &str) -> NewMessage {
             ttl_ms: None,
             expires_unix_ms: None,
             dead_letter: None,
+            large: None,
         },
     }
 }

@@ -11,8 +11,9 @@ use kerwen_proto::v1::exchange_client::ExchangeClient;
 use kerwen_proto::v1::{
     subscribe_request, subscribe_response, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest, DeadLetter,
     DescribeMailboxRequest, Delivery, Extend, ListDeadLettersRequest, ListMailboxesRequest, MailboxInfo, Message, Position,
-    PublishRequest, PublishResponse, RedriveRequest, Settle, SubscribeRequest, SubscribeStart,
+    PublishRequest, PublishResponse, PublishResult, RedriveRequest, Settle, SubscribeRequest, SubscribeStart,
 };
+use kerwen_proto::v1::{upload_request, upload_response, DownloadChunk, DownloadRequest, UploadChunk, UploadRequest, UploadStart};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
@@ -193,6 +194,82 @@ impl Client {
         .await
     }
 
+    /// Publishes one message whose payload (`total_bytes`, hashing to `sha256`) is streamed
+    /// in chunks of `chunk_bytes` read from `source(offset, len)`. If an earlier upload of the
+    /// same message id was interrupted, the cluster says how much it already holds and only
+    /// the rest is sent. One stream, no retry: on error, call again to resume.
+    pub async fn upload<F>(&mut self, upload: Upload, mut source: F) -> Result<UploadOutcome, Status>
+    where
+        F: FnMut(u64, usize) -> std::io::Result<bytes::Bytes> + Send + 'static,
+    {
+        let Upload { message, total_bytes, sha256, chunk_bytes } = upload;
+        let (tx, rx) = mpsc::channel::<UploadRequest>(4);
+        let start = UploadStart { message: Some(message), total_bytes, sha256: sha256.to_vec().into() };
+        tx.send(UploadRequest { request: Some(upload_request::Request::Start(start)) })
+            .await
+            .map_err(|_| Status::internal("upload stream closed"))?;
+        let mut client = ExchangeClient::new(self.channel.clone());
+        let mut responses = client.upload(ReceiverStream::new(rx)).await?.into_inner();
+        let mut outcome = UploadOutcome { resumed_from: 0, stored: 0, result: None };
+        let first = responses.message().await?.and_then(|r| r.event);
+        let mut offset = match first {
+            Some(upload_response::Event::NextOffset(next)) => next,
+            Some(upload_response::Event::Published(result)) => {
+                outcome.result = Some(result);
+                return Ok(outcome);
+            }
+            other => return Err(Status::internal(format!("unexpected first upload answer {other:?}"))),
+        };
+        outcome.resumed_from = offset;
+        // Chunks go out from a task (at most 4 queued) while answers are read here.
+        let sender = tokio::spawn(async move {
+            while offset < total_bytes {
+                let len = chunk_bytes.min(usize::try_from(total_bytes - offset).unwrap_or(usize::MAX));
+                let data = source(offset, len).map_err(|e| Status::internal(format!("reading the payload at {offset}: {e}")))?;
+                if data.len() != len {
+                    return Err(Status::internal(format!("payload source gave {} bytes at {offset}, wanted {len}", data.len())));
+                }
+                let chunk = UploadChunk { offset, data };
+                if tx.send(UploadRequest { request: Some(upload_request::Request::Chunk(chunk)) }).await.is_err() {
+                    break;
+                }
+                offset += len as u64;
+            }
+            Ok(())
+        });
+        let answer = loop {
+            match responses.message().await {
+                Ok(Some(r)) => match r.event {
+                    Some(upload_response::Event::StoredOffset(stored)) => outcome.stored = stored,
+                    Some(upload_response::Event::Published(result)) => {
+                        outcome.stored = total_bytes;
+                        outcome.result = Some(result);
+                        break Ok(outcome);
+                    }
+                    _ => {}
+                },
+                Ok(None) => break Err(Status::unavailable(format!("upload stream ended at {} of {total_bytes} bytes", outcome.stored))),
+                Err(s) => break Err(s),
+            }
+        };
+        // A failure to read the payload explains a broken stream better than the stream does.
+        if answer.is_err() && sender.is_finished() {
+            if let Ok(Err(e)) = sender.await {
+                return Err(e);
+            }
+        } else {
+            sender.abort();
+        }
+        answer
+    }
+
+    /// Streams the chunked payload of a delivered message from byte `offset`.
+    pub async fn download(&mut self, mailbox: &str, position: Position, offset: u64) -> Result<Streaming<DownloadChunk>, Status> {
+        let req = DownloadRequest { mailbox: mailbox.to_owned(), position: Some(position), offset };
+        let mut client = ExchangeClient::new(self.channel.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+        Ok(client.download(req).await?.into_inner())
+    }
+
     /// Opens a consumer stream on `mailbox` with `credits` granted up front.
     pub async fn subscribe(&mut self, mailbox: &str, credits: u32) -> Result<Subscription, Status> {
         self.subscribe_to(mailbox, credits, false).await
@@ -216,6 +293,27 @@ impl Client {
         })
         .await
     }
+}
+
+/// A large message to upload: the message without payload, and its payload's size and hash.
+#[derive(Debug, Clone)]
+pub struct Upload {
+    pub message: Message,
+    pub total_bytes: u64,
+    pub sha256: [u8; 32],
+    /// Bytes per chunk (at most 1 MiB).
+    pub chunk_bytes: usize,
+}
+
+/// How an upload went.
+#[derive(Debug, Clone)]
+pub struct UploadOutcome {
+    /// Where this stream started: more than 0 when an interrupted upload was resumed.
+    pub resumed_from: u64,
+    /// Bytes the cluster confirmed stored.
+    pub stored: u64,
+    /// Set once the whole message is stored.
+    pub result: Option<PublishResult>,
 }
 
 /// tonic reports connection failures as UNAVAILABLE with the transport error as source;

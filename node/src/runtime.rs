@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kerwen_broker::delivery::ConsumerId;
 use kerwen_broker::model::{
-    Command, CommandResult, DeliveryPolicy, GroupId, Leased, MailboxId, MailboxInfo, NodeId, PartitionStats, Position,
+    Command, CommandResult, DeliveryPolicy, GroupId, LargePayload, Leased, MailboxId, MailboxInfo, NodeId, PartitionStats, Position,
     TypeConfig, METADATA_GROUP,
 };
 use kerwen_broker::proposer::{Proposer, ProposerConfig, WriteOutcome};
@@ -55,6 +55,10 @@ pub enum ReadQuery {
     PartitionStats { mailbox: MailboxId, partitions: Vec<u32> },
     /// Data shard: dead letters of a mailbox (without payloads).
     DeadLetters { mailbox: MailboxId, partitions: Vec<u32>, limit: u32 },
+    /// Data shard: the chunk of an upload holding a byte offset.
+    Chunk { upload: u64, offset: u64 },
+    /// Data shard: the chunked payload of a stored message.
+    LargePayload { mailbox: MailboxId, position: Position },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +67,9 @@ pub enum ReadAnswer {
     Mailboxes(Vec<MailboxInfo>),
     PartitionStats(PartitionStats),
     DeadLetters(Vec<DeadLetterSummary>),
+    /// The chunk's start offset and bytes; `None` past the end.
+    Chunk(Option<(u64, bytes::Bytes)>),
+    LargePayload(Option<LargePayload>),
 }
 
 /// One Raft group hosted on this node.
@@ -377,6 +384,10 @@ impl NodeRuntime {
             ReadQuery::Mailboxes => Ok(ReadAnswer::Mailboxes(self.meta.view.mailboxes())),
             ReadQuery::PartitionStats { mailbox, partitions } => {
                 Ok(ReadAnswer::PartitionStats(self.shard(group)?.view.stats(mailbox, &partitions)?))
+            }
+            ReadQuery::Chunk { upload, offset } => Ok(ReadAnswer::Chunk(self.shard(group)?.view.read_chunk(upload, offset)?)),
+            ReadQuery::LargePayload { mailbox, position } => {
+                Ok(ReadAnswer::LargePayload(self.shard(group)?.view.large_payload(mailbox, position)?))
             }
             ReadQuery::DeadLetters { mailbox, partitions, limit } => {
                 Ok(ReadAnswer::DeadLetters(self.shard(group)?.view.dead_letters(mailbox, &partitions, limit as usize)?))

@@ -14,6 +14,9 @@
 //! | `state`       | group u32, `e`, mailbox u64, accept ms u64, message id | empty: dedup records in expiry order |
 //! | `state`       | group u32, `l`, mailbox u64, partition u32, seq u64 | bincode `DeliveryState` (delivered at least once) |
 //! | `state`       | group u32, `t`, expires ms u64, mailbox u64, partition u32, seq u64 | empty: messages with a time to live, in expiry order |
+//! | `state`       | group u32, `u`, mailbox u64, message id          | bincode `UploadState` (upload in progress) |
+//! | `state`       | group u32, `c`, upload u64, offset u64           | raw chunk bytes of a large payload |
+//! | `state`       | group u32, `N`                                   | next upload number |
 //!
 //! Dead-letter partitions are partition numbers with the top bit set, so a mailbox's dead
 //! letters sort after its live messages.
@@ -34,6 +37,9 @@ pub const KIND_DEDUP: u8 = b'd';
 pub const KIND_DEDUP_EXPIRY: u8 = b'e';
 pub const KIND_DELIVERY: u8 = b'l';
 pub const KIND_TTL: u8 = b't';
+pub const KIND_UPLOAD: u8 = b'u';
+pub const KIND_CHUNK: u8 = b'c';
+pub const KIND_NEXT_UPLOAD: u8 = b'N';
 
 pub fn group_prefix(group: GroupId) -> [u8; 4] {
     group.to_be_bytes()
@@ -181,4 +187,23 @@ pub fn parse_ttl_rest(rest: &[u8]) -> Option<(i64, MailboxId, u32, u64)> {
     let time = i64::try_from(u64::from_be_bytes(time.try_into().ok()?)).ok()?;
     let (mailbox, partition, seq) = parse_position_rest(position)?;
     Some((time, mailbox, partition, seq))
+}
+
+/// The state of an upload in progress.
+pub fn upload_key(group: GroupId, mailbox: MailboxId, id: &str) -> Vec<u8> {
+    let mut k = state_key(group, KIND_UPLOAD, &mailbox.to_be_bytes());
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
+/// Prefix of one upload's chunks, in offset order.
+pub fn chunk_prefix(group: GroupId, upload: u64) -> Vec<u8> {
+    state_key(group, KIND_CHUNK, &upload.to_be_bytes())
+}
+
+/// The chunk of an upload starting at `offset`.
+pub fn chunk_key(group: GroupId, upload: u64, offset: u64) -> Vec<u8> {
+    let mut k = chunk_prefix(group, upload);
+    k.extend_from_slice(&offset.to_be_bytes());
+    k
 }

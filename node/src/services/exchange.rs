@@ -65,7 +65,8 @@ fn stable_hash(key: &str) -> u64 {
     key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-fn validate_message(m: &pb::Message, index: usize, max_payload: usize) -> Result<(), Status> {
+/// Checks everything of a message but its payload.
+pub(crate) fn validate_header(m: &pb::Message, index: usize) -> Result<(), Status> {
     let bad = |what: String| Status::invalid_argument(format!("message {index}: {what}"));
     if m.id.is_empty() || m.id.len() > MAX_MESSAGE_ID_LEN {
         return Err(bad(format!("id must be 1..={MAX_MESSAGE_ID_LEN} bytes")));
@@ -74,13 +75,18 @@ fn validate_message(m: &pb::Message, index: usize, max_payload: usize) -> Result
         return Err(bad("id must be printable ASCII without spaces".into()));
     }
     m.recipient.parse::<ServiceId>().map_err(|e| bad(format!("recipient: {e}")))?;
-    if m.payload.is_empty() {
-        return Err(bad("payload is empty".into()));
-    }
     if let Some(ttl) = m.ttl_ms {
         if ttl == 0 || ttl > MAX_TTL_MS {
             return Err(bad(format!("ttl_ms must be 1..={MAX_TTL_MS}, got {ttl}")));
         }
+    }
+    Ok(())
+}
+
+fn validate_message(m: &pb::Message, index: usize, max_payload: usize) -> Result<(), Status> {
+    validate_header(m, index)?;
+    if m.payload.is_empty() {
+        return Err(Status::invalid_argument(format!("message {index}: payload is empty")));
     }
     if m.payload.len() > max_payload {
         return Err(Status::resource_exhausted(format!(
@@ -89,6 +95,29 @@ fn validate_message(m: &pb::Message, index: usize, max_payload: usize) -> Result
         )));
     }
     Ok(())
+}
+
+/// Routes a validated message of `info`'s mailbox to its partition (hash of its ordering key,
+/// else of its id) and shard, and makes the record to store.
+pub(crate) fn routed_message(info: &MailboxInfo, m: pb::Message, accepted_unix_ms: i64) -> Result<(GroupId, NewMessage), Status> {
+    let routing_key = m.ordering_key.as_deref().unwrap_or(&m.id);
+    let partition = (stable_hash(routing_key) % u64::from(info.partitions)) as u32;
+    let shard = info.shard_of(partition).ok_or_else(|| Status::internal("partition without shard"))?;
+    let ttl_ms = m.ttl_ms.or((info.policy.default_ttl_ms > 0).then_some(info.policy.default_ttl_ms));
+    let expires_unix_ms = ttl_ms.map(|ttl| accepted_unix_ms.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)));
+    let message = StoredMessage {
+        id: m.id,
+        recipient: m.recipient,
+        headers: m.headers.into_iter().collect(),
+        payload: m.payload,
+        ordering_key: m.ordering_key,
+        accepted_unix_ms,
+        ttl_ms,
+        expires_unix_ms,
+        dead_letter: None,
+        large: None,
+    };
+    Ok((shard, NewMessage { mailbox: info.id, partition, message }))
 }
 
 fn to_proto_message(m: StoredMessage) -> pb::Message {
@@ -134,6 +163,8 @@ fn to_delivery(l: Leased) -> pb::SubscribeResponse {
     let dead_letter = l.message.dead_letter.as_ref().map(to_proto_dead_letter);
     let accepted_unix_ms = l.message.accepted_unix_ms;
     let expires_unix_ms = l.message.expires_unix_ms.unwrap_or(0);
+    let large_payload =
+        l.message.large.map(|p| pb::LargePayloadInfo { total_bytes: p.total_bytes, sha256: p.sha256.to_vec().into() });
     pb::SubscribeResponse {
         event: Some(subscribe_response::Event::Delivery(pb::Delivery {
             message: Some(to_proto_message(l.message)),
@@ -143,6 +174,7 @@ fn to_delivery(l: Leased) -> pb::SubscribeResponse {
             dead_letter,
             accepted_unix_ms,
             expires_unix_ms,
+            large_payload,
         })),
     }
 }
@@ -179,27 +211,7 @@ impl Exchange for ExchangeService {
         let count = messages.len();
         let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<NewMessage>)> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
-            let info = &mailboxes[&m.recipient];
-            let routing_key = m.ordering_key.as_deref().unwrap_or(&m.id);
-            let partition = (stable_hash(routing_key) % u64::from(info.partitions)) as u32;
-            let shard = info.shard_of(partition).ok_or_else(|| Status::internal("partition without shard"))?;
-            let ttl_ms = m.ttl_ms.or((info.policy.default_ttl_ms > 0).then_some(info.policy.default_ttl_ms));
-            let expires_unix_ms = ttl_ms.map(|ttl| accepted_unix_ms.saturating_add(ttl as i64));
-            let new = NewMessage {
-                mailbox: info.id,
-                partition,
-                message: StoredMessage {
-                    id: m.id,
-                    recipient: m.recipient,
-                    headers: m.headers.into_iter().collect(),
-                    payload: m.payload,
-                    ordering_key: m.ordering_key,
-                    accepted_unix_ms,
-                    ttl_ms,
-                    expires_unix_ms,
-                    dead_letter: None,
-                },
-            };
+            let (shard, new) = routed_message(&mailboxes[&m.recipient], m, accepted_unix_ms)?;
             let entry = by_shard.entry(shard).or_default();
             entry.0.push(i);
             entry.1.push(new);
@@ -241,6 +253,21 @@ impl Exchange for ExchangeService {
     }
 
     type SubscribeStream = SubscribeStream;
+    type UploadStream = Pin<Box<dyn Stream<Item = Result<pb::UploadResponse, Status>> + Send>>;
+    type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadChunk, Status>> + Send>>;
+
+    async fn upload(&self, request: Request<Streaming<pb::UploadRequest>>) -> Result<Response<Self::UploadStream>, Status> {
+        let (tx, rx) = mpsc::channel(16);
+        tokio::spawn(super::transfer::upload(self.runtime.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn download(&self, request: Request<pb::DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
+        // Two chunks in flight at most: memory stays bounded whatever the payload size.
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(super::transfer::download(self.runtime.clone(), request.into_inner(), tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn subscribe(
         &self,

@@ -4,3 +4,4 @@
 pub mod admin;
 pub mod exchange;
 pub mod internal;
+pub mod transfer;

@@ -381,6 +381,27 @@ impl ProcessCluster {
         }
     }
 
+    /// The running node's peak resident memory so far (`VmHWM`), in bytes.
+    pub fn peak_rss_bytes(&self, id: NodeId) -> Result<u64> {
+        let pid = {
+            let mut slot = self.node(id).child.lock().unwrap();
+            match slot.as_mut() {
+                Some(child) => match child.try_wait() {
+                    Ok(None) => child.id(),
+                    _ => bail!("node {id} is not running"),
+                },
+                None => bail!("node {id} is not running"),
+            }
+        };
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("reading node {id}'s status"))?;
+        let kib = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .ok_or_else(|| anyhow!("no VmHWM in /proc/{pid}/status"))?;
+        Ok(kib * 1024)
+    }
+
     /// Fails if a node that was started has died without the harness stopping it.
     pub fn check_no_crash(&self) -> Result<()> {
         for id in self.node_ids() {

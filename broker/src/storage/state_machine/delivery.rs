@@ -35,7 +35,7 @@ pub(super) fn insert_message(
     let position = Position { partition, sequence: ps.next_seq };
     ps.next_seq += 1;
     ps.stats.messages += 1;
-    ps.stats.bytes += message.payload.len() as u64;
+    ps.stats.bytes += message.payload_len();
     scratch.dirty_partitions.insert((mailbox, partition), ps);
     let key = keys::message_key(view.group, mailbox, partition, position.sequence);
     batch.put_cf(&cf, &key, encode(&message)?);
@@ -61,7 +61,7 @@ pub(super) fn remove_message(
     let key = keys::message_key(view.group, mailbox, position.partition, position.sequence);
     let mut ps = scratch.partition(view, cache, mailbox, position.partition)?;
     ps.stats.messages = ps.stats.messages.saturating_sub(1);
-    ps.stats.bytes = ps.stats.bytes.saturating_sub(message.payload.len() as u64);
+    ps.stats.bytes = ps.stats.bytes.saturating_sub(message.payload_len());
     scratch.dirty_partitions.insert((mailbox, position.partition), ps);
     batch.delete_cf(&cf, &key);
     scratch.puts.remove(&key);
@@ -71,6 +71,23 @@ pub(super) fn remove_message(
     }
     if scratch.delivery_state(view, mailbox, position).is_some() {
         set_delivery_state(view, batch, scratch, mailbox, position, None)?;
+    }
+    Ok(())
+}
+
+/// Removes a message for good (acked): with its chunks, if its payload was uploaded.
+pub(super) fn purge_message(
+    view: &ShardView,
+    batch: &mut WriteBatch,
+    scratch: &mut ApplyScratch,
+    cache: &mut PartitionCache,
+    mailbox: MailboxId,
+    position: Position,
+    message: &StoredMessage,
+) -> Result<()> {
+    remove_message(view, batch, scratch, cache, mailbox, position, message)?;
+    if let Some(large) = message.large {
+        super::upload::delete_chunks(view, batch, large.upload)?;
     }
     Ok(())
 }

@@ -10,6 +10,7 @@
 //! Architecture invariant: `apply` reads no clock and draws no randomness.
 
 mod delivery;
+mod upload;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Cursor;
@@ -280,6 +281,33 @@ impl ShardView {
         Ok(out)
     }
 
+    /// The chunk of an upload holding byte `offset`: its start and bytes (`None` past the end).
+    pub fn read_chunk(&self, upload: u64, offset: u64) -> Result<Option<(u64, bytes::Bytes)>> {
+        let prefix = keys::chunk_prefix(self.group, upload);
+        let key = keys::chunk_key(self.group, upload, offset);
+        let cf = self.store.cf(CF_STATE)?;
+        let mut iter = self.store.db().raw_iterator_cf(&cf);
+        iter.seek_for_prev(&key);
+        let (Some(found), Some(data)) = (iter.key(), iter.value()) else {
+            iter.status().map_err(BrokerError::storage)?;
+            return Ok(None);
+        };
+        if !found.starts_with(&prefix) {
+            return Ok(None);
+        }
+        let start = keys::message_seq(found).ok_or_else(|| BrokerError::Storage("bad chunk key".into()))?;
+        if offset >= start + data.len() as u64 {
+            return Ok(None);
+        }
+        Ok(Some((start, bytes::Bytes::copy_from_slice(data))))
+    }
+
+    /// The chunked payload of a stored message, if it has one.
+    pub fn large_payload(&self, mailbox: MailboxId, position: Position) -> Result<Option<crate::model::LargePayload>> {
+        let key = keys::message_key(self.group, mailbox, position.partition, position.sequence);
+        Ok(self.store.get::<StoredMessage>(CF_STATE, &key)?.and_then(|m| m.large))
+    }
+
     /// Rebuilds the in-memory mirror of the replicated delivery state from the store.
     fn rebuild_tracker(&self) -> Result<()> {
         let mut tracker = lock(&self.tracker);
@@ -389,6 +417,12 @@ impl StateMachine {
             Command::ReleaseConsumer { mailbox, consumer, now_unix_ms } => {
                 delivery::apply_release_consumer(&view, batch, scratch, cache, mailbox, consumer, now_unix_ms)
             }
+            Command::UploadBegin { new, total_bytes, sha256, limits } => {
+                upload::apply_begin(&view, batch, scratch, cache, upload::BeginRequest { new, total_bytes, sha256, limits })
+            }
+            Command::UploadChunk { mailbox, id, offset, data } => upload::apply_chunk(&view, batch, scratch, mailbox, &id, offset, data),
+            Command::UploadCommit { mailbox, id } => upload::apply_commit(&view, batch, scratch, cache, mailbox, &id),
+            Command::UploadAbort { mailbox, id } => upload::apply_abort(&view, batch, scratch, mailbox, &id),
             cmd @ (Command::CreateMailbox { .. } | Command::Batch(_)) => Ok(self.misplaced(&cmd)),
         }
     }
@@ -428,6 +462,10 @@ struct ApplyScratch {
     /// Delivery states changed by this batch (`None`: removed), mirrored into the tracker
     /// once the batch is written.
     delivery: HashMap<(MailboxId, Position), Option<DeliveryState>>,
+    /// Uploads changed by this batch (`None`: finished or aborted).
+    uploads: HashMap<Vec<u8>, Option<upload::UploadRecord>>,
+    /// Next upload number, once read.
+    next_upload: Option<u64>,
     /// Next mailbox id, once read: later creations in the same batch must not reuse it.
     next_mailbox_id: Option<MailboxId>,
     /// Dedup records written by this batch (not in RocksDB yet).
@@ -489,6 +527,10 @@ fn command_name(cmd: &Command) -> &'static str {
         Command::DeadLetter { .. } => "DeadLetter",
         Command::Redrive { .. } => "Redrive",
         Command::ReleaseConsumer { .. } => "ReleaseConsumer",
+        Command::UploadBegin { .. } => "UploadBegin",
+        Command::UploadChunk { .. } => "UploadChunk",
+        Command::UploadCommit { .. } => "UploadCommit",
+        Command::UploadAbort { .. } => "UploadAbort",
         Command::Batch(_) => "Batch",
     }
 }
@@ -606,7 +648,7 @@ fn apply_publish(
                 first_in_command.insert((m.mailbox, m.message.id.as_str()), i);
                 let add = added.entry(m.mailbox).or_default();
                 add.messages += 1;
-                add.bytes += m.message.payload.len() as u64;
+                add.bytes += m.message.payload_len();
                 slots.push(Slot::New(key));
             }
         }
@@ -729,7 +771,7 @@ fn apply_ack(
     let mut removed = 0;
     for position in positions {
         let Some(message) = scratch.message(view, mailbox, position)? else { continue };
-        delivery::remove_message(view, batch, scratch, cache, mailbox, position, &message)?;
+        delivery::purge_message(view, batch, scratch, cache, mailbox, position, &message)?;
         removed += 1;
     }
     Ok(CommandResult::Acked(removed))

@@ -1,0 +1,185 @@
+//! Large payloads: `Exchange.Upload` and `Exchange.Download`.
+//!
+//! An upload is a stream of chunks, each replicated as its own Raft entry (so no entry grows
+//! past a chunk and nothing holds the whole payload in memory) and appended to the upload's
+//! state on the shard that will store the message. The node serving the stream hashes the
+//! bytes as they pass; when the last one is stored and the hash matches the declared SHA-256,
+//! the upload is committed as one message. A stream that breaks leaves the stored chunks in
+//! place: the next `Upload` of the same message id, through any node, resumes after them
+//! (re-hashing the stored prefix first).
+//!
+//! A download streams a stored message's chunks from the shard leader, one chunk at a time.
+
+use std::sync::Arc;
+
+use kerwen_broker::model::{Command, CommandResult, GroupId, Position, UploadProgress};
+use kerwen_proto::v1 as pb;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+
+use super::exchange::{routed_message, to_proto_position, validate_header};
+use crate::runtime::{NodeRuntime, ReadAnswer, ReadQuery};
+use crate::status::to_status;
+
+/// Largest chunk a client may send or a download returns: one chunk is one Raft entry,
+/// which must replicate well within the AppendEntries budget.
+pub const MAX_CHUNK_BYTES: usize = 1024 * 1024;
+/// Largest payload an upload may declare.
+pub const MAX_UPLOAD_BYTES: u64 = 64 * 1024 * 1024 * 1024;
+
+type UploadSender = mpsc::Sender<Result<pb::UploadResponse, Status>>;
+
+fn event(e: pb::upload_response::Event) -> Result<pb::UploadResponse, Status> {
+    Ok(pb::UploadResponse { event: Some(e) })
+}
+
+/// Serves one upload stream; the outcome (or error) goes to `out`.
+pub async fn upload(runtime: Arc<NodeRuntime>, inbound: Streaming<pb::UploadRequest>, out: UploadSender) {
+    if let Err(status) = run_upload(&runtime, inbound, &out).await {
+        let _ = out.send(Err(status)).await;
+    }
+}
+
+async fn run_upload(runtime: &NodeRuntime, mut inbound: Streaming<pb::UploadRequest>, out: &UploadSender) -> Result<(), Status> {
+    let start = match inbound.message().await? {
+        Some(pb::UploadRequest { request: Some(pb::upload_request::Request::Start(start)) }) => start,
+        _ => return Err(Status::invalid_argument("the first message of an upload must be `start`")),
+    };
+    let message = start.message.ok_or_else(|| Status::invalid_argument("start: message missing"))?;
+    validate_header(&message, 0)?;
+    if !message.payload.is_empty() {
+        return Err(Status::invalid_argument("start: the payload travels in chunks; message.payload must be empty"));
+    }
+    let sha256: [u8; 32] =
+        start.sha256.as_ref().try_into().map_err(|_| Status::invalid_argument("start: sha256 must be 32 bytes"))?;
+    let total = start.total_bytes;
+    if total == 0 || total > MAX_UPLOAD_BYTES {
+        return Err(Status::invalid_argument(format!("start: total_bytes must be 1..={MAX_UPLOAD_BYTES}, got {total}")));
+    }
+    let info = runtime.mailbox(&message.recipient).await.map_err(to_status)?;
+    let id = message.id.clone();
+    let (shard, new) = routed_message(&info, message, crate::runtime::now_unix_ms())?;
+    let mailbox = info.id;
+    let limits = info.shard_limits(shard);
+    let begin = Command::UploadBegin { new, total_bytes: total, sha256, limits };
+    let (upload, mut stored) = match progress(runtime, shard, begin).await? {
+        (_, UploadProgress::Stored(position)) => return published(out, &id, shard, 0, position).await,
+        (_, UploadProgress::Receiving { upload, received }) => (upload, received),
+    };
+
+    // Resuming: the hash must cover the bytes stored by the earlier stream too.
+    let mut hasher = Sha256::new();
+    let mut offset = 0;
+    while offset < stored {
+        let (start, data) = read_chunk(runtime, shard, upload, offset).await?;
+        let from = usize::try_from(offset - start).map_err(|_| Status::internal("chunk offset"))?;
+        let until = data.len().min(from + usize::try_from(stored - offset).unwrap_or(usize::MAX));
+        hasher.update(&data[from..until]);
+        offset += (until - from) as u64;
+    }
+    if stored > 0 {
+        tracing::info!(id = %id, stored, total, "resuming an upload");
+    }
+    let _ = out.send(event(pb::upload_response::Event::NextOffset(stored))).await;
+
+    while stored < total {
+        let chunk = match inbound.message().await? {
+            Some(pb::UploadRequest { request: Some(pb::upload_request::Request::Chunk(chunk)) }) => chunk,
+            // The client went away: what is stored stays for a resumed upload.
+            None => return Ok(()),
+            Some(_) => return Err(Status::invalid_argument("after `start`, an upload carries only chunks")),
+        };
+        if chunk.offset != stored {
+            return Err(Status::invalid_argument(format!("chunk at offset {}, expected {stored}", chunk.offset)));
+        }
+        if chunk.data.is_empty() || chunk.data.len() > MAX_CHUNK_BYTES {
+            return Err(Status::invalid_argument(format!("chunks must be 1..={MAX_CHUNK_BYTES} bytes, got {}", chunk.data.len())));
+        }
+        hasher.update(&chunk.data);
+        let expected = stored + chunk.data.len() as u64;
+        let write = Command::UploadChunk { mailbox, id: id.clone(), offset: stored, data: chunk.data };
+        match progress(runtime, shard, write).await? {
+            (_, UploadProgress::Receiving { received, .. }) if received == expected => stored = received,
+            (_, other) => {
+                return Err(Status::aborted(format!(
+                    "another upload of message {id} is running (at {other:?}); retry to resume"
+                )))
+            }
+        }
+        if out.send(event(pb::upload_response::Event::StoredOffset(stored))).await.is_err() {
+            return Ok(());
+        }
+    }
+
+    if hasher.finalize().as_slice() != sha256 {
+        let abort = Command::UploadAbort { mailbox, id: id.clone() };
+        runtime.write(shard, abort).await.map_err(to_status)?;
+        return Err(Status::invalid_argument(format!(
+            "the payload of message {id} does not match its sha256; the upload was discarded"
+        )));
+    }
+    match progress(runtime, shard, Command::UploadCommit { mailbox, id: id.clone() }).await? {
+        (index, UploadProgress::Stored(position)) => published(out, &id, shard, index, position).await,
+        (_, other) => Err(Status::internal(format!("upload commit answered {other:?}"))),
+    }
+}
+
+/// Runs an upload command; returns the commit index and the upload's progress.
+async fn progress(runtime: &NodeRuntime, shard: GroupId, cmd: Command) -> Result<(u64, UploadProgress), Status> {
+    match runtime.write(shard, cmd).await.map_err(to_status)? {
+        (index, CommandResult::Upload(p)) => Ok((index, p)),
+        (_, CommandResult::Rejected(e)) => Err(to_status(e)),
+        (_, other) => Err(Status::internal(format!("unexpected upload result {other:?}"))),
+    }
+}
+
+async fn published(out: &UploadSender, id: &str, shard: GroupId, commit_index: u64, position: Position) -> Result<(), Status> {
+    let result = pb::PublishResult { id: id.to_owned(), position: Some(to_proto_position(position)), shard, commit_index };
+    let _ = out.send(event(pb::upload_response::Event::Published(result))).await;
+    Ok(())
+}
+
+async fn read_chunk(runtime: &NodeRuntime, shard: GroupId, upload: u64, offset: u64) -> Result<(u64, bytes::Bytes), Status> {
+    match runtime.read(shard, ReadQuery::Chunk { upload, offset }).await.map_err(to_status)? {
+        ReadAnswer::Chunk(Some(found)) => Ok(found),
+        ReadAnswer::Chunk(None) => Err(Status::not_found(format!("byte {offset} of the payload is not stored (acked meanwhile?)"))),
+        other => Err(Status::internal(format!("unexpected answer {other:?}"))),
+    }
+}
+
+/// Streams a stored message's chunked payload from `req.offset` to `out`.
+pub async fn download(runtime: Arc<NodeRuntime>, req: pb::DownloadRequest, out: mpsc::Sender<Result<pb::DownloadChunk, Status>>) {
+    if let Err(status) = run_download(&runtime, req, &out).await {
+        let _ = out.send(Err(status)).await;
+    }
+}
+
+async fn run_download(runtime: &NodeRuntime, req: pb::DownloadRequest, out: &mpsc::Sender<Result<pb::DownloadChunk, Status>>) -> Result<(), Status> {
+    let info = runtime.mailbox(&req.mailbox).await.map_err(to_status)?;
+    let p = req.position.ok_or_else(|| Status::invalid_argument("position missing"))?;
+    let position = Position { partition: p.partition, sequence: p.sequence };
+    let shard = info.shard_of_any(p.partition).ok_or_else(|| Status::invalid_argument(format!("partition {} does not exist", p.partition)))?;
+    let large = match runtime.read(shard, ReadQuery::LargePayload { mailbox: info.id, position }).await.map_err(to_status)? {
+        ReadAnswer::LargePayload(Some(large)) => large,
+        ReadAnswer::LargePayload(None) => {
+            return Err(Status::not_found(format!(
+                "no message with a chunked payload at {}:{} (acked, or sent inline)",
+                p.partition, p.sequence
+            )))
+        }
+        other => return Err(Status::internal(format!("unexpected answer {other:?}"))),
+    };
+    let mut offset = req.offset;
+    while offset < large.total_bytes {
+        let (start, data) = read_chunk(runtime, shard, large.upload, offset).await?;
+        let from = usize::try_from(offset - start).map_err(|_| Status::internal("chunk offset"))?;
+        let data = data.slice(from..);
+        let len = data.len() as u64;
+        if out.send(Ok(pb::DownloadChunk { offset, data })).await.is_err() {
+            return Ok(());
+        }
+        offset += len;
+    }
+    Ok(())
+}
