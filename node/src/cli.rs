@@ -120,6 +120,19 @@ pub struct PublishArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct DownloadArgs {
+    /// Mailbox (service id) the message was delivered from.
+    #[arg(long)]
+    pub from: String,
+    /// The delivery's position as PARTITION:SEQUENCE (as `consume` prints it).
+    #[arg(long)]
+    pub position: String,
+    /// File to write; if it exists, the download resumes after its current length.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+#[derive(Debug, Args)]
 pub struct ConsumeArgs {
     /// Mailbox (service id) to consume.
     #[arg(long)]
@@ -136,6 +149,10 @@ pub struct ConsumeArgs {
     /// Consume the mailbox's dead-letter queue instead.
     #[arg(long)]
     pub dead_letters: bool,
+    /// Download chunked (large) payloads into this directory, one file per message id,
+    /// before acking them. Without it they are acked unread.
+    #[arg(long)]
+    pub save_dir: Option<PathBuf>,
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
@@ -236,7 +253,82 @@ fn random_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
+/// Files larger than this are published as a chunked upload (the nodes' default limit for an
+/// inline payload is 4 MiB).
+const INLINE_PAYLOAD_MAX: u64 = 4 * 1024 * 1024;
+/// Upload chunk size.
+const UPLOAD_CHUNK_BYTES: usize = 1024 * 1024;
+/// Upload streams tried (each resuming the last) before giving up.
+const UPLOAD_ATTEMPTS: u32 = 5;
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// SHA-256 of a file, read in chunks.
+fn file_sha256(path: &std::path::Path) -> anyhow::Result<[u8; 32]> {
+    use sha2::{Digest, Sha256};
+    let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; UPLOAD_CHUNK_BYTES];
+    loop {
+        let n = file.read(&mut buf).with_context(|| format!("reading {}", path.display()))?;
+        if n == 0 {
+            return Ok(hasher.finalize().into());
+        }
+        hasher.update(&buf[..n]);
+    }
+}
+
+/// Publishes a large file as a chunked upload, resuming through any node after a failure.
+async fn publish_chunked(opts: &ClientOpts, message: pb::Message, path: &std::path::Path, size: u64) -> anyhow::Result<pb::PublishResult> {
+    use std::io::{Seek, SeekFrom};
+    let sha256 = file_sha256(path)?;
+    let mut last_error = None;
+    for attempt in 1..=UPLOAD_ATTEMPTS {
+        let mut file = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let upload = crate::client::Upload { message: message.clone(), total_bytes: size, sha256, chunk_bytes: UPLOAD_CHUNK_BYTES };
+        let outcome = match connect(opts).await {
+            Ok(mut client) => {
+                client
+                    .upload(upload, move |offset, len| {
+                        file.seek(SeekFrom::Start(offset))?;
+                        let mut buf = vec![0u8; len];
+                        file.read_exact(&mut buf)?;
+                        Ok(buf.into())
+                    })
+                    .await
+            }
+            Err(e) => Err(tonic::Status::unavailable(e.to_string())),
+        };
+        match outcome {
+            Ok(o) => {
+                if o.resumed_from > 0 {
+                    eprintln!("resumed the upload at byte {}", o.resumed_from);
+                }
+                return o.result.context("the upload ended without a result");
+            }
+            Err(s) if matches!(s.code(), tonic::Code::Unavailable | tonic::Code::Aborted | tonic::Code::Unknown) => {
+                eprintln!("upload attempt {attempt} of {UPLOAD_ATTEMPTS} failed ({}); resuming", s.message());
+                last_error = Some(s);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(s) => return Err(status_error(s)),
+        }
+    }
+    Err(status_error(last_error.unwrap_or_else(|| tonic::Status::unavailable("no attempt made"))))
+}
+
 pub async fn publish(opts: &ClientOpts, args: PublishArgs) -> anyhow::Result<()> {
+    if let Some(path) = &args.file {
+        let size = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+        if size > INLINE_PAYLOAD_MAX {
+            let message = message_of(&args, Vec::new())?;
+            let r = publish_chunked(opts, message, path, size).await?;
+            print_published(opts, &args.to, &r);
+            return Ok(());
+        }
+    }
     let payload = match (&args.data, &args.file) {
         (Some(data), _) => data.clone().into_bytes(),
         (None, Some(path)) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
@@ -246,32 +338,86 @@ pub async fn publish(opts: &ClientOpts, args: PublishArgs) -> anyhow::Result<()>
             buf
         }
     };
+    let message = message_of(&args, payload)?;
+    let mut client = connect(opts).await?;
+    let response = client.publish(vec![message]).await.map_err(status_error)?;
+    for r in response.results {
+        print_published(opts, &args.to, &r);
+    }
+    Ok(())
+}
+
+fn message_of(args: &PublishArgs, payload: Vec<u8>) -> anyhow::Result<pb::Message> {
     let mut headers = HashMap::new();
     for h in &args.headers {
         let (k, v) = h.split_once('=').with_context(|| format!("header {h:?} is not NAME=VALUE"))?;
         headers.insert(k.to_owned(), v.to_owned());
     }
-    let message = pb::Message {
-        id: args.id.unwrap_or_else(random_id),
+    Ok(pb::Message {
+        id: args.id.clone().unwrap_or_else(random_id),
         recipient: args.to.clone(),
         headers,
         payload: payload.into(),
-        ordering_key: args.key,
+        ordering_key: args.key.clone(),
         ttl_ms: args.ttl_ms,
-    };
-    let mut client = connect(opts).await?;
-    let response = client.publish(vec![message]).await.map_err(status_error)?;
-    for r in response.results {
-        let pos = r.position.unwrap_or_default();
-        if opts.json {
-            println!(
-                "{}",
-                json!({"id": r.id, "partition": pos.partition, "sequence": pos.sequence, "shard": r.shard, "commit_index": r.commit_index})
-            );
-        } else {
-            println!("published {} to {} (partition {}, sequence {})", r.id, args.to, pos.partition, pos.sequence);
-        }
+    })
+}
+
+fn print_published(opts: &ClientOpts, to: &str, r: &pb::PublishResult) {
+    let pos = r.position.unwrap_or_default();
+    if opts.json {
+        println!(
+            "{}",
+            json!({"id": r.id, "partition": pos.partition, "sequence": pos.sequence, "shard": r.shard, "commit_index": r.commit_index})
+        );
+    } else {
+        println!("published {} to {} (partition {}, sequence {})", r.id, to, pos.partition, pos.sequence);
     }
+}
+
+pub async fn download(opts: &ClientOpts, args: DownloadArgs) -> anyhow::Result<()> {
+    let position = parse_position(&args.position)?;
+    let mut client = connect(opts).await?;
+    let (bytes, start, digest) = download_to(&mut client, &args.from, position, &args.out).await?;
+    if opts.json {
+        println!("{}", json!({"file": args.out, "bytes": bytes, "resumed_from": start, "sha256": hex(&digest)}));
+    } else {
+        println!("wrote {} bytes to {} (sha256 {})", bytes, args.out.display(), hex(&digest));
+    }
+    Ok(())
+}
+
+/// Appends a chunked payload to `out` from its current length on; returns the final length,
+/// where it started and the whole file's SHA-256.
+async fn download_to(client: &mut Client, mailbox: &str, position: pb::Position, out: &std::path::Path) -> anyhow::Result<(u64, u64, [u8; 32])> {
+    use std::io::Write;
+    let mut file =
+        std::fs::OpenOptions::new().create(true).append(true).open(out).with_context(|| format!("opening {}", out.display()))?;
+    let start = file.metadata()?.len();
+    let mut stream = client.download(mailbox, position, start).await.map_err(status_error)?;
+    let mut offset = start;
+    while let Some(chunk) = stream.message().await.map_err(status_error)? {
+        if chunk.offset != offset {
+            bail!("the server sent bytes from {}, expected {offset}", chunk.offset);
+        }
+        file.write_all(&chunk.data).with_context(|| format!("writing {}", out.display()))?;
+        offset += chunk.data.len() as u64;
+    }
+    file.sync_all()?;
+    // Hash the whole file (a resumed download's earlier bytes included).
+    Ok((offset, start, file_sha256(out)?))
+}
+
+/// Saves a delivery's chunked payload under `dir` and checks it against its SHA-256.
+async fn save_large(client: &mut Client, dir: &std::path::Path, d: &pb::Delivery) -> anyhow::Result<()> {
+    let (Some(large), Some(m), Some(position)) = (&d.large_payload, &d.message, d.position) else { return Ok(()) };
+    let name: String = m.id.chars().map(|c| if c.is_ascii_alphanumeric() || "-_.=+,()".contains(c) { c } else { '_' }).collect();
+    let path = dir.join(name);
+    let (bytes, _, digest) = download_to(client, &m.recipient, position, &path).await?;
+    if digest[..] != large.sha256[..] {
+        bail!("{} ({bytes} bytes) does not match the message's sha256 {}; not acked", path.display(), hex(&large.sha256));
+    }
+    eprintln!("saved {} ({bytes} bytes, sha256 verified)", path.display());
     Ok(())
 }
 
@@ -289,16 +435,29 @@ fn print_delivery(json_output: bool, d: &pb::Delivery) {
             "headers": m.headers,
             "payload_len": m.payload.len(),
         });
+        if let Some(l) = &d.large_payload {
+            v["large_payload"] = json!({"total_bytes": l.total_bytes, "sha256": hex(&l.sha256)});
+        }
         if let Some(dl) = &d.dead_letter {
             v["dead_letter"] = dead_letter_json(dl);
         }
         match text {
             Some(t) => v["payload_utf8"] = json!(t),
-            None => v["payload_hex"] = json!(m.payload.iter().map(|b| format!("{b:02x}")).collect::<String>()),
+            None => v["payload_hex"] = json!(hex(&m.payload)),
         }
         println!("{v}");
     } else {
-        let body = text.map(|t| t.trim_end().to_owned()).unwrap_or_else(|| format!("<{} bytes of binary>", m.payload.len()));
+        let body = match &d.large_payload {
+            Some(l) => format!(
+                "<{} bytes, sha256 {}: kerwen download --from {} --position {}:{} --out FILE>",
+                l.total_bytes,
+                hex(&l.sha256),
+                m.recipient,
+                partition_name(pos.partition),
+                pos.sequence
+            ),
+            None => text.map(|t| t.trim_end().to_owned()).unwrap_or_else(|| format!("<{} bytes of binary>", m.payload.len())),
+        };
         let reason = d.dead_letter.as_ref().map(|dl| format!(" dead letter: {}", dl.reason)).unwrap_or_default();
         println!("[partition {} seq {} attempt {}{reason}] {}: {}", partition_name(pos.partition), pos.sequence, d.attempt, m.id, body);
     }
@@ -326,6 +485,9 @@ pub async fn consume(opts: &ClientOpts, args: ConsumeArgs) -> anyhow::Result<()>
             Ok(Some(Event::Delivery(d))) => {
                 received += 1;
                 print_delivery(opts.json, &d);
+                if let Some(dir) = &args.save_dir {
+                    save_large(&mut client, dir, &d).await?;
+                }
                 if !args.no_ack {
                     if let Some(pos) = d.position {
                         sub.ack(vec![pos]).await.map_err(status_error)?;

@@ -1,7 +1,7 @@
 //! The `kerwen` binary: `serve` and `dev` run nodes; every other command is a client.
 
 use clap::{Parser, Subcommand};
-use kerwen_node::cli::{self, ClientOpts, ConsumeArgs, DlqCommand, MailboxCommand, PublishArgs};
+use kerwen_node::cli::{self, ClientOpts, ConsumeArgs, DlqCommand, DownloadArgs, MailboxCommand, PublishArgs};
 use kerwen_node::config::ServeArgs;
 use kerwen_node::dev::{self, DevArgs};
 use tracing_subscriber::EnvFilter;
@@ -27,8 +27,11 @@ enum Command {
         #[command(subcommand)]
         command: MailboxCommand,
     },
-    /// Publish one message (payload from --data, --file or standard input).
+    /// Publish one message (payload from --data, --file or standard input). Files over 4 MiB
+    /// are uploaded in chunks, resuming after failures.
     Publish(PublishArgs),
+    /// Download the chunked payload of a delivered message to a file (resumes a partial file).
+    Download(DownloadArgs),
     /// Consume (and ack) messages from a mailbox.
     Consume(ConsumeArgs),
     /// List and redrive a mailbox's dead letters.
@@ -72,6 +75,10 @@ async fn main() {
         Command::Consume(args) => {
             init_logging("warn");
             cli::consume(&cli.client, args).await
+        }
+        Command::Download(args) => {
+            init_logging("warn");
+            cli::download(&cli.client, args).await
         }
         Command::Dlq { command } => {
             init_logging("warn");
