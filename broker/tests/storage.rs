@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use kerwen_broker::model::{
     Command, CommandResult, DeadLetterReason, Leased, NewMessage, Position, RedeliveryPolicy, SettleAction, ShardLimits,
-    StoredMessage, TypeConfig, DEAD_LETTER_BIT,
+    StoredMessage, TypeConfig, UploadProgress, DEAD_LETTER_BIT,
 };
 use kerwen_broker::storage::{LogStore, ShardView, StateMachine, Store};
 use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
@@ -573,4 +573,56 @@ async fn extending_a_lease_postpones_redelivery_and_only_the_holder_may_extend()
     assert!(fetch_at(&mut sm, &view, 3, &[0], 10, after_first_lease).await.is_empty());
     let later = T0 + 2 * LEASE_MS + 60_000;
     assert_eq!(fetch_at(&mut sm, &view, 3, &[0], 10, later).await[0].attempt, 2);
+}
+
+// ---- Large payloads: chunked uploads ------------------------------------------------------
+
+#[tokio::test]
+async fn an_upload_stores_chunks_in_order_commits_one_message_and_ack_deletes_the_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    let new = message("big", 0, "");
+    let begin = || Command::UploadBegin { new: new.clone(), total_bytes: 6, sha256: [7; 32], limits: limits(60_000, 100, 1_000).remove(0) };
+    let chunk = |offset, data: &'static [u8]| Command::UploadChunk { mailbox: 1, id: "big".into(), offset, data: data.into() };
+    let receiving = |received| CommandResult::Upload(UploadProgress::Receiving { upload: 1, received });
+    assert_eq!(apply_one(&mut sm, begin()).await, receiving(0));
+    assert_eq!(apply_one(&mut sm, chunk(0, b"abc")).await, receiving(3));
+    // A chunk sent again, or ahead of the upload's end, is ignored: the answer says where to go on.
+    assert_eq!(apply_one(&mut sm, chunk(0, b"abc")).await, receiving(3));
+    assert_eq!(apply_one(&mut sm, chunk(5, b"f")).await, receiving(3));
+    // Committing early is refused; beginning again resumes.
+    let commit = || Command::UploadCommit { mailbox: 1, id: "big".into() };
+    assert!(matches!(apply_one(&mut sm, commit()).await, CommandResult::Rejected(_)));
+    assert_eq!(apply_one(&mut sm, begin()).await, receiving(3));
+    assert_eq!(apply_one(&mut sm, chunk(3, b"def")).await, receiving(6));
+    let stored = apply_one(&mut sm, commit()).await;
+    let position = Position { partition: 0, sequence: 0 };
+    assert_eq!(stored, CommandResult::Upload(UploadProgress::Stored(position)));
+    assert_eq!(view.stats(1, &[0]).unwrap().bytes, 6, "the payload counts with its full size");
+    assert_eq!(view.read_chunk(1, 4).unwrap().map(|(start, data)| (start, data.to_vec())), Some((3, b"def".to_vec())));
+    // Beginning the same id again is answered with the stored position (dedup window).
+    assert_eq!(apply_one(&mut sm, begin()).await, CommandResult::Upload(UploadProgress::Stored(position)));
+
+    let leased = fetch(&mut sm, &view, 1, &[0], 10).await;
+    assert_eq!(leased[0].message.large.map(|l| l.total_bytes), Some(6));
+    apply_one(&mut sm, Command::Ack { mailbox: 1, positions: vec![position] }).await;
+    assert_eq!(view.read_chunk(1, 0).unwrap(), None, "acking deleted the chunks");
+    assert_eq!(view.stats(1, &[0]).unwrap().bytes, 0);
+}
+
+#[tokio::test]
+async fn abandoned_uploads_are_listed_and_aborting_deletes_their_chunks() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    let begin = Command::UploadBegin { new: at(message("big", 0, ""), 5_000), total_bytes: 10, sha256: [0; 32], limits: limits(60_000, 100, 1_000).remove(0) };
+    apply_one(&mut sm, begin).await;
+    apply_one(&mut sm, Command::UploadChunk { mailbox: 1, id: "big".into(), offset: 0, data: b"12345".to_vec().into() }).await;
+    assert!(view.stale_uploads(5_000).unwrap().is_empty());
+    assert_eq!(view.stale_uploads(5_001).unwrap(), vec![(1, "big".to_owned())]);
+    assert_eq!(apply_one(&mut sm, Command::UploadAbort { mailbox: 1, id: "big".into() }).await, CommandResult::Changed(1));
+    assert_eq!(view.read_chunk(1, 0).unwrap(), None);
+    assert!(view.stale_uploads(i64::MAX).unwrap().is_empty());
+    // Quota: an upload larger than the mailbox may hold is refused up front.
+    let huge = Command::UploadBegin { new: message("huge", 0, ""), total_bytes: 10_000, sha256: [0; 32], limits: limits(60_000, 100, 1_000).remove(0) };
+    assert!(matches!(apply_one(&mut sm, huge).await, CommandResult::Rejected(kerwen_broker::BrokerError::ResourceExhausted(_))));
 }

@@ -29,6 +29,10 @@ use crate::transport::{PeerMethod, Peers, RaftTransport};
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
 /// Most messages one sweep round moves per shard.
 const SWEEP_BUDGET: usize = 1_024;
+/// An upload not committed this long after it started is abandoned: its chunks are deleted.
+const UPLOAD_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
+/// Sweep rounds between two looks for abandoned uploads (about a minute).
+const UPLOAD_SWEEP_EVERY: u64 = 240;
 
 /// Arguments of a forwarded fetch (lease messages to a consumer).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -325,8 +329,12 @@ impl NodeRuntime {
     }
 
     /// Proposes moving expired and exhausted messages of the shards this node leads to their
-    /// dead-letter queues. Run periodically by [`Self::run_sweeper`].
-    pub async fn sweep(&self) {
+    /// dead-letter queues (and, every `UPLOAD_SWEEP_EVERY` rounds, dropping abandoned
+    /// uploads). Run periodically by [`Self::run_sweeper`].
+    pub async fn sweep(&self, round: u64) {
+        if round % UPLOAD_SWEEP_EVERY == 0 {
+            self.abort_stale_uploads().await;
+        }
         for (group, shard) in &self.shards {
             if self.leading_term(*group).is_err() {
                 continue;
@@ -352,16 +360,40 @@ impl NodeRuntime {
         }
     }
 
+    /// Aborts uploads older than `UPLOAD_MAX_AGE` on the shards this node leads, so chunks of
+    /// an upload nobody resumes do not stay forever.
+    async fn abort_stale_uploads(&self) {
+        let started_before = now_unix_ms() - UPLOAD_MAX_AGE.as_millis() as i64;
+        for (group, shard) in &self.shards {
+            if self.leading_term(*group).is_err() {
+                continue;
+            }
+            let stale = match shard.view.stale_uploads(started_before) {
+                Ok(stale) => stale,
+                Err(e) => {
+                    tracing::warn!(group, error = %e, "could not list uploads");
+                    continue;
+                }
+            };
+            for (mailbox, id) in stale {
+                tracing::info!(group, mailbox, id = %id, "aborting an upload abandoned for over {:?}", UPLOAD_MAX_AGE);
+                if let Err(e) = self.write_local(*group, Command::UploadAbort { mailbox, id }).await {
+                    tracing::debug!(group, error = %e, "abort not applied; next round retries");
+                }
+            }
+        }
+    }
+
     /// Sweeps every `SWEEP_INTERVAL` until the runtime is dropped.
     fn run_sweeper(self: &Arc<Self>) {
         let runtime = Arc::downgrade(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(SWEEP_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
+            for round in 1.. {
                 tick.tick().await;
                 let Some(runtime) = runtime.upgrade() else { return };
-                runtime.sweep().await;
+                runtime.sweep(round).await;
             }
         });
     }

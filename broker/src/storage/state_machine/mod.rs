@@ -302,6 +302,21 @@ impl ShardView {
         Ok(Some((start, bytes::Bytes::copy_from_slice(data))))
     }
 
+    /// Uploads started before `started_before` (Unix ms) and never committed: `(mailbox, id)`.
+    pub fn stale_uploads(&self, started_before: i64) -> Result<Vec<(MailboxId, String)>> {
+        let prefix = keys::state_key(self.group, keys::KIND_UPLOAD, &[]);
+        let mut out = Vec::new();
+        for_each_in_prefix(&self.store, &prefix, |_, value| {
+            let record: upload::UploadRecord = decode(value)?;
+            let message = &record.state.message;
+            if message.accepted_unix_ms < started_before {
+                out.push((record.limits.mailbox, message.id.clone()));
+            }
+            Ok(true)
+        })?;
+        Ok(out)
+    }
+
     /// The chunked payload of a stored message, if it has one.
     pub fn large_payload(&self, mailbox: MailboxId, position: Position) -> Result<Option<crate::model::LargePayload>> {
         let key = keys::message_key(self.group, mailbox, position.partition, position.sequence);
