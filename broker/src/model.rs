@@ -464,8 +464,11 @@ pub enum Command {
     /// holds one entry per mailbox of the batch; a mailbox without one gets the default
     /// dedup window and no quota.
     Publish { messages: Vec<NewMessage>, limits: Vec<ShardLimits> },
-    /// Data shard: remove acked messages.
-    Ack { mailbox: MailboxId, positions: Vec<Position> },
+    /// Data shard: remove acked messages. With `consumer`, a message whose latest lease
+    /// belongs to another consumer is left alone: its lease ran out and it went to someone
+    /// else, who now holds it (in an ordered mailbox, removing it would let the key's next
+    /// message overtake it). `None` removes unconditionally.
+    Ack { mailbox: MailboxId, positions: Vec<Position>, consumer: Option<u64> },
     /// Data shard: lease messages chosen by the leader to `consumer` until `until_unix_ms`.
     /// Applying skips any that are gone, leased to someone else, or not due yet, and moves
     /// expired or exhausted ones to the dead-letter queue instead.

@@ -207,8 +207,7 @@ async fn nack_backoff_and_lease_expiry_count_attempts_then_dead_letter_and_redri
 }
 
 async fn scenario_redelivery(cluster: &ProcessCluster) -> Result<()> {
-    // Longer than a leader election, so attempt 2 is still leased when the nack comes.
-    const LEASE_MS: u64 = 8_000;
+    const LEASE_MS: u64 = 3_000;
     const NACK_DELAY_MS: u64 = 1_500;
     const BACKOFF_INITIAL_MS: u64 = 400;
     const BACKOFF_MAX_MS: u64 = 1_000;
@@ -239,10 +238,18 @@ async fn scenario_redelivery(cluster: &ProcessCluster) -> Result<()> {
     let pos = d1.position.ok_or_else(|| anyhow!("no position"))?;
     let nacked = tokio::time::Instant::now();
     consumer.sub.nack_after(vec![pos], Duration::from_millis(NACK_DELAY_MS)).await.map_err(|s| anyhow!("nack: {s:?}"))?;
-    let _d2 = next_attempt(&mut consumer, 2).await?;
+    let d2 = next_attempt(&mut consumer, 2).await?;
     let waited = nacked.elapsed();
     ensure!(waited >= Duration::from_millis(NACK_DELAY_MS), "redelivered {waited:?} after a {NACK_DELAY_MS} ms nack delay");
     trace(format!("attempt 2 came {waited:?} after the nack (delay {NACK_DELAY_MS} ms)"));
+    // The consumer extends its lease, so however long the election below takes, attempt 2 is
+    // still its own when it nacks.
+    consumer.sub.extend(vec![pos], Duration::from_secs(120)).await.map_err(|s| anyhow!("extend: {s:?}"))?;
+    eventually("the extended lease", Duration::from_secs(10), || async {
+        Ok((unix_ms_now() > d2.lease_expires_unix_ms + 2 * BACKOFF_MAX_MS as i64).then_some(()))
+    })
+    .await?;
+    ensure!(consumer.next(Duration::from_millis(500)).await?.is_none(), "redelivered although the lease was extended");
 
     // The shard leader dies while attempt 2 is out: attempts and back-off live on.
     cluster.kill(victim).await?;
@@ -386,6 +393,14 @@ enum Seen {
     AckSent(usize, usize),
 }
 
+/// A delivery's details, for the failure report.
+#[derive(Debug, Clone)]
+struct SeenDetail {
+    consumer: usize,
+    attempt: u32,
+    position: (u32, u64),
+}
+
 const ORDERED_KEYS: usize = 8;
 const PER_KEY: usize = 40;
 
@@ -401,8 +416,9 @@ fn parse_ordered_id(id: &str) -> Result<(usize, usize)> {
 /// One competing consumer: takes deliveries, "processes" each for a moment, records it and
 /// acks it; reconnects through any node when its stream breaks (its node was killed).
 async fn ordered_consumer(
+    me: usize,
     cluster: &ProcessCluster,
-    log: &std::sync::Mutex<Vec<Seen>>,
+    log: &std::sync::Mutex<Vec<(Seen, SeenDetail)>>,
     done: &std::sync::atomic::AtomicBool,
 ) -> Result<()> {
     use std::sync::atomic::Ordering;
@@ -423,9 +439,10 @@ async fn ordered_consumer(
                 Ok(None) | Err(_) => break,
             };
             let (key, index) = parse_ordered_id(&delivered_id(&d)?)?;
-            log.lock().map_err(|_| anyhow!("poisoned"))?.push(Seen::Delivered(key, index));
+            let detail = SeenDetail { consumer: me, attempt: d.attempt, position: delivered_pos(&d)? };
+            log.lock().map_err(|_| anyhow!("poisoned"))?.push((Seen::Delivered(key, index), detail.clone()));
             tokio::time::sleep(Duration::from_millis(5 + (index % 3) as u64 * 5)).await;
-            log.lock().map_err(|_| anyhow!("poisoned"))?.push(Seen::AckSent(key, index));
+            log.lock().map_err(|_| anyhow!("poisoned"))?.push((Seen::AckSent(key, index), detail));
             if sub.ack(d.position.into_iter().collect()).await.is_err() || sub.credit(1).await.is_err() {
                 break;
             }
@@ -454,9 +471,9 @@ async fn scenario_ordered(cluster: &ProcessCluster) -> Result<()> {
     let log = std::sync::Mutex::new(Vec::new());
     let done = AtomicBool::new(false);
     let total = ORDERED_KEYS * PER_KEY;
-    let acked_keys = |log: &std::sync::Mutex<Vec<Seen>>| -> HashSet<(usize, usize)> {
+    let acked_keys = |log: &std::sync::Mutex<Vec<(Seen, SeenDetail)>>| -> HashSet<(usize, usize)> {
         let log = log.lock().unwrap_or_else(|p| p.into_inner());
-        log.iter().filter_map(|s| if let Seen::AckSent(k, i) = s { Some((*k, *i)) } else { None }).collect()
+        log.iter().filter_map(|(s, _)| if let Seen::AckSent(k, i) = s { Some((*k, *i)) } else { None }).collect()
     };
     let driver = async {
         // Kill the leader of the first shard once a third is through, bring it back later.
@@ -482,7 +499,7 @@ async fn scenario_ordered(cluster: &ProcessCluster) -> Result<()> {
         done.store(true, Ordering::SeqCst);
         Ok::<_, anyhow::Error>(())
     };
-    let consumers = futures::future::try_join_all((0..4).map(|_| ordered_consumer(cluster, &log, &done)));
+    let consumers = futures::future::try_join_all((0..4).map(|me| ordered_consumer(me, cluster, &log, &done)));
     let (driven, consumed) = tokio::join!(driver, consumers);
     done.store(true, Ordering::SeqCst);
     driven?;
@@ -495,7 +512,7 @@ async fn scenario_ordered(cluster: &ProcessCluster) -> Result<()> {
     for key in 0..ORDERED_KEYS {
         let mut current: Option<usize> = None;
         let mut acked_current = false;
-        for seen in &log {
+        for (at, (seen, _)) in log.iter().enumerate() {
             match *seen {
                 Seen::Delivered(k, i) if k == key => match current {
                     Some(c) if i == c => redeliveries += 1,
@@ -504,7 +521,15 @@ async fn scenario_ordered(cluster: &ProcessCluster) -> Result<()> {
                         acked_current = false;
                     }
                     None if i == 0 => current = Some(0),
-                    _ => anyhow::bail!("key {key}: index {i} delivered after {current:?} (acked: {acked_current})"),
+                    _ => {
+                        let history: Vec<String> = log[..=at]
+                            .iter()
+                            .filter(|(s, _)| matches!(s, Seen::Delivered(k, _) | Seen::AckSent(k, _) if *k == key))
+                            .map(|(s, d)| format!("{s:?} c{} a{} {:?}", d.consumer, d.attempt, d.position))
+                            .collect();
+                        let tail = &history[history.len().saturating_sub(16)..];
+                        anyhow::bail!("key {key}: index {i} delivered after {current:?} (acked: {acked_current}); last events:\n{}", tail.join("\n"))
+                    }
                 },
                 Seen::AckSent(k, i) if k == key && Some(i) == current => acked_current = true,
                 _ => {}

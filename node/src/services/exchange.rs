@@ -331,7 +331,7 @@ impl Exchange for ExchangeService {
                             let out = out_tx.clone();
                             tokio::spawn(async move {
                                 let _slot = slot;
-                                let cmd = Command::Ack { mailbox, positions: positions.clone() };
+                                let cmd = Command::Ack { mailbox, positions: positions.clone(), consumer: Some(consumer) };
                                 let event = match runtime.write(shard, cmd).await {
                                     Ok(_) => Ok(pb::SubscribeResponse {
                                         event: Some(subscribe_response::Event::Acked(pb::Settle {

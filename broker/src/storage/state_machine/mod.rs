@@ -414,7 +414,7 @@ impl StateMachine {
         let cache = &mut *cache;
         match cmd {
             Command::Publish { messages, limits } => apply_publish(&view, batch, cache, messages, limits, scratch),
-            Command::Ack { mailbox, positions } => apply_ack(&view, batch, cache, mailbox, positions, scratch),
+            Command::Ack { mailbox, positions, consumer } => apply_ack(&view, batch, cache, (mailbox, consumer), positions, scratch),
             Command::Lease { mailbox, consumer, positions, now_unix_ms, until_unix_ms, policy } => {
                 let request = LeaseRequest { mailbox, consumer, positions, now_unix_ms, until_unix_ms, policy };
                 delivery::apply_lease(&view, batch, scratch, cache, request)
@@ -779,12 +779,18 @@ fn apply_ack(
     view: &ShardView,
     batch: &mut WriteBatch,
     cache: &mut PartitionCache,
-    mailbox: MailboxId,
+    (mailbox, consumer): (MailboxId, Option<u64>),
     positions: Vec<Position>,
     scratch: &mut ApplyScratch,
 ) -> Result<CommandResult> {
     let mut removed = 0;
     for position in positions {
+        if let Some(consumer) = consumer {
+            let holder = scratch.delivery_state(view, mailbox, position).and_then(|s| s.lease()).map(|(holder, _)| holder);
+            if holder.is_some_and(|h| h != consumer) {
+                continue;
+            }
+        }
         let Some(message) = scratch.message(view, mailbox, position)? else { continue };
         delivery::purge_message(view, batch, scratch, cache, mailbox, position, &message)?;
         removed += 1;
