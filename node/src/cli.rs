@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use kerwen_broker::model::{dead_letter_partition, is_dead_letter, DEAD_LETTER_BIT};
 use kerwen_proto::v1 as pb;
 use serde_json::json;
 
@@ -514,8 +515,7 @@ pub async fn consume(opts: &ClientOpts, args: ConsumeArgs) -> anyhow::Result<()>
 
 /// Dead-letter partitions have the top bit set; people read them as `dlq:N`.
 fn partition_name(partition: u32) -> String {
-    const DEAD_LETTER_BIT: u32 = 1 << 31;
-    if partition & DEAD_LETTER_BIT != 0 {
+    if is_dead_letter(partition) {
         format!("dlq:{}", partition & !DEAD_LETTER_BIT)
     } else {
         partition.to_string()
@@ -541,10 +541,9 @@ fn dead_letter_json(dl: &pb::DeadLetterInfo) -> serde_json::Value {
 
 /// Parses PARTITION:SEQUENCE; the partition may be written `dlq:N` as `dlq list` prints it.
 fn parse_position(text: &str) -> anyhow::Result<pb::Position> {
-    const DEAD_LETTER_BIT: u32 = 1 << 31;
     let (partition, sequence) = text.rsplit_once(':').with_context(|| format!("position {text:?} is not PARTITION:SEQUENCE"))?;
     let partition = match partition.strip_prefix("dlq:") {
-        Some(p) => p.parse::<u32>().map(|p| p | DEAD_LETTER_BIT),
+        Some(p) => p.parse::<u32>().map(dead_letter_partition),
         None => partition.parse::<u32>(),
     }
     .with_context(|| format!("bad partition in {text:?}"))?;

@@ -335,10 +335,7 @@ impl NodeRuntime {
         if round % UPLOAD_SWEEP_EVERY == 0 {
             self.abort_stale_uploads().await;
         }
-        for (group, shard) in &self.shards {
-            if self.leading_term(*group).is_err() {
-                continue;
-            }
+        for (group, shard) in self.led_shards() {
             let now = now_unix_ms();
             let candidates = match shard.view.sweep_candidates(now, SWEEP_BUDGET) {
                 Ok(c) => c,
@@ -360,14 +357,16 @@ impl NodeRuntime {
         }
     }
 
+    /// The data shards this node leads right now.
+    fn led_shards(&self) -> impl Iterator<Item = (&GroupId, &Group<ShardView>)> {
+        self.shards.iter().filter(|(group, _)| self.leading_term(**group).is_ok())
+    }
+
     /// Aborts uploads older than `UPLOAD_MAX_AGE` on the shards this node leads, so chunks of
     /// an upload nobody resumes do not stay forever.
     async fn abort_stale_uploads(&self) {
         let started_before = now_unix_ms() - UPLOAD_MAX_AGE.as_millis() as i64;
-        for (group, shard) in &self.shards {
-            if self.leading_term(*group).is_err() {
-                continue;
-            }
+        for (group, shard) in self.led_shards() {
             let stale = match shard.view.stale_uploads(started_before) {
                 Ok(stale) => stale,
                 Err(e) => {

@@ -72,11 +72,10 @@ async fn run_upload(runtime: &NodeRuntime, mut inbound: Streaming<pb::UploadRequ
     let mut hasher = Sha256::new();
     let mut offset = 0;
     while offset < stored {
-        let (start, data) = read_chunk(runtime, shard, upload, offset).await?;
-        let from = usize::try_from(offset - start).map_err(|_| Status::internal("chunk offset"))?;
-        let until = data.len().min(from + usize::try_from(stored - offset).unwrap_or(usize::MAX));
-        hasher.update(&data[from..until]);
-        offset += (until - from) as u64;
+        let data = read_from(runtime, shard, upload, offset).await?;
+        let data = &data[..data.len().min(usize::try_from(stored - offset).unwrap_or(usize::MAX))];
+        hasher.update(data);
+        offset += data.len() as u64;
     }
     if stored > 0 {
         tracing::info!(id = %id, stored, total, "resuming an upload");
@@ -140,9 +139,13 @@ async fn published(out: &UploadSender, id: &str, shard: GroupId, commit_index: u
     Ok(())
 }
 
-async fn read_chunk(runtime: &NodeRuntime, shard: GroupId, upload: u64, offset: u64) -> Result<(u64, bytes::Bytes), Status> {
+/// The stored payload bytes of an upload from `offset` to the end of the chunk holding it.
+async fn read_from(runtime: &NodeRuntime, shard: GroupId, upload: u64, offset: u64) -> Result<bytes::Bytes, Status> {
     match runtime.read(shard, ReadQuery::Chunk { upload, offset }).await.map_err(to_status)? {
-        ReadAnswer::Chunk(Some(found)) => Ok(found),
+        ReadAnswer::Chunk(Some((start, data))) => {
+            let from = usize::try_from(offset - start).map_err(|_| Status::internal("chunk offset"))?;
+            Ok(data.slice(from..))
+        }
         ReadAnswer::Chunk(None) => Err(Status::not_found(format!("byte {offset} of the payload is not stored (acked meanwhile?)"))),
         other => Err(Status::internal(format!("unexpected answer {other:?}"))),
     }
@@ -172,9 +175,7 @@ async fn run_download(runtime: &NodeRuntime, req: pb::DownloadRequest, out: &mps
     };
     let mut offset = req.offset;
     while offset < large.total_bytes {
-        let (start, data) = read_chunk(runtime, shard, large.upload, offset).await?;
-        let from = usize::try_from(offset - start).map_err(|_| Status::internal("chunk offset"))?;
-        let data = data.slice(from..);
+        let data = read_from(runtime, shard, large.upload, offset).await?;
         let len = data.len() as u64;
         if out.send(Ok(pb::DownloadChunk { offset, data })).await.is_err() {
             return Ok(());

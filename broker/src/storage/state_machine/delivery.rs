@@ -69,7 +69,7 @@ pub(super) fn remove_message(
     if let (Some(expires), None) = (message.expires_unix_ms, &message.dead_letter) {
         batch.delete_cf(&cf, keys::ttl_key(view.group, expires, mailbox, position.partition, position.sequence));
     }
-    if scratch.delivery_state(view, mailbox, position).is_some() {
+    if scratch.with_delivery_state(view, mailbox, position, |s| s.is_some()) {
         set_delivery_state(view, batch, scratch, mailbox, position, None)?;
     }
     Ok(())
@@ -111,19 +111,30 @@ fn set_delivery_state(
     Ok(())
 }
 
-/// Moves a message to its partition's dead-letter queue with `reason` and its history.
+/// Why and when a message is dead-lettered, with its delivery state as the caller left it.
+struct Letter {
+    reason: DeadLetterReason,
+    state: Option<DeliveryState>,
+    now_unix_ms: i64,
+}
+
+/// Moves a message to its partition's dead-letter queue with its reason and history. A lease
+/// still open in the history ends as expired (at its end, or now if that is earlier).
 fn dead_letter(
     view: &ShardView,
     batch: &mut WriteBatch,
     scratch: &mut ApplyScratch,
     cache: &mut PartitionCache,
-    mailbox: MailboxId,
-    position: Position,
+    (mailbox, position): (MailboxId, Position),
     message: StoredMessage,
-    reason: DeadLetterReason,
-    now_unix_ms: i64,
+    letter: Letter,
 ) -> Result<()> {
-    let state = scratch.delivery_state(view, mailbox, position);
+    let Letter { reason, mut state, now_unix_ms } = letter;
+    if let Some(s) = &mut state {
+        if let Some((_, until)) = s.lease() {
+            s.end_lease(AttemptOutcome::Expired { at_unix_ms: until.min(now_unix_ms) });
+        }
+    }
     remove_message(view, batch, scratch, cache, mailbox, position, &message)?;
     let (attempts, history) = state.map(|s| (s.attempts, s.history)).unwrap_or_default();
     let letter = DeadLetter { reason, from: position, dead_lettered_unix_ms: now_unix_ms, attempts, history };
@@ -161,7 +172,8 @@ pub(super) fn apply_lease(
         }
         let dead = is_dead_letter(position.partition);
         if !dead && message.expired_at(now) {
-            dead_letter(view, batch, scratch, cache, mailbox, position, message, DeadLetterReason::Expired, now)?;
+            let letter = Letter { reason: DeadLetterReason::Expired, state: previous, now_unix_ms: now };
+            dead_letter(view, batch, scratch, cache, (mailbox, position), message, letter)?;
             continue;
         }
         // Dead letters are delivered until acked: the policy that sent them there is done.
@@ -174,7 +186,8 @@ pub(super) fn apply_lease(
         // A lower max_attempts set since the last delivery applies now.
         state.policy = policy;
         if state.exhausted() {
-            dead_letter(view, batch, scratch, cache, mailbox, position, message, DeadLetterReason::MaxAttempts, now)?;
+            let letter = Letter { reason: DeadLetterReason::MaxAttempts, state: Some(state), now_unix_ms: now };
+            dead_letter(view, batch, scratch, cache, (mailbox, position), message, letter)?;
             continue;
         }
         state.record_lease(consumer, now, until_unix_ms, policy);
@@ -232,11 +245,11 @@ pub(super) fn apply_settle(
         changed += 1;
         let ended = !matches!(action, SettleAction::Extend { .. });
         if ended && state.exhausted() {
-            set_delivery_state(view, batch, scratch, mailbox, position, Some(state))?;
             if let Some(message) = scratch.message(view, mailbox, position)? {
-                dead_letter(view, batch, scratch, cache, mailbox, position, message, DeadLetterReason::MaxAttempts, now)?;
+                let letter = Letter { reason: DeadLetterReason::MaxAttempts, state: Some(state), now_unix_ms: now };
+                dead_letter(view, batch, scratch, cache, (mailbox, position), message, letter)?;
+                continue;
             }
-            continue;
         }
         set_delivery_state(view, batch, scratch, mailbox, position, Some(state))?;
     }
@@ -267,13 +280,7 @@ pub(super) fn apply_dead_letter(
         } else {
             continue;
         };
-        if let Some(mut state) = state {
-            if let Some((_, until)) = state.lease() {
-                state.end_lease(AttemptOutcome::Expired { at_unix_ms: until.min(now) });
-                set_delivery_state(view, batch, scratch, mailbox, position, Some(state))?;
-            }
-        }
-        dead_letter(view, batch, scratch, cache, mailbox, position, message, reason, now)?;
+        dead_letter(view, batch, scratch, cache, (mailbox, position), message, Letter { reason, state, now_unix_ms: now })?;
         changed += 1;
     }
     Ok(CommandResult::Changed(changed))

@@ -500,13 +500,24 @@ impl ApplyScratch {
         }
     }
 
-    /// A message's delivery state as this batch left it so far (the tracker mirrors what
-    /// earlier batches wrote).
-    fn delivery_state(&self, view: &ShardView, mailbox: MailboxId, position: Position) -> Option<DeliveryState> {
+    /// Looks at a message's delivery state as this batch left it so far (the tracker mirrors
+    /// what earlier batches wrote), without copying it.
+    fn with_delivery_state<R>(
+        &self,
+        view: &ShardView,
+        mailbox: MailboxId,
+        position: Position,
+        f: impl FnOnce(Option<&DeliveryState>) -> R,
+    ) -> R {
         match self.delivery.get(&(mailbox, position)) {
-            Some(state) => state.clone(),
-            None => lock(&view.tracker).state(mailbox, position).cloned(),
+            Some(state) => f(state.as_ref()),
+            None => f(lock(&view.tracker).state(mailbox, position)),
         }
+    }
+
+    /// A copy of a message's delivery state as this batch left it so far.
+    fn delivery_state(&self, view: &ShardView, mailbox: MailboxId, position: Position) -> Option<DeliveryState> {
+        self.with_delivery_state(view, mailbox, position, |s| s.cloned())
     }
 
     /// The dedup record under `key` as this batch left it so far.
@@ -515,6 +526,21 @@ impl ApplyScratch {
             Some(record) => Ok(Some(*record)),
             None => view.store.get::<DedupRecord>(CF_STATE, key),
         }
+    }
+
+    /// What a shard holds of a mailbox against its quota, as this batch left it so far: its
+    /// partitions here and their dead letters (a dead-letter queue nobody drains must not
+    /// grow without bound).
+    fn stored_against_quota(&self, view: &ShardView, cache: &mut PartitionCache, limits: &ShardLimits) -> Result<PartitionStats> {
+        let mut stored = PartitionStats::default();
+        for &partition in &limits.partitions {
+            for p in [partition, dead_letter_partition(partition)] {
+                let ps = self.partition(view, cache, limits.mailbox, p)?;
+                stored.messages = stored.messages.saturating_add(ps.stats.messages);
+                stored.bytes = stored.bytes.saturating_add(ps.stats.bytes);
+            }
+        }
+        Ok(stored)
     }
 
     /// A partition's state as this batch left it so far.
@@ -670,15 +696,7 @@ fn apply_publish(
     }
     for (mailbox, add) in &added {
         let Some(limit) = limits.get(mailbox) else { continue };
-        let mut stored = PartitionStats::default();
-        // Dead letters count: a dead-letter queue nobody drains must not grow without bound.
-        for &partition in &limit.partitions {
-            for p in [partition, dead_letter_partition(partition)] {
-                let ps = scratch.partition(view, cache, *mailbox, p)?;
-                stored.messages += ps.stats.messages;
-                stored.bytes += ps.stats.bytes;
-            }
-        }
+        let stored = scratch.stored_against_quota(view, cache, limit)?;
         if stored.messages.saturating_add(add.messages) > limit.max_messages
             || stored.bytes.saturating_add(add.bytes) > limit.max_bytes
         {
@@ -786,8 +804,8 @@ fn apply_ack(
     let mut removed = 0;
     for position in positions {
         if let Some(consumer) = consumer {
-            let holder = scratch.delivery_state(view, mailbox, position).and_then(|s| s.lease()).map(|(holder, _)| holder);
-            if holder.is_some_and(|h| h != consumer) {
+            let holder = scratch.with_delivery_state(view, mailbox, position, |s| s.and_then(|s| s.lease()));
+            if holder.is_some_and(|(h, _)| h != consumer) {
                 continue;
             }
         }

@@ -75,12 +75,7 @@ pub(super) fn apply_begin(
         return Ok(CommandResult::Upload(UploadProgress::Receiving { upload: s.upload, received: s.received }));
     }
     // Admission: the whole payload must fit the quota now (it is checked again at commit).
-    let mut stored = 0u64;
-    for &p in &limits.partitions {
-        for p in [p, crate::model::dead_letter_partition(p)] {
-            stored = stored.saturating_add(scratch.partition(view, cache, mailbox, p)?.stats.bytes);
-        }
-    }
+    let stored = scratch.stored_against_quota(view, cache, &limits)?.bytes;
     if stored.saturating_add(total_bytes) > limits.max_bytes {
         return rejected(BrokerError::ResourceExhausted(format!(
             "mailbox {} is full: its partitions on shard {} hold {stored} of the {} bytes allowed there, and this \
