@@ -467,8 +467,11 @@ pub enum Command {
     /// Data shard: remove acked messages. With `consumer`, a message whose latest lease
     /// belongs to another consumer is left alone: its lease ran out and it went to someone
     /// else, who now holds it (in an ordered mailbox, removing it would let the key's next
-    /// message overtake it). `None` removes unconditionally.
-    Ack { mailbox: MailboxId, positions: Vec<Position>, consumer: Option<u64> },
+    /// message overtake it). `None` removes unconditionally. `attempts`, when given, holds
+    /// the attempt each position was delivered as (same order); an ack of an attempt that is
+    /// no longer the latest is left alone too (the consumer got the message again meanwhile
+    /// and that delivery is still in flight).
+    Ack { mailbox: MailboxId, positions: Vec<Position>, consumer: Option<u64>, attempts: Vec<u32> },
     /// Data shard: lease messages chosen by the leader to `consumer` until `until_unix_ms`.
     /// Applying skips any that are gone, leased to someone else, or not due yet, and moves
     /// expired or exhausted ones to the dead-letter queue instead.

@@ -139,13 +139,13 @@ async fn publish_assigns_per_partition_sequences_and_ack_purges() {
     assert!(fetch(&mut sm, &view, 43, &[0, 1], 10).await.is_empty(), "all leased");
 
     let acked = sm
-        .apply(vec![entry(2, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None })])
+        .apply(vec![entry(2, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None, attempts: Vec::new() })])
         .await
         .unwrap();
     assert_eq!(acked, vec![CommandResult::Acked(1)]);
     // Acking twice removes nothing more.
     let again = sm
-        .apply(vec![entry(3, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None })])
+        .apply(vec![entry(3, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None, attempts: Vec::new() })])
         .await
         .unwrap();
     assert_eq!(again, vec![CommandResult::Acked(0)]);
@@ -254,7 +254,7 @@ async fn publish_and_ack_in_one_apply_batch_leave_nothing_behind() {
     let results = sm
         .apply(vec![
             entry(1, Command::publish(vec![message("a", 0, "x"), message("b", 0, "y")])),
-            entry(2, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None }),
+            entry(2, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None, attempts: Vec::new() }),
         ])
         .await
         .unwrap();
@@ -306,7 +306,7 @@ async fn a_batch_entry_applies_each_command_in_order() {
         .apply(vec![entry(1, Command::Batch(vec![
             Command::publish(vec![message("a", 0, "x"), message("b", 0, "y")]),
             Command::CreateMailbox { service: "TM/GOV/A/s/one".into(), partitions: 1, shard_count: 1, created_unix_ms: 1, limits: Default::default(), policy: Default::default() },
-            Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None },
+            Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None, attempts: Vec::new() },
             Command::publish(vec![message("c", 0, "z")]),
         ]))])
         .await
@@ -358,7 +358,7 @@ async fn republished_ids_within_the_window_are_stored_once() {
     assert_eq!(r, vec![CommandResult::Published(vec![first])], "a retry routed elsewhere still finds the first");
     assert_eq!(view.stats(1, &[0, 1]).unwrap().messages, 1);
 
-    sm.apply(vec![entry(3, Command::Ack { mailbox: 1, positions: vec![first], consumer: None })]).await.unwrap();
+    sm.apply(vec![entry(3, Command::Ack { mailbox: 1, positions: vec![first], consumer: None, attempts: Vec::new() })]).await.unwrap();
     let r = sm.apply(vec![entry(4, publish_with(vec![at(message("a", 0, "x"), 10_999)], limits(window, 100, 100)))]).await.unwrap();
     assert_eq!(r, vec![CommandResult::Published(vec![first])], "acked, still within the window");
     assert_eq!(view.stats(1, &[0, 1]).unwrap().messages, 0, "not stored again");
@@ -395,7 +395,7 @@ async fn publish_past_the_quota_is_refused_and_stores_nothing() {
     let r = sm.apply(vec![entry(3, publish_with(vec![message("b", 1, "y")], quota()))]).await.unwrap();
     assert_eq!(r, vec![CommandResult::Published(vec![Position { partition: 1, sequence: 0 }])], "a duplicate needs no room");
 
-    sm.apply(vec![entry(4, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None })]).await.unwrap();
+    sm.apply(vec![entry(4, Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None, attempts: Vec::new() })]).await.unwrap();
     let r = sm.apply(vec![entry(5, publish_with(vec![message("c", 0, "z")], quota()))]).await.unwrap();
     assert_eq!(r, vec![CommandResult::Published(vec![Position { partition: 0, sequence: 1 }])]);
     let big = sm.apply(vec![entry(6, publish_with(vec![message("d", 1, &"x".repeat(999))], limits(60_000, 100, 1_000)))]).await.unwrap();
@@ -491,7 +491,7 @@ async fn expired_leases_count_as_attempts_and_the_last_one_is_swept_to_the_dead_
     let from_dlq = fetch_with(&mut sm, &view, Fetch { partitions: &[DLQ0], ..at(t2 + LEASE_MS) }).await;
     assert_eq!(ids(&from_dlq), ["a"]);
     assert_eq!(from_dlq[0].message.dead_letter.as_ref().map(|d| d.reason), Some(DeadLetterReason::MaxAttempts));
-    let acked = apply_one(&mut sm, Command::Ack { mailbox: 1, positions: vec![from_dlq[0].position], consumer: None }).await;
+    let acked = apply_one(&mut sm, Command::Ack { mailbox: 1, positions: vec![from_dlq[0].position], consumer: None, attempts: Vec::new() }).await;
     assert_eq!(acked, CommandResult::Acked(1));
     assert_eq!(view.stats(1, &[DLQ0]).unwrap().messages, 0);
 }
@@ -550,7 +550,7 @@ async fn ordered_delivery_leases_one_message_per_key_in_publish_order() {
     assert_eq!(ids(&heads), ["k1-1", "k2-1"]);
     assert!(fetch_with(&mut sm, &view, ordered(2, T0)).await.is_empty(), "both keys are in flight");
     // Ack k1's head: its next message becomes eligible, k2 still waits.
-    apply_one(&mut sm, Command::Ack { mailbox: 1, positions: vec![heads[0].position], consumer: None }).await;
+    apply_one(&mut sm, Command::Ack { mailbox: 1, positions: vec![heads[0].position], consumer: None, attempts: Vec::new() }).await;
     assert_eq!(ids(&fetch_with(&mut sm, &view, ordered(2, T0)).await), ["k1-2"]);
     // A nacked head blocks its key until redelivered; it comes back before anything later.
     apply_one(&mut sm, settle(1, vec![heads[1].position], T0, SettleAction::Nack { delay_ms: Some(1_000) })).await;
@@ -605,7 +605,7 @@ async fn an_upload_stores_chunks_in_order_commits_one_message_and_ack_deletes_th
 
     let leased = fetch(&mut sm, &view, 1, &[0], 10).await;
     assert_eq!(leased[0].message.large.map(|l| l.total_bytes), Some(6));
-    apply_one(&mut sm, Command::Ack { mailbox: 1, positions: vec![position], consumer: None }).await;
+    apply_one(&mut sm, Command::Ack { mailbox: 1, positions: vec![position], consumer: None, attempts: Vec::new() }).await;
     assert_eq!(view.read_chunk(1, 0).unwrap(), None, "acking deleted the chunks");
     assert_eq!(view.stats(1, &[0]).unwrap().bytes, 0);
 }
@@ -639,10 +639,31 @@ async fn an_ack_from_a_consumer_whose_lease_went_to_another_is_ignored() {
     let later = T0 + LEASE_MS + 1_000;
     assert_eq!(ids(&fetch_with(&mut sm, &view, ordered(2, later)).await), ["k1-1"]);
     // Consumer 1's late ack must not remove it from under consumer 2 (k1-2 would overtake).
-    let stale = Command::Ack { mailbox: 1, positions: vec![first[0].position], consumer: Some(1) };
+    let stale = Command::Ack { mailbox: 1, positions: vec![first[0].position], consumer: Some(1), attempts: Vec::new() };
     assert_eq!(apply_one(&mut sm, stale).await, CommandResult::Acked(0));
     assert!(fetch_with(&mut sm, &view, ordered(3, later)).await.is_empty(), "k1-2 must wait for k1-1");
-    let current = Command::Ack { mailbox: 1, positions: vec![first[0].position], consumer: Some(2) };
+    let current = Command::Ack { mailbox: 1, positions: vec![first[0].position], consumer: Some(2), attempts: Vec::new() };
+    assert_eq!(apply_one(&mut sm, current).await, CommandResult::Acked(1));
+    assert_eq!(ids(&fetch_with(&mut sm, &view, ordered(3, later)).await), ["k1-2"]);
+}
+
+#[tokio::test]
+async fn an_ack_of_an_attempt_that_was_redelivered_since_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_store, mut sm, view) = open_shard(dir.path());
+    apply_one(&mut sm, Command::publish(vec![keyed("k1-1", "k1"), keyed("k1-2", "k1")])).await;
+    let ordered = |consumer, now| Fetch { consumer, partitions: &[0], max: 10, now, policy: POLICY, ordered: true };
+    let first = fetch_with(&mut sm, &view, ordered(1, T0)).await;
+    // The lease runs out and the same consumer stream gets the message again (attempt 2).
+    let later = T0 + LEASE_MS + 1_000;
+    let second = fetch_with(&mut sm, &view, ordered(1, later)).await;
+    assert_eq!((ids(&second), second[0].attempt), (vec!["k1-1"], 2));
+    // The late ack of attempt 1 must not remove it while attempt 2 is in flight.
+    let pos = first[0].position;
+    let stale = Command::Ack { mailbox: 1, positions: vec![pos], consumer: Some(1), attempts: vec![1] };
+    assert_eq!(apply_one(&mut sm, stale).await, CommandResult::Acked(0));
+    assert!(fetch_with(&mut sm, &view, ordered(3, later)).await.is_empty(), "k1-2 must wait for k1-1");
+    let current = Command::Ack { mailbox: 1, positions: vec![pos], consumer: Some(1), attempts: vec![2] };
     assert_eq!(apply_one(&mut sm, current).await, CommandResult::Acked(1));
     assert_eq!(ids(&fetch_with(&mut sm, &view, ordered(3, later)).await), ["k1-2"]);
 }

@@ -288,7 +288,7 @@ impl Client {
                 tx.send(start).await.map_err(|_| Status::internal("request stream closed"))?;
                 let mut client = ExchangeClient::new(ch).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
                 let inbound = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
-                Ok(Subscription { tx, inbound, acked: 0 })
+                Ok(Subscription { tx, inbound, acked: 0, received: Default::default() })
             }
         })
         .await
@@ -336,6 +336,9 @@ pub struct Subscription {
     tx: mpsc::Sender<SubscribeRequest>,
     inbound: Streaming<kerwen_proto::v1::SubscribeResponse>,
     acked: u64,
+    /// The attempt each position was last received as, until its ack is confirmed: acks
+    /// name it, so an ack of an attempt the cluster has since redelivered is not applied.
+    received: std::collections::HashMap<(u32, u64), u32>,
 }
 
 impl Subscription {
@@ -352,18 +355,21 @@ impl Subscription {
     }
 
     pub async fn ack(&self, positions: Vec<Position>) -> Result<(), Status> {
-        self.send(subscribe_request::Request::Ack(Settle { positions, delay_ms: None })).await
+        let attempts: Option<Vec<u32>> =
+            positions.iter().map(|p| self.received.get(&(p.partition, p.sequence)).copied()).collect();
+        let attempts = attempts.unwrap_or_default();
+        self.send(subscribe_request::Request::Ack(Settle { positions, delay_ms: None, attempts })).await
     }
 
     /// Gives messages back for redelivery after the mailbox's back-off.
     pub async fn nack(&self, positions: Vec<Position>) -> Result<(), Status> {
-        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms: None })).await
+        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms: None, attempts: Vec::new() })).await
     }
 
     /// Gives messages back for redelivery no earlier than `delay` from now.
     pub async fn nack_after(&self, positions: Vec<Position>, delay: Duration) -> Result<(), Status> {
         let delay_ms = Some(delay.as_millis() as u64);
-        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms })).await
+        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms, attempts: Vec::new() })).await
     }
 
     /// Extends the leases of messages this stream holds to end `lease` from now.
@@ -381,8 +387,16 @@ impl Subscription {
             };
             let Some(msg) = msg else { return Ok(None) };
             match msg.event {
-                Some(subscribe_response::Event::Delivery(d)) => return Ok(Some(Event::Delivery(d))),
+                Some(subscribe_response::Event::Delivery(d)) => {
+                    if let Some(p) = d.position {
+                        self.received.insert((p.partition, p.sequence), d.attempt);
+                    }
+                    return Ok(Some(Event::Delivery(d)));
+                }
                 Some(subscribe_response::Event::Acked(s)) => {
+                    for p in &s.positions {
+                        self.received.remove(&(p.partition, p.sequence));
+                    }
                     self.acked += s.positions.len() as u64;
                     return Ok(Some(Event::Acked(s.positions)));
                 }

@@ -325,18 +325,19 @@ impl Exchange for ExchangeService {
                         credits.add_permits((n as usize).min(room));
                     }
                     Some(subscribe_request::Request::Ack(settle)) => {
-                        for (shard, positions) in group_positions(&info, settle.positions) {
+                        for (shard, (positions, attempts)) in group_acks(&info, settle) {
                             let Ok(slot) = ack_slots.clone().acquire_owned().await else { break };
                             let runtime = runtime.clone();
                             let out = out_tx.clone();
                             tokio::spawn(async move {
                                 let _slot = slot;
-                                let cmd = Command::Ack { mailbox, positions: positions.clone(), consumer: Some(consumer) };
+                                let cmd = Command::Ack { mailbox, positions: positions.clone(), consumer: Some(consumer), attempts };
                                 let event = match runtime.write(shard, cmd).await {
                                     Ok(_) => Ok(pb::SubscribeResponse {
                                         event: Some(subscribe_response::Event::Acked(pb::Settle {
                                             positions: positions.into_iter().map(to_proto_position).collect(),
                                             delay_ms: None,
+                                            attempts: Vec::new(),
                                         })),
                                     }),
                                     Err(e) => Err(to_status(e)),
@@ -380,7 +381,16 @@ impl Exchange for ExchangeService {
 /// Checks the size and bounds of an ack, nack or extension.
 fn validate_settle(request: &Option<subscribe_request::Request>) -> Result<(), Status> {
     let (positions, millis) = match request {
-        Some(subscribe_request::Request::Ack(s)) => (s.positions.len(), None),
+        Some(subscribe_request::Request::Ack(s)) => {
+            if !s.attempts.is_empty() && s.attempts.len() != s.positions.len() {
+                return Err(Status::invalid_argument(format!(
+                    "an ack's attempts must be absent or one per position: {} attempts for {} positions",
+                    s.attempts.len(),
+                    s.positions.len()
+                )));
+            }
+            (s.positions.len(), None)
+        }
         Some(subscribe_request::Request::Nack(s)) => (s.positions.len(), s.delay_ms),
         Some(subscribe_request::Request::Extend(e)) => (e.positions.len(), Some(e.lease_ms)),
         _ => return Ok(()),
@@ -414,10 +424,22 @@ async fn settle_leases(
 }
 
 fn group_positions(info: &MailboxInfo, positions: Vec<pb::Position>) -> BTreeMap<GroupId, Vec<Position>> {
-    let mut by_shard: BTreeMap<GroupId, Vec<Position>> = BTreeMap::new();
-    for p in positions {
+    let settle = pb::Settle { positions, delay_ms: None, attempts: Vec::new() };
+    group_acks(info, settle).into_iter().map(|(shard, (positions, _))| (shard, positions)).collect()
+}
+
+/// An ack's positions per shard, each with its delivered attempt when the client gave them
+/// (then the attempts list runs parallel to the positions; else it is empty).
+fn group_acks(info: &MailboxInfo, settle: pb::Settle) -> BTreeMap<GroupId, (Vec<Position>, Vec<u32>)> {
+    let with_attempts = settle.attempts.len() == settle.positions.len();
+    let mut by_shard: BTreeMap<GroupId, (Vec<Position>, Vec<u32>)> = BTreeMap::new();
+    for (i, p) in settle.positions.into_iter().enumerate() {
         if let Some(shard) = info.shard_of_any(p.partition) {
-            by_shard.entry(shard).or_default().push(Position { partition: p.partition, sequence: p.sequence });
+            let entry = by_shard.entry(shard).or_default();
+            entry.0.push(Position { partition: p.partition, sequence: p.sequence });
+            if with_attempts {
+                entry.1.push(settle.attempts[i]);
+            }
         }
     }
     by_shard

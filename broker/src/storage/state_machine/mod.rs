@@ -414,7 +414,9 @@ impl StateMachine {
         let cache = &mut *cache;
         match cmd {
             Command::Publish { messages, limits } => apply_publish(&view, batch, cache, messages, limits, scratch),
-            Command::Ack { mailbox, positions, consumer } => apply_ack(&view, batch, cache, (mailbox, consumer), positions, scratch),
+            Command::Ack { mailbox, positions, consumer, attempts } => {
+                apply_ack(&view, batch, cache, (mailbox, consumer), (positions, attempts), scratch)
+            }
             Command::Lease { mailbox, consumer, positions, now_unix_ms, until_unix_ms, policy } => {
                 let request = LeaseRequest { mailbox, consumer, positions, now_unix_ms, until_unix_ms, policy };
                 delivery::apply_lease(&view, batch, scratch, cache, request)
@@ -798,16 +800,19 @@ fn apply_ack(
     batch: &mut WriteBatch,
     cache: &mut PartitionCache,
     (mailbox, consumer): (MailboxId, Option<u64>),
-    positions: Vec<Position>,
+    (positions, attempts): (Vec<Position>, Vec<u32>),
     scratch: &mut ApplyScratch,
 ) -> Result<CommandResult> {
     let mut removed = 0;
-    for position in positions {
-        if let Some(consumer) = consumer {
-            let holder = scratch.with_delivery_state(view, mailbox, position, |s| s.and_then(|s| s.lease()));
-            if holder.is_some_and(|(h, _)| h != consumer) {
-                continue;
-            }
+    for (i, position) in positions.into_iter().enumerate() {
+        let attempt = attempts.get(i).copied();
+        let superseded = scratch.with_delivery_state(view, mailbox, position, |state| {
+            let Some(state) = state else { return false };
+            let other_holder = consumer.is_some_and(|c| state.lease().is_some_and(|(holder, _)| holder != c));
+            other_holder || attempt.is_some_and(|a| a != state.attempts)
+        });
+        if superseded {
+            continue;
         }
         let Some(message) = scratch.message(view, mailbox, position)? else { continue };
         delivery::purge_message(view, batch, scratch, cache, mailbox, position, &message)?;
