@@ -98,6 +98,19 @@ pub struct NodeRuntime {
     pub peers: Arc<Peers>,
     pub meta: Group<MetaView>,
     pub shards: BTreeMap<GroupId, Group<ShardView>>,
+    /// Subscriptions served here that have not yet released their leases. Leases are
+    /// replicated, so one not released before the node stops would hold its messages until
+    /// it expires: shutdown waits for these (bounded) before stopping the Raft groups.
+    subscriptions: tokio::sync::watch::Sender<usize>,
+}
+
+/// Held by a subscription until its leases are released.
+pub struct SubscriptionGuard(Arc<NodeRuntime>);
+
+impl Drop for SubscriptionGuard {
+    fn drop(&mut self) {
+        self.0.subscriptions.send_modify(|n| *n = n.saturating_sub(1));
+    }
 }
 
 fn raft_config(node: &NodeConfig) -> anyhow::Result<Arc<Config>> {
@@ -145,7 +158,8 @@ impl NodeRuntime {
             shards.insert(group, Group::new(group, raft, view, proposer_config));
         }
 
-        let runtime = Self { config, store, peers, meta, shards };
+        let subscriptions = tokio::sync::watch::channel(0).0;
+        let runtime = Self { config, store, peers, meta, shards, subscriptions };
         let members: BTreeMap<NodeId, BasicNode> =
             runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
         for (_, raft) in runtime.all_rafts() {
@@ -159,6 +173,20 @@ impl NodeRuntime {
         let runtime = Arc::new(runtime);
         runtime.run_sweeper();
         Ok(runtime)
+    }
+
+    /// Registers a subscription; drop the guard once its leases are released.
+    pub fn subscription_guard(self: &Arc<Self>) -> SubscriptionGuard {
+        self.subscriptions.send_modify(|n| *n += 1);
+        SubscriptionGuard(self.clone())
+    }
+
+    /// Waits (at most `timeout`) until every ended subscription has released its leases.
+    pub async fn wait_subscriptions_released(&self, timeout: Duration) {
+        let mut count = self.subscriptions.subscribe();
+        if tokio::time::timeout(timeout, count.wait_for(|n| *n == 0)).await.is_err() {
+            tracing::warn!("subscriptions still releasing leases after {timeout:?}; their leases will expire instead");
+        }
     }
 
     /// Stops every Raft group (the store closes when the last reference goes).

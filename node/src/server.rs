@@ -72,6 +72,8 @@ pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send
             }
         }
     };
+    // Ended subscriptions release their (replicated) leases while the groups still run.
+    runtime.wait_subscriptions_released(SHUTDOWN_GRACE).await;
     runtime.shutdown().await;
     result
 }

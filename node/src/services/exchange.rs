@@ -281,6 +281,7 @@ impl Exchange for ExchangeService {
         start.mailbox.parse::<ServiceId>().map_err(|e| Status::invalid_argument(format!("mailbox: {e}")))?;
         let info = self.runtime.mailbox(&start.mailbox).await.map_err(to_status)?;
         let consumer: u64 = rand::random();
+        let guard = self.runtime.subscription_guard();
         tracing::debug!(mailbox = %info.service, consumer, "subscription started");
 
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::SubscribeResponse, Status>>(MAX_FETCH as usize);
@@ -371,6 +372,7 @@ impl Exchange for ExchangeService {
                     tracing::debug!(error = %e, shard, "release on disconnect failed; leases will expire");
                 }
             }
+            drop(guard);
             tracing::debug!(consumer, "subscription ended");
         });
 
