@@ -2,7 +2,7 @@
 //! building needs no system `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["kerwen/v1/exchange.proto", "kerwen/v1/admin.proto", "kerwen/v1/internal.proto"];
+    let files = ["kerwen/v1/exchange.proto", "kerwen/v1/admin.proto", "kerwen/v1/access.proto", "kerwen/v1/internal.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -27,6 +27,7 @@ pub fn publish_request(count: usize, size: usize) -> pb::PublishRequest {
                 payload: payload.clone(),
                 ordering_key: Some(format!("key-{}", i % 16)),
                 ttl_ms: None,
+                sender: String::new(),
             })
             .collect(),
     }
@@ -42,6 +43,7 @@ pub fn publish_entry(index: u64, count: usize, size: usize) -> Entry<TypeConfig>
             message: StoredMessage {
                 id: format!("msg-{i:08}"),
                 recipient: RECIPIENT.into(),
+                sender: String::new(),
                 headers: vec![("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into())],
                 payload: payload.clone(),
                 ordering_key: Some(format!("key-{}", i % 16)),

@@ -21,6 +21,12 @@ pub enum BrokerError {
     /// A size or quota limit was hit.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A rate limit was hit: the same request may succeed after `retry_after_ms`.
+    #[error("{message}")]
+    RateLimited { message: String, retry_after_ms: u64 },
+    /// The caller is authenticated but not allowed to do this.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The cluster cannot serve this now (no leader, no quorum, shutting down). Retry later.
     #[error("{0}")]
     Unavailable(String),

@@ -1,5 +1,6 @@
 //! kerwen-broker: the library behind a Kerwen node.
 //!
+//! - [`access`]: caller identities, the member registry, access rights and quotas.
 //! - [`ids`]: X-Road identifiers and their validation.
 //! - [`model`]: the replicated data model (Raft type config, commands, records).
 //! - [`storage`]: the node's one RocksDB, Raft log storage with group commit, and the state
@@ -11,6 +12,7 @@
 //! Architecture invariant: this crate never touches tonic or the network. Transport is the
 //! node's business; the broker only sees openraft traits and its own types.
 
+pub mod access;
 pub mod delivery;
 pub mod error;
 pub mod ids;

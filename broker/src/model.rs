@@ -60,6 +60,9 @@ pub struct StoredMessage {
     pub id: String,
     /// Recipient service id as published.
     pub recipient: String,
+    /// The authenticated subsystem that published it (from its client certificate), never
+    /// taken from the request. Empty only on a node run with `--insecure` and no identity.
+    pub sender: String,
     pub headers: Vec<(String, String)>,
     /// Shared, reference-counted bytes: batches are cloned for retries without copying.
     pub payload: bytes::Bytes,
@@ -390,6 +393,10 @@ pub struct ShardLimits {
     pub max_bytes: u64,
     /// The mailbox's partitions stored on this shard (whose stored totals count).
     pub partitions: Vec<u32>,
+    /// The publishing subsystem's quota of stored bytes, as this shard enforces it (an even
+    /// share across the data shards, which its messages spread over); `None`: unlimited.
+    #[serde(default)]
+    pub sender_max_stored_bytes: Option<u64>,
 }
 
 impl MailboxInfo {
@@ -414,6 +421,7 @@ impl MailboxInfo {
             max_messages: share(self.limits.max_messages),
             max_bytes: share(self.limits.max_bytes),
             partitions,
+            sender_max_stored_bytes: None,
         }
     }
 
@@ -505,6 +513,8 @@ pub enum Command {
     UploadCommit { mailbox: MailboxId, id: String },
     /// Data shard: drop an upload and its chunks (bad checksum).
     UploadAbort { mailbox: MailboxId, id: String },
+    /// Metadata group: a change to the member registry, access rights or quotas.
+    Access(crate::access::AccessCommand),
     /// Commands coalesced into one entry by the [`crate::proposer::Proposer`], applied in
     /// order; each gets its own result in [`CommandResult::Batch`].
     Batch(Vec<Command>),
@@ -524,7 +534,7 @@ impl Command {
                 .iter()
                 .map(|m| {
                     let headers: usize = m.message.headers.iter().map(|(k, v)| k.len() + v.len() + 16).sum();
-                    m.message.payload.len() + m.message.id.len() + m.message.recipient.len() + headers + OVERHEAD
+                    m.message.payload.len() + m.message.id.len() + m.message.recipient.len() + m.message.sender.len() + headers + OVERHEAD
                 })
                 .sum(),
             Command::Ack { positions, .. }
@@ -536,6 +546,7 @@ impl Command {
             Command::UploadBegin { new, .. } => new.message.id.len() + new.message.recipient.len() + OVERHEAD,
             Command::UploadChunk { data, id, .. } => data.len() + id.len() + OVERHEAD,
             Command::CreateMailbox { service, partitions, .. } => service.len() + *partitions as usize * 4 + OVERHEAD,
+            Command::Access(_) => OVERHEAD * 4,
             Command::Batch(commands) => commands.iter().map(Command::approximate_size).sum::<usize>() + OVERHEAD,
         }
     }

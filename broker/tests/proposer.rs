@@ -60,6 +60,7 @@ fn publish(id: usize) -> Command {
     let message = StoredMessage {
         id: format!("m{id}"),
         recipient: "TM/GOV/MINFIN/tax/declarations".into(),
+        sender: String::new(),
         headers: Vec::new(),
         payload: vec![b'x'; 100].into(),
         ordering_key: None,

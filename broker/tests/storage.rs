@@ -4,6 +4,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use kerwen_broker::access::{AccessCommand, Action, MemberRecord, Principal, SubsystemQuota};
+use kerwen_broker::ids::SubsystemId;
 use kerwen_broker::model::{
     Command, CommandResult, DeadLetterReason, Leased, NewMessage, Position, RedeliveryPolicy, SettleAction, ShardLimits,
     StoredMessage, TypeConfig, UploadProgress, DEAD_LETTER_BIT,
@@ -45,6 +47,7 @@ fn message(id: &str, partition: u32, payload: &str) -> NewMessage {
         message: StoredMessage {
             id: id.into(),
             recipient: "TM/GOV/MINFIN/tax/declarations".into(),
+            sender: String::new(),
             headers: vec![("traceparent".into(), "00-abc".into())],
             payload: payload.as_bytes().to_vec().into(),
             ordering_key: None,
@@ -280,9 +283,21 @@ async fn mailboxes_created_in_one_batch_get_distinct_ids() {
         policy: Default::default(),
     };
     let r = sm
-        .apply(vec![entry(1, create("TM/GOV/A/s/one")), entry(2, create("TM/GOV/A/s/two")), entry(3, create("TM/GOV/A/s/one"))])
+        .apply(vec![
+            entry(1, create("TM/GOV/A/s/one")),
+            entry(2, register("TM/GOV/A/s")),
+            entry(3, create("TM/GOV/A/s/one")),
+            entry(4, create("TM/GOV/A/s/two")),
+            entry(5, create("TM/GOV/A/s/one")),
+        ])
         .await
         .unwrap();
+    assert!(
+        matches!(&r[0], CommandResult::Rejected(kerwen_broker::BrokerError::NotFound(m)) if m.contains("not registered")),
+        "a mailbox of an unregistered subsystem: {:?}",
+        r[0]
+    );
+    let r = &r[2..];
     let ids: Vec<u64> = r[..2]
         .iter()
         .map(|r| match r {
@@ -294,6 +309,68 @@ async fn mailboxes_created_in_one_batch_get_distinct_ids() {
     assert!(matches!(&r[2], CommandResult::Rejected(kerwen_broker::BrokerError::AlreadyExists(_))));
     assert_eq!(view.mailboxes().len(), 2);
     assert!(view.mailbox("TM/GOV/A/s/two").unwrap().partition_shards.iter().all(|s| (1..=3).contains(s)));
+}
+
+fn register(subsystem: &str) -> Command {
+    Command::Access(AccessCommand::AddMember(MemberRecord {
+        subsystem: subsystem.parse().unwrap(),
+        registered_unix_ms: 1,
+        quota: SubsystemQuota::default(),
+    }))
+}
+
+/// Members, grants and groups are applied deterministically, survive a reopen, and decide
+/// what a caller may do.
+#[tokio::test]
+async fn access_rights_are_applied_and_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (mut sm, view) = StateMachine::open_metadata(store.clone()).unwrap();
+    let owner: SubsystemId = "TM/GOV/MINFIN/tax".parse().unwrap();
+    let sender: SubsystemId = "TM/GOV/MINCOM/registry".parse().unwrap();
+    let mailbox = "TM/GOV/MINFIN/tax/declarations";
+    let grant = |grantee: &str| Command::Access(AccessCommand::Grant { service: mailbox.into(), grantee: grantee.parse().unwrap() });
+    let create = Command::CreateMailbox {
+        service: mailbox.into(),
+        partitions: 1,
+        shard_count: 1,
+        created_unix_ms: 1,
+        limits: Default::default(),
+        policy: Default::default(),
+    };
+    let r = sm
+        .apply(vec![
+            entry(1, register("TM/GOV/MINFIN/tax")),
+            entry(2, register("TM/GOV/MINFIN/tax")),
+            entry(3, grant("TM/GOV/MINCOM/registry")),
+            entry(4, create),
+            entry(5, grant("TM/GOV/MINCOM/registry")),
+            entry(6, register("TM/GOV/MINCOM/registry")),
+            entry(7, grant("group:ministries")),
+            entry(8, Command::Access(AccessCommand::AddToGroup { group: "ministries".into(), subsystem: sender.clone() })),
+            entry(9, grant("group:ministries")),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(r[0], CommandResult::Changed(1));
+    assert!(matches!(&r[1], CommandResult::Rejected(kerwen_broker::BrokerError::AlreadyExists(_))), "{:?}", r[1]);
+    assert!(matches!(&r[2], CommandResult::Rejected(kerwen_broker::BrokerError::NotFound(_))), "no mailbox yet: {:?}", r[2]);
+    assert!(matches!(&r[4], CommandResult::Rejected(kerwen_broker::BrokerError::NotFound(_))), "grantee unregistered: {:?}", r[4]);
+    assert!(matches!(&r[6], CommandResult::Rejected(kerwen_broker::BrokerError::NotFound(_))), "no such group: {:?}", r[6]);
+    assert_eq!(r[8], CommandResult::Changed(1));
+    let send = Action::Send(mailbox.parse().unwrap());
+    assert!(view.authorize(&Principal::Subsystem(sender.clone()), &send).is_ok(), "granted through the group");
+    assert!(view.authorize(&Principal::Subsystem(owner.clone()), &Action::Consume(mailbox.parse().unwrap())).is_ok());
+    drop((sm, view));
+
+    let (mut sm, view) = StateMachine::open_metadata(store).unwrap();
+    assert!(view.authorize(&Principal::Subsystem(sender.clone()), &send).is_ok(), "the grant survives a reopen");
+    let r = sm
+        .apply(vec![entry(10, Command::Access(AccessCommand::RemoveFromGroup { group: "ministries".into(), subsystem: sender.clone() }))])
+        .await
+        .unwrap();
+    assert_eq!(r[0], CommandResult::Changed(1));
+    assert!(view.authorize(&Principal::Subsystem(sender), &send).is_err(), "out of the group, no grant");
 }
 
 /// A coalesced entry applies its commands in order, each with its own result: a later
@@ -327,6 +404,7 @@ fn at(mut m: NewMessage, accepted_unix_ms: i64) -> NewMessage {
 
 fn limits(window_ms: u64, max_messages: u64, max_bytes: u64) -> Vec<ShardLimits> {
     vec![ShardLimits {
+        sender_max_stored_bytes: None,
         mailbox: 1,
         service: "TM/GOV/MINFIN/tax/declarations".into(),
         dedup_window_ms: window_ms,
@@ -400,6 +478,39 @@ async fn publish_past_the_quota_is_refused_and_stores_nothing() {
     assert_eq!(r, vec![CommandResult::Published(vec![Position { partition: 0, sequence: 1 }])]);
     let big = sm.apply(vec![entry(6, publish_with(vec![message("d", 1, &"x".repeat(999))], limits(60_000, 100, 1_000)))]).await.unwrap();
     assert!(matches!(&big[0], CommandResult::Rejected(kerwen_broker::BrokerError::ResourceExhausted(_))), "byte quota: {big:?}");
+}
+
+/// A sender's stored-bytes quota counts its waiting messages across mailboxes, survives a
+/// reopen, frees up on ack, and leaves other senders alone.
+#[tokio::test]
+async fn a_senders_stored_bytes_are_capped_and_freed_on_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, mut sm, view) = open_shard(dir.path());
+    let from = |sender: &str, id: &str, payload: &str| {
+        let mut m = message(id, 0, payload);
+        m.message.sender = sender.into();
+        m
+    };
+    let capped = || {
+        let mut l = limits(60_000, 100, 100_000);
+        l[0].sender_max_stored_bytes = Some(10);
+        l
+    };
+    let r = apply_one(&mut sm, publish_with(vec![from("A", "a1", "1234"), from("A", "a2", "5678")], capped())).await;
+    assert!(matches!(r, CommandResult::Published(_)), "{r:?}");
+    let r = apply_one(&mut sm, publish_with(vec![from("A", "a3", "9999")], capped())).await;
+    assert!(matches!(&r, CommandResult::Rejected(kerwen_broker::BrokerError::ResourceExhausted(m)) if m.contains("subsystem A")), "{r:?}");
+    let r = apply_one(&mut sm, publish_with(vec![from("B", "b1", "9999")], capped())).await;
+    assert!(matches!(r, CommandResult::Published(_)), "another sender is not affected: {r:?}");
+    drop((sm, view));
+
+    let (mut sm, _view) = StateMachine::open_shard(store, 1).unwrap();
+    let r = apply_one(&mut sm, publish_with(vec![from("A", "a3", "9999")], capped())).await;
+    assert!(matches!(r, CommandResult::Rejected(_)), "the count survives a reopen: {r:?}");
+    let ack = Command::Ack { mailbox: 1, positions: vec![Position { partition: 0, sequence: 0 }], consumer: None, attempts: Vec::new() };
+    apply_one(&mut sm, ack).await;
+    let r = apply_one(&mut sm, publish_with(vec![from("A", "a3", "9999")], capped())).await;
+    assert!(matches!(r, CommandResult::Published(_)), "an ack frees room: {r:?}");
 }
 
 // ---- Delivery semantics: leases, nack, back-off, dead letters, TTL, ordering ----------------

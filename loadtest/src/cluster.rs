@@ -6,14 +6,22 @@
 //! and the nodes' work are scheduled independently (they still share the machine's cores).
 //! [`EmbeddedCluster::shutdown`] signals every node, waits for them to close their stores, and
 //! removes the temporary directory.
+//!
+//! Security is as in production: the embedded cluster gets its own CA and certificates, and
+//! the load runs as the registered subsystem [`BENCH_SUBSYSTEM`], which owns the mailboxes it
+//! publishes to. Against a running cluster, [`external`] does the same with a client profile.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use kerwen_node::client::Client;
+use kerwen_node::cli::ClientOpts;
+use kerwen_node::client::{Client, ClientTls};
 use kerwen_node::config::{ServeArgs, DEFAULT_MAX_PAYLOAD_BYTES};
+use kerwen_node::pki;
+use kerwen_node::tls::TlsFiles;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -24,9 +32,54 @@ const ELECTION_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the nodes may take to stop after the shutdown signal.
 const STOP_TIMEOUT: Duration = Duration::from_secs(30);
 
-pub struct EmbeddedCluster {
-    /// Comma-separated client endpoints of the nodes.
+/// The subsystem the load runs as; the load's mailboxes are its services.
+pub const BENCH_SUBSYSTEM: &str = "TM/GOV/LOAD/bench";
+
+/// How the load's clients reach the cluster.
+#[derive(Clone)]
+pub struct Connection {
+    /// Comma-separated client endpoints.
     pub endpoints: String,
+    /// The bench subsystem's certificate (`None` on an insecure cluster).
+    pub tls: Option<ClientTls>,
+}
+
+impl Connection {
+    pub async fn connect(&self) -> Result<Client, tonic::Status> {
+        Client::connect_list_with(&self.endpoints, self.tls.clone()).await
+    }
+}
+
+/// Registers [`BENCH_SUBSYSTEM`] with an admin certificate, tolerating "already registered".
+async fn register_bench(endpoints: &str, admin: Option<ClientTls>) -> anyhow::Result<()> {
+    let mut client = Client::connect_list_with(endpoints, admin).await.map_err(|s| anyhow::anyhow!("connecting to {endpoints}: {}", s.message()))?;
+    match client.add_member(BENCH_SUBSYSTEM, None).await {
+        Ok(_) => Ok(()),
+        Err(s) if s.code() == tonic::Code::AlreadyExists => Ok(()),
+        Err(s) => bail!("registering {BENCH_SUBSYSTEM}: {} ({:?}); the profile must hold an admin certificate", s.message(), s.code()),
+    }
+}
+
+/// A running cluster: plaintext with `insecure`, otherwise through a client profile whose
+/// admin certificate registers the bench subsystem and whose PKI directory issues its
+/// certificate (`kerwen dev` writes such a profile).
+pub async fn external(endpoints: Option<String>, profile: Option<PathBuf>, insecure: bool) -> anyhow::Result<Connection> {
+    let opts = ClientOpts { endpoint: endpoints, profile, insecure, ..ClientOpts::default() };
+    let (endpoints, admin) = opts.resolve()?;
+    // Mailboxes belong to registered subsystems, also on an insecure cluster.
+    register_bench(&endpoints, admin).await?;
+    if insecure {
+        return Ok(Connection { endpoints, tls: None });
+    }
+    let (endpoints, tls) = ClientOpts { as_subsystem: Some(BENCH_SUBSYSTEM.to_owned()), ..opts }.resolve()?;
+    Ok(Connection { endpoints, tls })
+}
+
+pub struct EmbeddedCluster {
+    /// How the load reaches the nodes.
+    pub connection: Connection,
+    /// The admin's TLS settings (cluster status).
+    admin: ClientTls,
     stop: watch::Sender<bool>,
     nodes: Vec<(u64, JoinHandle<anyhow::Result<()>>)>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -45,10 +98,18 @@ impl EmbeddedCluster {
     /// Starts the nodes and waits until every Raft group has a leader.
     pub async fn start(shards: u32, max_payload_bytes: usize) -> anyhow::Result<EmbeddedCluster> {
         let dir = tempfile::Builder::new().prefix("kerwen-loadtest-").tempdir().context("creating a temporary directory")?;
-        let addresses = free_addresses(NODES as usize)?;
-        let peers: BTreeMap<u64, String> = (1..=NODES).zip(addresses.iter().map(|a| a.to_string())).collect();
-        let endpoints = peers.values().cloned().collect::<Vec<_>>().join(",");
+        let addresses = free_addresses(2 * NODES as usize)?;
+        let (client_addresses, peer_addresses) = addresses.split_at(NODES as usize);
+        let endpoints = client_addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
+        let peers: BTreeMap<u64, String> = (1..=NODES).zip(peer_addresses.iter().map(|a| a.to_string())).collect();
         let peer_list = peers.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
+        let pki_dir = dir.path().join("pki");
+        let ids: Vec<u64> = (1..=NODES).collect();
+        let admin_files = pki::create_dev_pki(&pki_dir, &ids, &pki::loopback_hosts())?;
+        let ca = pki_dir.join(pki::CA_CERT);
+        let admin = ClientTls::from_files(&TlsFiles { ca: ca.clone(), cert: admin_files.cert, key: admin_files.key })?;
+        let bench = pki::subsystem_identity(&pki_dir, &BENCH_SUBSYSTEM.parse()?)?;
+        let bench = ClientTls::from_files(&TlsFiles { ca: ca.clone(), cert: bench.cert, key: bench.key })?;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .thread_name("kerwen-node")
             .enable_all()
@@ -56,12 +117,17 @@ impl EmbeddedCluster {
             .context("starting the embedded cluster's runtime")?;
         let (stop, stop_rx) = watch::channel(false);
         let mut nodes = Vec::new();
-        for (id, listen) in (1..=NODES).zip(addresses) {
+        for (id, (listen, peer_listen)) in (1..=NODES).zip(client_addresses.iter().zip(peer_addresses)) {
+            let stem = pki::node_file_stem(id);
             // Through `ServeArgs` so that settings added to the node later get their defaults.
             let config = ServeArgs {
                 node_id: Some(id),
-                listen: Some(listen),
+                listen: Some(*listen),
+                peer_listen: Some(*peer_listen),
                 peers: Some(peer_list.clone()),
+                tls_ca: Some(ca.clone()),
+                tls_cert: Some(pki_dir.join(format!("{stem}.pem"))),
+                tls_key: Some(pki_dir.join(format!("{stem}.key"))),
                 data_dir: Some(dir.path().join(format!("node-{id}"))),
                 shards: Some(shards),
                 max_payload_bytes: Some(max_payload_bytes.max(DEFAULT_MAX_PAYLOAD_BYTES)),
@@ -75,8 +141,13 @@ impl EmbeddedCluster {
             };
             nodes.push((id, runtime.spawn(kerwen_node::server::serve(config, shutdown))));
         }
-        let mut cluster = EmbeddedCluster { endpoints, stop, nodes, runtime: Some(runtime), dir: Some(dir) };
-        if let Err(e) = cluster.wait_for_leaders().await {
+        let connection = Connection { endpoints, tls: Some(bench) };
+        let mut cluster = EmbeddedCluster { connection, admin, stop, nodes, runtime: Some(runtime), dir: Some(dir) };
+        let ready = async {
+            cluster.wait_for_leaders().await?;
+            register_bench(&cluster.connection.endpoints, Some(cluster.admin.clone())).await
+        };
+        if let Err(e) = ready.await {
             cluster.shutdown().await;
             return Err(e);
         }
@@ -95,7 +166,7 @@ impl EmbeddedCluster {
                 };
                 bail!("embedded node {id} stopped while the cluster was starting: {why}");
             }
-            let last = match Client::connect_list(&self.endpoints).await {
+            let last = match Client::connect_list_with(&self.connection.endpoints, Some(self.admin.clone())).await {
                 Ok(mut client) => match tokio::time::timeout(Duration::from_secs(3), client.cluster_status()).await {
                     Ok(Ok(status)) => {
                         let leaderless: Vec<u32> = status.groups.iter().filter(|g| g.leader.is_none()).map(|g| g.group).collect();

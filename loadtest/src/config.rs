@@ -56,6 +56,15 @@ pub struct Knobs {
     #[arg(long)]
     #[serde(default)]
     pub embedded: bool,
+    /// Client profile of a running cluster: its endpoints, CA and an admin certificate, and
+    /// the PKI directory where the load's subsystem (`TM/GOV/LOAD/bench`) gets its
+    /// certificate [default: ~/.config/kerwen/profile.toml, as `kerwen dev` writes it].
+    #[arg(long, conflicts_with = "embedded")]
+    pub profile: Option<PathBuf>,
+    /// Plaintext, for a cluster run with `--insecure`.
+    #[arg(long, conflicts_with = "embedded")]
+    #[serde(default)]
+    pub insecure: bool,
     /// Data shards of the embedded cluster [default: 3].
     #[arg(long)]
     pub shards: Option<u32>,
@@ -137,6 +146,8 @@ impl Knobs {
             endpoint,
             embedded,
             shards: self.shards.or(file.shards),
+            profile: self.profile.or(file.profile),
+            insecure: self.insecure || file.insecure,
             producers: self.producers.or(file.producers),
             consumers: self.consumers.or(file.consumers),
             mailboxes: self.mailboxes.or(file.mailboxes),
@@ -169,8 +180,8 @@ pub fn parse_scenario(text: &str) -> anyhow::Result<Knobs> {
 /// Where the load goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Target {
-    /// A running cluster, as a comma-separated endpoint list.
-    Endpoints(String),
+    /// A running cluster: its endpoints (default: the profile's) and how to authenticate.
+    Cluster { endpoints: Option<String>, profile: Option<PathBuf>, insecure: bool },
     /// A 3-node cluster started in this process.
     Embedded { shards: u32 },
 }
@@ -400,14 +411,15 @@ impl Config {
     pub fn resolve(k: Knobs, default_name: String) -> anyhow::Result<Config> {
         let target = match (k.endpoint, k.embedded) {
             (Some(_), true) => bail!("give either --endpoint or --embedded, not both"),
+            (_, true) if k.profile.is_some() || k.insecure => bail!("--profile and --insecure are for a running cluster, not --embedded"),
             (Some(e), false) => {
                 if e.split(',').all(|p| p.trim().is_empty()) {
                     bail!("--endpoint is empty");
                 }
-                Target::Endpoints(e)
+                Target::Cluster { endpoints: Some(e), profile: k.profile, insecure: k.insecure }
             }
             (None, true) => Target::Embedded { shards: k.shards.unwrap_or(3) },
-            (None, false) => Target::Endpoints(DEFAULT_ENDPOINTS.to_owned()),
+            (None, false) => Target::Cluster { endpoints: None, profile: k.profile, insecure: k.insecure },
         };
         if let Target::Embedded { shards } = target {
             if shards == 0 || shards > 1024 {
@@ -493,7 +505,7 @@ impl Config {
     /// The configuration as reported in the JSON file.
     pub fn to_json(&self) -> serde_json::Value {
         let (target, endpoints, shards) = match &self.target {
-            Target::Endpoints(e) => ("endpoints", Some(e.clone()), None),
+            Target::Cluster { endpoints, .. } => ("endpoints", Some(endpoints.clone().unwrap_or_else(|| DEFAULT_ENDPOINTS.to_owned())), None),
             Target::Embedded { shards } => ("embedded", None, Some(*shards)),
         };
         let size = match self.size {
@@ -609,9 +621,9 @@ mod tests {
         let file = parse_scenario("embedded = true\n").unwrap();
         let flags = Knobs { endpoint: Some("10.0.0.1:7001".into()), ..Default::default() };
         let c = Config::resolve(flags.or(file), "x".into()).unwrap();
-        assert_eq!(c.target, Target::Endpoints("10.0.0.1:7001".into()));
+        assert_eq!(c.target, Target::Cluster { endpoints: Some("10.0.0.1:7001".into()), profile: None, insecure: false });
         let c = Config::resolve(Knobs::default(), "x".into()).unwrap();
-        assert_eq!(c.target, Target::Endpoints(DEFAULT_ENDPOINTS.into()));
+        assert_eq!(c.target, Target::Cluster { endpoints: None, profile: None, insecure: false });
         assert_eq!(c.mode(), "closed-loop");
     }
 

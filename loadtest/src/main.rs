@@ -92,19 +92,19 @@ async fn app(config: Config) -> anyhow::Result<ExitCode> {
         }
     });
 
-    let (mut cluster, endpoints) = match &config.target {
+    let (mut cluster, connection) = match &config.target {
         Target::Embedded { shards } => {
             eprintln!("starting an embedded 3-node cluster ({shards} shards)...");
             let max_payload = usize::try_from(config.size.max()).unwrap_or(usize::MAX);
             let c = EmbeddedCluster::start(*shards, max_payload).await?;
-            eprintln!("embedded cluster ready at {}", c.endpoints);
-            let endpoints = c.endpoints.clone();
-            (Some(c), endpoints)
+            eprintln!("embedded cluster ready at {}", c.connection.endpoints);
+            let connection = c.connection.clone();
+            (Some(c), connection)
         }
-        Target::Endpoints(e) => (None, e.clone()),
+        Target::Cluster { endpoints, profile, insecure } => (None, cluster::external(endpoints.clone(), profile.clone(), *insecure).await?),
     };
 
-    let result = workload::run(config.clone(), endpoints, cluster.as_ref(), interrupt_rx, hdr_log).await;
+    let result = workload::run(config.clone(), connection, cluster.as_ref(), interrupt_rx, hdr_log).await;
     if let Some(c) = cluster.as_mut() {
         eprintln!("stopping the embedded cluster...");
         SILENCE_LOGS.store(true, Ordering::Relaxed);

@@ -78,8 +78,12 @@ pub fn summary(config: &Config, outcome: &Outcome) -> String {
     let t = &outcome.totals;
     let mut out = String::new();
     let target = match &config.target {
-        Target::Embedded { shards } => format!("embedded 3-node cluster, {shards} shards"),
-        Target::Endpoints(e) => e.clone(),
+        Target::Embedded { shards } => format!("embedded 3-node cluster, {shards} shards, mutual TLS"),
+        Target::Cluster { endpoints, insecure, .. } => format!(
+            "{}{}",
+            endpoints.as_deref().unwrap_or("the profile's endpoints"),
+            if *insecure { " (plaintext)" } else { ", mutual TLS" }
+        ),
     };
     let mode = match config.rate {
         Some(r) => format!("open loop, {} msg/s target", group_digits(r)),
@@ -195,8 +199,13 @@ pub fn environment(config: &Config) -> serde_json::Value {
             "nodes": cluster::NODES,
             "shards": shards,
             "note": "3 nodes inside the load generator's process, sharing its cores",
+            "transport": "mutual TLS 1.3",
         }),
-        Target::Endpoints(e) => json!({ "kind": "external", "endpoints": e }),
+        Target::Cluster { endpoints, insecure, .. } => json!({
+            "kind": "external",
+            "endpoints": endpoints.clone().unwrap_or_else(|| crate::config::DEFAULT_ENDPOINTS.to_owned()),
+            "transport": if *insecure { "plaintext (--insecure)" } else { "mutual TLS 1.3" },
+        }),
     };
     json!({
         "cores": cores(),

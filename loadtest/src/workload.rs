@@ -33,7 +33,7 @@ use rand::{Rng, RngCore, SeedableRng};
 use tokio::sync::watch;
 use tonic::{Code, Status};
 
-use crate::cluster::EmbeddedCluster;
+use crate::cluster::{Connection, EmbeddedCluster};
 use crate::config::{format_duration, Config, SizeDist};
 use crate::report::HdrLog;
 use crate::stats::{self, corrected_latency, micros, Brief, Clock, Phase, Point, RecorderHandle, Registry, Schedule, Window, SENT_HEADER};
@@ -52,7 +52,7 @@ const CONSUMER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
 /// State shared by all tasks of a run.
 pub struct Run {
     pub config: Arc<Config>,
-    pub endpoints: String,
+    pub connection: Connection,
     /// Prefix of this run's message ids.
     pub run_id: String,
     pub clock: Clock,
@@ -187,17 +187,18 @@ async fn create_mailboxes(config: &Config, client: &Client) -> anyhow::Result<Ve
     Ok(names)
 }
 
-/// Runs the whole load against `endpoints` and gathers the results.
+/// Runs the whole load against the cluster and gathers the results.
 pub async fn run(
     config: Arc<Config>,
-    endpoints: String,
+    connection: Connection,
     cluster: Option<&EmbeddedCluster>,
     interrupt: watch::Receiver<bool>,
     mut hdr_log: Option<HdrLog>,
 ) -> anyhow::Result<Outcome> {
-    let client = Client::connect_list(&endpoints)
+    let client = connection
+        .connect()
         .await
-        .map_err(|s| anyhow::anyhow!("connecting to {endpoints}: {}", s.message()))?;
+        .map_err(|s| anyhow::anyhow!("connecting to {}: {}", connection.endpoints, s.message()))?;
     let mailboxes = Arc::new(create_mailboxes(&config, &client).await?);
 
     let mut rng = SmallRng::seed_from_u64(config.seed);
@@ -212,7 +213,7 @@ pub async fn run(
     let warmup_end = start + config.warmup;
     let run = Arc::new(Run {
         config: config.clone(),
-        endpoints,
+        connection,
         run_id: format!("lt{:x}", stats::unix_ns_now() / 1000),
         clock,
         start,
@@ -560,7 +561,7 @@ async fn connect(run: &Run, recorder: &RecorderHandle, what: &str) -> Option<Cli
         if *stop.borrow() || Instant::now() >= run.end {
             return None;
         }
-        match Client::connect_list(&run.endpoints).await {
+        match run.connection.connect().await {
             Ok(c) => return Some(c),
             Err(s) => {
                 let mut r = recorder.lock();
@@ -651,6 +652,7 @@ async fn producer(run: Arc<Run>, index: u32, mailboxes: Arc<Vec<String>>, record
                     ordering_key: (config.ordering_keys > 0)
                         .then(|| format!("key-{}", rng.random_range(0..config.ordering_keys))),
                     ttl_ms: None,
+                    sender: String::new(),
                 }
             })
             .collect();
@@ -733,7 +735,7 @@ async fn consumer(run: Arc<Run>, mailbox: String, recorder: RecorderHandle) {
             return;
         }
         let opened = async {
-            let mut client = Client::connect_list(&run.endpoints).await?;
+            let mut client = run.connection.connect().await?;
             client.subscribe(&mailbox, config.credits).await
         };
         let mut sub = tokio::select! {

@@ -3,6 +3,9 @@
 //! fault hook enabled); the real `kerwen-loadtest` binary publishes at a fixed rate against
 //! them; halfway through, every node is cut off from the others for 500 ms (no commit is
 //! possible), and the reported p99.9 must reflect that stall while the median stays low.
+//!
+//! The nodes run `--insecure` (plaintext on loopback): what is measured here is the loop's
+//! accounting, and it keeps one test of the insecure mode in the suite.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -48,16 +51,19 @@ fn quantile_us(report: &serde_json::Value, histogram: &str, quantile: f64) -> Re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stall_shows_in_the_open_loop_percentiles() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let addresses = free_addresses(3)?;
-    let peers: BTreeMap<u64, String> = (1..=3).zip(addresses.iter().map(|a| a.to_string())).collect();
+    let addresses = free_addresses(6)?;
+    let (client_addresses, peer_addresses) = addresses.split_at(3);
+    let peers: BTreeMap<u64, String> = (1..=3).zip(peer_addresses.iter().map(|a| a.to_string())).collect();
     let peer_list = peers.iter().map(|(id, a)| format!("{id}={a}")).collect::<Vec<_>>().join(",");
-    let endpoints = peers.values().cloned().collect::<Vec<_>>().join(",");
+    let endpoints = client_addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>().join(",");
     let (stop, stop_rx) = watch::channel(false);
     let mut nodes = Vec::new();
-    for (id, listen) in (1..=3u64).zip(addresses) {
+    for (id, (listen, peer_listen)) in (1..=3u64).zip(client_addresses.iter().zip(peer_addresses)) {
         let config = ServeArgs {
             node_id: Some(id),
-            listen: Some(listen),
+            listen: Some(*listen),
+            peer_listen: Some(*peer_listen),
+            insecure: true,
             peers: Some(peer_list.clone()),
             data_dir: Some(dir.path().join(format!("node-{id}"))),
             enable_fault_injection: true,
@@ -73,7 +79,7 @@ async fn a_stall_shows_in_the_open_loop_percentiles() -> Result<()> {
         wait_for_leaders(&endpoints).await?;
         let report_path = dir.path().join("report.json");
         let mut load = tokio::process::Command::new(env!("CARGO_BIN_EXE_kerwen-loadtest"))
-            .args(["--endpoint", &endpoints, "--rate", "400", "--batch", "10", "--warmup", "1s", "--duration", "8s"])
+            .args(["--endpoint", &endpoints, "--insecure", "--rate", "400", "--batch", "10", "--warmup", "1s", "--duration", "8s"])
             .arg("--json")
             .arg(&report_path)
             .kill_on_drop(true)
@@ -85,11 +91,11 @@ async fn a_stall_shows_in_the_open_loop_percentiles() -> Result<()> {
         let ids: Vec<u64> = peers.keys().copied().collect();
         for (id, endpoint) in &peers {
             let others: Vec<u64> = ids.iter().copied().filter(|o| o != id).collect();
-            set_blocked_peers(endpoint, &others).await?;
+            set_blocked_peers(endpoint, &others, None).await?;
         }
         tokio::time::sleep(STALL).await;
         for endpoint in peers.values() {
-            set_blocked_peers(endpoint, &[]).await?;
+            set_blocked_peers(endpoint, &[], None).await?;
         }
 
         let status = tokio::time::timeout(Duration::from_secs(90), load.wait()).await.context("kerwen-loadtest did not finish")??;

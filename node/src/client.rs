@@ -6,7 +6,9 @@
 
 use std::time::Duration;
 
+use kerwen_proto::v1::access_client::AccessClient;
 use kerwen_proto::v1::admin_client::AdminClient;
+use kerwen_proto::v1::{AddMemberRequest, GrantRequest, Member, Quota};
 use kerwen_proto::v1::exchange_client::ExchangeClient;
 use kerwen_proto::v1::{
     subscribe_request, subscribe_response, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest, DeadLetter,
@@ -18,6 +20,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
+
+pub use crate::tls::ClientTls;
 
 /// Largest message the client accepts or sends (payload limit plus framing).
 pub const MAX_GRPC_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
@@ -31,45 +35,59 @@ pub struct Client {
     endpoints: Vec<String>,
     current: usize,
     channel: Channel,
+    tls: Option<ClientTls>,
 }
 
-fn normalise(endpoint: &str) -> String {
+fn normalise(endpoint: &str, tls: bool) -> String {
     if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
         endpoint.to_owned()
+    } else if tls {
+        format!("https://{endpoint}")
     } else {
         format!("http://{endpoint}")
     }
 }
 
-async fn open(endpoint: &str) -> Result<Channel, tonic::transport::Error> {
-    Endpoint::from_shared(normalise(endpoint))?
-        .connect_timeout(Duration::from_secs(2))
-        .tcp_nodelay(true)
-        .connect()
-        .await
+async fn open(endpoint: &str, tls: Option<&ClientTls>) -> Result<Channel, tonic::transport::Error> {
+    let mut e = Endpoint::from_shared(normalise(endpoint, tls.is_some()))?;
+    if let Some(tls) = tls {
+        e = e.tls_config(tls.tonic_config())?;
+    }
+    e.connect_timeout(Duration::from_secs(2)).tcp_nodelay(true).connect().await
 }
 
 impl Client {
-    /// Connects to the first reachable endpoint of `endpoints` (each `host:port` or a URL).
+    /// Connects without TLS (a node run with `--insecure`) to the first reachable endpoint.
     pub async fn connect<S: AsRef<str>>(endpoints: &[S]) -> Result<Self, Status> {
+        Self::connect_with(endpoints, None).await
+    }
+
+    /// Connects to the first reachable endpoint of `endpoints` (each `host:port` or a URL),
+    /// over mutual TLS when `tls` is given.
+    pub async fn connect_with<S: AsRef<str>>(endpoints: &[S], tls: Option<ClientTls>) -> Result<Self, Status> {
         let endpoints: Vec<String> = endpoints.iter().map(|e| e.as_ref().trim().to_owned()).filter(|e| !e.is_empty()).collect();
         if endpoints.is_empty() {
             return Err(Status::invalid_argument("no endpoint given"));
         }
         let mut last_error = String::new();
         for (i, endpoint) in endpoints.iter().enumerate() {
-            match open(endpoint).await {
-                Ok(channel) => return Ok(Self { endpoints: endpoints.clone(), current: i, channel }),
-                Err(e) => last_error = format!("{endpoint}: {e}"),
+            match open(endpoint, tls.as_ref()).await {
+                Ok(channel) => return Ok(Self { endpoints: endpoints.clone(), current: i, channel, tls }),
+                Err(e) => last_error = format!("{endpoint}: {}", error_chain(&e)),
             }
         }
         Err(Status::unavailable(format!("no endpoint reachable (last error: {last_error})")))
     }
 
-    /// Parses a comma-separated endpoint list and connects.
+    /// Parses a comma-separated endpoint list and connects without TLS.
     pub async fn connect_list(list: &str) -> Result<Self, Status> {
+        Self::connect_list_with(list, None).await
+    }
+
+    /// Parses a comma-separated endpoint list and connects.
+    pub async fn connect_list_with(list: &str, tls: Option<ClientTls>) -> Result<Self, Status> {
         let endpoints: Vec<&str> = list.split(',').collect();
-        Self::connect(&endpoints).await
+        Self::connect_with(&endpoints, tls).await
     }
 
     /// The endpoint currently in use.
@@ -87,11 +105,49 @@ impl Client {
         AdminClient::new(self.channel.clone())
     }
 
+    /// The channel to the current endpoint, for other gRPC clients (health checks).
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
+
+    pub fn access(&self) -> AccessClient<Channel> {
+        AccessClient::new(self.channel.clone())
+    }
+
+    /// Registers a subsystem (admins).
+    pub async fn add_member(&mut self, subsystem: &str, quota: Option<Quota>) -> Result<Member, Status> {
+        let req = AddMemberRequest { subsystem: subsystem.to_owned(), quota };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AccessClient::new(ch).add_member(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Lets `grantee` (a subsystem id or `group:NAME`) send to `service`.
+    pub async fn grant(&mut self, service: &str, grantee: &str) -> Result<bool, Status> {
+        let req = GrantRequest { service: service.to_owned(), grantee: grantee.to_owned() };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AccessClient::new(ch).grant(req).await.map(|r| r.into_inner().changed) }
+        })
+        .await
+    }
+
+    pub async fn revoke(&mut self, service: &str, grantee: &str) -> Result<bool, Status> {
+        let req = GrantRequest { service: service.to_owned(), grantee: grantee.to_owned() };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AccessClient::new(ch).revoke(req).await.map(|r| r.into_inner().changed) }
+        })
+        .await
+    }
+
     /// Switches to the next reachable endpoint after the current one failed.
     async fn fail_over(&mut self) -> bool {
         for step in 1..self.endpoints.len() {
             let i = (self.current + step) % self.endpoints.len();
-            if let Ok(channel) = open(&self.endpoints[i]).await {
+            if let Ok(channel) = open(&self.endpoints[i], self.tls.as_ref()).await {
                 self.current = i;
                 self.channel = channel;
                 return true;
@@ -439,4 +495,17 @@ impl Subscription {
         }
         Ok(extra)
     }
+}
+
+/// An error with its causes, for messages where the outermost one says little
+/// ("transport error") and the cause says what went wrong (a refused certificate).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }

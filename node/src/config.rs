@@ -11,6 +11,8 @@ use clap::Args;
 use kerwen_broker::model::NodeId;
 use serde::Deserialize;
 
+pub use crate::tls::TlsFiles;
+
 /// `kerwen serve` flags. Every flag can also come from the config file (same name with
 /// underscores, e.g. `node_id = 1`) or the environment (`KERWEN_NODE_ID`).
 #[derive(Debug, Clone, Default, Args, Deserialize)]
@@ -23,12 +25,31 @@ pub struct ServeArgs {
     /// This node's id (unique, > 0).
     #[arg(long, env = "KERWEN_NODE_ID")]
     pub node_id: Option<NodeId>,
-    /// Address the gRPC server binds (clients and peers).
+    /// Address of the client API (Exchange, Admin).
     #[arg(long, env = "KERWEN_LISTEN")]
     pub listen: Option<SocketAddr>,
-    /// All cluster members including this node: `1=host:port,2=host:port,3=host:port`.
+    /// Address of the node-to-node API (Raft, forwarding) [default: the client port + 100].
+    #[arg(long, env = "KERWEN_PEER_LISTEN")]
+    pub peer_listen: Option<SocketAddr>,
+    /// All cluster members including this node, at their peer addresses:
+    /// `1=host:port,2=host:port,3=host:port`.
     #[arg(long, env = "KERWEN_PEERS")]
     pub peers: Option<String>,
+    /// PEM bundle of the cluster CA: clients and nodes must present certificates it issued.
+    #[arg(long, env = "KERWEN_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// PEM certificate (chain) of this node, with the URI SAN `kerwen-node:ID`. Reloaded when
+    /// it changes on disk.
+    #[arg(long, env = "KERWEN_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of this node's certificate.
+    #[arg(long, env = "KERWEN_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Plaintext without authentication or access control, for local experiments only:
+    /// refused unless every address is loopback.
+    #[arg(long, env = "KERWEN_INSECURE")]
+    #[serde(default)]
+    pub insecure: bool,
     /// Directory of the node's RocksDB.
     #[arg(long, env = "KERWEN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
@@ -69,6 +90,8 @@ pub struct ServeArgs {
 pub struct NodeConfig {
     pub node_id: NodeId,
     pub listen: SocketAddr,
+    pub peer_listen: SocketAddr,
+    pub security: Security,
     pub peers: BTreeMap<NodeId, String>,
     pub data_dir: PathBuf,
     pub shards: u32,
@@ -81,6 +104,18 @@ pub struct NodeConfig {
     pub proposals_in_flight: usize,
     pub enable_fault_injection: bool,
 }
+
+/// How a node protects its ports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Security {
+    /// Mutual TLS 1.3 with these files.
+    Tls(TlsFiles),
+    /// Plaintext, no authentication, loopback only.
+    Insecure,
+}
+
+/// The peer port used when `--peer-listen` is not given: the client port plus this.
+pub const PEER_PORT_OFFSET: u16 = 100;
 
 pub const DEFAULT_SHARDS: u32 = 3;
 pub const DEFAULT_PARTITIONS: u32 = 4;
@@ -119,9 +154,34 @@ impl ServeArgs {
             bail!("--node-id must be greater than 0");
         }
         let listen = self.listen.or(file.listen).context("--listen is required")?;
+        let peer_listen = match self.peer_listen.or(file.peer_listen) {
+            Some(a) => a,
+            None => match listen.port().checked_add(PEER_PORT_OFFSET) {
+                Some(port) if listen.port() != 0 => SocketAddr::new(listen.ip(), port),
+                _ => bail!("--peer-listen is required when the client port is 0 or above {}", u16::MAX - PEER_PORT_OFFSET),
+            },
+        };
+        if peer_listen == listen {
+            bail!("--peer-listen must differ from --listen: clients and nodes use separate ports");
+        }
         let peers = match self.peers.or(file.peers) {
             Some(p) => parse_peers(&p)?,
-            None => BTreeMap::from([(node_id, listen.to_string())]),
+            None => BTreeMap::from([(node_id, peer_listen.to_string())]),
+        };
+        let insecure = self.insecure || file.insecure;
+        let tls = (self.tls_ca.or(file.tls_ca), self.tls_cert.or(file.tls_cert), self.tls_key.or(file.tls_key));
+        let security = match (insecure, tls) {
+            (false, (Some(ca), Some(cert), Some(key))) => Security::Tls(TlsFiles { ca, cert, key }),
+            (false, (None, None, None)) => bail!(
+                "give --tls-ca, --tls-cert and --tls-key (PEM files; `kerwen dev` makes a development set), \
+                 or --insecure for a plaintext node on loopback"
+            ),
+            (false, _) => bail!("--tls-ca, --tls-cert and --tls-key go together"),
+            (true, (None, None, None)) => {
+                check_loopback(listen, peer_listen, &peers)?;
+                Security::Insecure
+            }
+            (true, _) => bail!("--insecure excludes --tls-ca, --tls-cert and --tls-key"),
         };
         if !peers.contains_key(&node_id) {
             bail!("--peers must include this node ({node_id})");
@@ -147,6 +207,8 @@ impl ServeArgs {
         Ok(NodeConfig {
             node_id,
             listen,
+            peer_listen,
+            security,
             peers,
             data_dir,
             shards,
@@ -162,6 +224,23 @@ impl ServeArgs {
             enable_fault_injection: self.enable_fault_injection || file.enable_fault_injection,
         })
     }
+}
+
+/// `--insecure` must never expose plaintext beyond this machine.
+fn check_loopback(listen: SocketAddr, peer_listen: SocketAddr, peers: &BTreeMap<NodeId, String>) -> anyhow::Result<()> {
+    for addr in [listen, peer_listen] {
+        if !addr.ip().is_loopback() {
+            bail!("--insecure refuses to bind {addr}: only loopback addresses (127.0.0.0/8, ::1) are allowed without TLS");
+        }
+    }
+    for (id, addr) in peers {
+        let loopback = addr.parse::<SocketAddr>().map(|a| a.ip().is_loopback()).unwrap_or(false)
+            || addr.rsplit_once(':').is_some_and(|(host, _)| host == "localhost");
+        if !loopback {
+            bail!("--insecure refuses to talk to peer {id} at {addr}: only loopback addresses are allowed without TLS");
+        }
+    }
+    Ok(())
 }
 
 fn snapshot_after_entries(value: Option<u64>) -> anyhow::Result<u64> {
@@ -189,11 +268,37 @@ mod tests {
     fn flags_override_the_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.toml");
-        std::fs::write(&path, "node_id = 2\nlisten = \"127.0.0.1:7002\"\ndata_dir = \"/tmp/x\"\nshards = 5\n").unwrap();
+        std::fs::write(&path, "node_id = 2\nlisten = \"127.0.0.1:7002\"\ndata_dir = \"/tmp/x\"\nshards = 5\ninsecure = true\n").unwrap();
         let args = ServeArgs { config: Some(path), shards: Some(7), ..Default::default() };
         let cfg = args.resolve().unwrap();
         assert_eq!(cfg.node_id, 2);
         assert_eq!(cfg.shards, 7);
         assert_eq!(cfg.default_partitions, DEFAULT_PARTITIONS);
+        assert_eq!(cfg.peer_listen, "127.0.0.1:7102".parse().unwrap());
+        assert_eq!(cfg.peers[&2], "127.0.0.1:7102");
+    }
+
+    fn args(listen: &str) -> ServeArgs {
+        ServeArgs { node_id: Some(1), listen: Some(listen.parse().unwrap()), data_dir: Some("/tmp/x".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn security_is_explicit_and_insecure_stays_on_loopback() {
+        let e = args("127.0.0.1:7001").resolve().unwrap_err().to_string();
+        assert!(e.contains("--insecure"), "{e}");
+        assert!(ServeArgs { insecure: true, ..args("0.0.0.0:7001") }.resolve().is_err(), "wildcard bind");
+        assert!(ServeArgs { insecure: true, ..args("10.1.2.3:7001") }.resolve().is_err());
+        let remote_peer = ServeArgs { insecure: true, peers: Some("1=127.0.0.1:7101,2=10.0.0.2:7101".into()), ..args("127.0.0.1:7001") };
+        assert!(remote_peer.resolve().is_err());
+        assert_eq!(ServeArgs { insecure: true, ..args("127.0.0.1:7001") }.resolve().unwrap().security, Security::Insecure);
+        let partial = ServeArgs { tls_ca: Some("/ca.pem".into()), ..args("0.0.0.0:7001") };
+        assert!(partial.resolve().is_err());
+        let tls = ServeArgs {
+            tls_ca: Some("/ca.pem".into()),
+            tls_cert: Some("/n.pem".into()),
+            tls_key: Some("/n.key".into()),
+            ..args("0.0.0.0:7001")
+        };
+        assert!(matches!(tls.resolve().unwrap().security, Security::Tls(_)));
     }
 }

@@ -3,6 +3,10 @@
 //! Each node is a real `kerwen serve` child process (so a node can be killed and the
 //! cluster watched as it recovers). Pid and log files live in the data dir. Ctrl-C stops
 //! every node cleanly.
+//!
+//! Security is on as in production: `kerwen dev` makes a development CA, node certificates
+//! and an admin certificate under `DATA_DIR/pki` (kept when the data dir is reused) and
+//! writes a client profile pointing at them, so the CLI works without flags.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -11,7 +15,33 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 
-use crate::client::Client;
+use crate::client::{Client, ClientTls};
+use crate::pki;
+use crate::profile::Profile;
+
+/// Subdirectory of the data dir holding the development PKI.
+const PKI_DIR: &str = "pki";
+
+/// Makes (or, in a reused data dir, keeps) the development PKI; returns the admin profile.
+fn prepare_pki(dir: &Path, nodes: &[DevNode], endpoints: &str) -> anyhow::Result<Profile> {
+    let pki_dir = dir.join(PKI_DIR);
+    let admin = pki::IdentityFiles { cert: pki_dir.join("admin.pem"), key: pki_dir.join("admin.key") };
+    let complete = admin.cert.exists()
+        && nodes.iter().all(|n| pki_dir.join(format!("{}.pem", pki::node_file_stem(u64::from(n.id)))).exists());
+    let admin = if complete {
+        admin
+    } else {
+        let ids: Vec<u64> = nodes.iter().map(|n| u64::from(n.id)).collect();
+        pki::create_dev_pki(&pki_dir, &ids, &pki::loopback_hosts())?
+    };
+    Ok(Profile {
+        endpoints: endpoints.to_owned(),
+        ca: pki_dir.join(pki::CA_CERT),
+        cert: admin.cert,
+        key: admin.key,
+        pki_dir: Some(pki_dir),
+    })
+}
 
 #[derive(Debug, Args)]
 pub struct DevArgs {
@@ -28,11 +58,16 @@ pub struct DevArgs {
     /// Number of data shards.
     #[arg(long, default_value_t = crate::config::DEFAULT_SHARDS)]
     pub shards: u32,
+    /// Where to write the client profile [default: ~/.config/kerwen/profile.toml, or
+    /// KERWEN_PROFILE].
+    #[arg(long, env = "KERWEN_PROFILE")]
+    pub profile: Option<PathBuf>,
 }
 
 struct DevNode {
     id: u16,
     address: String,
+    peer_address: String,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -68,10 +103,10 @@ fn stop_all(nodes: &mut [DevNode]) {
     }
 }
 
-async fn wait_healthy(endpoints: &str, timeout: Duration) -> anyhow::Result<()> {
+async fn wait_healthy(endpoints: &str, tls: &ClientTls, timeout: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(mut client) = Client::connect_list(endpoints).await {
+        if let Ok(mut client) = Client::connect_list_with(endpoints, Some(tls.clone())).await {
             if let Ok(status) = client.cluster_status().await {
                 if !status.groups.is_empty() && status.groups.iter().all(|g| g.leader.is_some()) {
                     return Ok(());
@@ -104,11 +139,20 @@ fn prepare_dir(args: &DevArgs) -> anyhow::Result<PathBuf> {
 
 fn spawn_node(exe: &Path, dir: &Path, node: &DevNode, peers: &str, shards: u32) -> anyhow::Result<Child> {
     let log = std::fs::File::create(&node.log).with_context(|| format!("creating {}", node.log.display()))?;
+    let pki = dir.join(PKI_DIR);
+    let stem = pki::node_file_stem(u64::from(node.id));
     let child = Command::new(exe)
         .arg("serve")
         .args(["--node-id", &node.id.to_string()])
         .args(["--listen", &node.address])
+        .args(["--peer-listen", &node.peer_address])
         .args(["--peers", peers])
+        .arg("--tls-ca")
+        .arg(pki.join(pki::CA_CERT))
+        .arg("--tls-cert")
+        .arg(pki.join(format!("{stem}.pem")))
+        .arg("--tls-key")
+        .arg(pki.join(format!("{stem}.key")))
         .arg("--data-dir")
         .arg(dir.join(format!("node-{}", node.id)))
         .args(["--shards", &shards.to_string()])
@@ -127,16 +171,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let dir = prepare_dir(&args)?;
     let exe = std::env::current_exe().context("locating the kerwen binary")?;
+    if args.base_port.checked_add(args.nodes + crate::config::PEER_PORT_OFFSET).is_none() {
+        bail!("--base-port {} leaves no room for {} nodes and their peer ports", args.base_port, args.nodes);
+    }
     let mut nodes: Vec<DevNode> = (1..=args.nodes)
         .map(|id| DevNode {
             id,
             address: format!("127.0.0.1:{}", args.base_port + id - 1),
+            peer_address: format!("127.0.0.1:{}", args.base_port + crate::config::PEER_PORT_OFFSET + id - 1),
             log: dir.join(format!("node-{id}.log")),
             child: None,
         })
         .collect();
-    let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.address)).collect::<Vec<_>>().join(",");
+    let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.peer_address)).collect::<Vec<_>>().join(",");
     let endpoints = nodes.iter().map(|n| n.address.clone()).collect::<Vec<_>>().join(",");
+    let profile = prepare_pki(&dir, &nodes, &endpoints)?;
+    let profile_path = args.profile.clone().or_else(crate::profile::default_path).context("no home directory: give --profile")?;
+    profile.save(&profile_path)?;
+    let tls = ClientTls::from_files(&profile.tls_files())?;
     for i in 0..nodes.len() {
         match spawn_node(&exe, &dir, &nodes[i], &peers, args.shards) {
             Ok(child) => nodes[i].child = Some(child),
@@ -146,7 +198,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if let Err(e) = wait_healthy(&endpoints, Duration::from_secs(60)).await {
+    if let Err(e) = wait_healthy(&endpoints, &tls, Duration::from_secs(60)).await {
         stop_all(&mut nodes);
         return Err(e.context(format!("see the node logs in {}", dir.display())));
     }
@@ -156,8 +208,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         let pid = n.child.as_ref().map(|c| c.id()).unwrap_or(0);
         println!("  node {}  {}  pid {}  log {}", n.id, n.address, pid, n.log.display());
     }
-    if endpoints != crate::client::DEFAULT_ENDPOINTS {
-        println!("Point the CLI at it with:  export KERWEN_ENDPOINT={endpoints}");
+    println!("Client profile (admin certificate): {}", profile_path.display());
+    if args.profile.is_some() && std::env::var_os("KERWEN_PROFILE").is_none() {
+        println!("Point the CLI at it with:  export KERWEN_PROFILE={}", profile_path.display());
     }
     println!("Press Ctrl-C to stop the cluster.");
 

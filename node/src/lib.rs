@@ -4,19 +4,27 @@
 //! - [`runtime`]: a running node: store, Raft groups, routing to leaders.
 //! - [`transport`]: node-to-node gRPC (openraft network, forwarding, fault filter).
 //! - [`services`]: the gRPC services (`Exchange`, `Admin`, internal `Raft`/`Peer`).
-//! - [`server`]: wiring of the services into one tonic server.
+//! - [`server`]: wiring of the services into the client and peer servers.
 //! - [`client`]: the Rust client (CLI, tests, load generator).
-//! - [`cli`]: client commands; [`dev`]: the local development cluster.
+//! - [`cli`]: client commands; [`profile`]: where the CLI finds the cluster and its certificate; [`dev`]: the local development cluster.
+//! - [`tls`]: mutual TLS on both ports, certificate reload; [`pki`]: dev/test certificates.
+//! - [`auth`]: the caller's identity and the access check at the edge; [`quota`]: publish
+//!   rate limits per subsystem.
 //! - [`status`]: broker errors → gRPC status codes.
 //! - [`testing`]: test hooks (fault injection).
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod pki;
+pub mod profile;
+pub mod quota;
 pub mod runtime;
 pub mod server;
 pub mod services;
 pub mod status;
 pub mod testing;
+pub mod tls;
 pub mod transport;

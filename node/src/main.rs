@@ -1,6 +1,7 @@
 //! The `kerwen` binary: `serve` and `dev` run nodes; every other command is a client.
 
 use clap::{Parser, Subcommand};
+use kerwen_node::cli::access::{AclCommand, CertsCommand, GroupCommand, MemberCommand};
 use kerwen_node::cli::{self, ClientOpts, ConsumeArgs, DlqCommand, DownloadArgs, MailboxCommand, PublishArgs};
 use kerwen_node::config::ServeArgs;
 use kerwen_node::dev::{self, DevArgs};
@@ -41,6 +42,35 @@ enum Command {
     },
     /// Show nodes, Raft groups and their leaders.
     Status,
+    /// Register subsystems and set their quotas.
+    Member {
+        #[command(subcommand)]
+        command: MemberCommand,
+    },
+    /// Grant, revoke and list the right to send to a service.
+    Acl {
+        #[command(subcommand)]
+        command: AclCommand,
+    },
+    /// Named groups of subsystems (grantees of `acl grant --to group:NAME`).
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+    /// The services (mailboxes) a subsystem offers.
+    Services { subsystem: String },
+    /// The services the caller (or, for admins, --subsystem) may send to.
+    AllowedServices {
+        #[arg(long)]
+        subsystem: Option<String>,
+    },
+    /// Show the identity the cluster sees for this client.
+    Whoami,
+    /// Issue certificates from a CA on disk (development and small deployments).
+    Certs {
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
 }
 
 fn init_logging(default: &str) {
@@ -87,6 +117,34 @@ async fn main() {
         Command::Status => {
             init_logging("warn");
             cli::status(&cli.client).await
+        }
+        Command::Member { command } => {
+            init_logging("warn");
+            cli::access::member(&cli.client, command).await
+        }
+        Command::Acl { command } => {
+            init_logging("warn");
+            cli::access::acl(&cli.client, command).await
+        }
+        Command::Group { command } => {
+            init_logging("warn");
+            cli::access::group(&cli.client, command).await
+        }
+        Command::Services { subsystem } => {
+            init_logging("warn");
+            cli::access::services(&cli.client, subsystem).await
+        }
+        Command::AllowedServices { subsystem } => {
+            init_logging("warn");
+            cli::access::allowed_services(&cli.client, subsystem).await
+        }
+        Command::Whoami => {
+            init_logging("warn");
+            cli::access::whoami(&cli.client).await
+        }
+        Command::Certs { command } => {
+            init_logging("warn");
+            cli::access::certs(&cli.client, command)
         }
     };
     if let Err(e) = result {

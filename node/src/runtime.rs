@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use kerwen_broker::access::{AccessControl, Action, Denied, Principal};
 use kerwen_broker::delivery::ConsumerId;
 use kerwen_broker::model::{
-    Command, CommandResult, DeliveryPolicy, GroupId, LargePayload, Leased, MailboxId, MailboxInfo, NodeId, PartitionStats, Position,
+    Command, CommandResult, DeliveryPolicy, GroupId, LargePayload, Leased, MailboxId, MailboxInfo, NodeId, PartitionStats, Position, ShardLimits,
     TypeConfig, METADATA_GROUP,
 };
 use kerwen_broker::proposer::{Proposer, ProposerConfig, WriteOutcome};
@@ -21,7 +22,10 @@ use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::config::NodeConfig;
+use crate::auth::Caller;
+use crate::config::{NodeConfig, Security};
+use crate::quota::RateLimiter;
+use crate::tls::NodeTls;
 use crate::transport::{PeerMethod, Peers, RaftTransport};
 
 /// How often a shard leader looks for messages to move to the dead-letter queue (time to
@@ -63,6 +67,10 @@ pub enum ReadQuery {
     Chunk { upload: u64, offset: u64 },
     /// Data shard: the chunked payload of a stored message.
     LargePayload { mailbox: MailboxId, position: Position },
+    /// Metadata group: may `who` do `action`?
+    Authorize { who: Principal, action: Action },
+    /// Metadata group: the whole access-control state.
+    Access,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -74,6 +82,8 @@ pub enum ReadAnswer {
     /// The chunk's start offset and bytes; `None` past the end.
     Chunk(Option<(u64, bytes::Bytes)>),
     LargePayload(Option<LargePayload>),
+    Authorized(Result<(), Denied>),
+    Access(AccessControl),
 }
 
 /// One Raft group hosted on this node.
@@ -97,6 +107,8 @@ pub struct NodeRuntime {
     pub store: Arc<Store>,
     pub peers: Arc<Peers>,
     pub meta: Group<MetaView>,
+    /// Publish rate limits of the subsystems sending through this node.
+    pub rate_limiter: RateLimiter,
     pub shards: BTreeMap<GroupId, Group<ShardView>>,
     /// Subscriptions served here that have not yet released their leases. Leases are
     /// replicated, so one not released before the node stops would hold its messages until
@@ -139,10 +151,10 @@ pub fn now_unix_ms() -> i64 {
 impl NodeRuntime {
     /// Opens the store, starts every group and bootstraps the cluster membership if this is a
     /// fresh node (every node does it with the same membership, which openraft allows).
-    pub async fn start(config: NodeConfig) -> anyhow::Result<Arc<Self>> {
+    pub async fn start(config: NodeConfig, tls: Option<Arc<NodeTls>>) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&config.data_dir)?;
         let store = Store::open(&config.data_dir.join("db"))?;
-        let peers = Peers::new(config.node_id, config.peers.clone(), config.enable_fault_injection);
+        let peers = Peers::new(config.node_id, config.peers.clone(), config.enable_fault_injection, tls);
         let raft_config = raft_config(&config)?;
         let transport = |group| RaftTransport { group, peers: peers.clone() };
         let proposer_config = ProposerConfig { max_in_flight: config.proposals_in_flight, ..Default::default() };
@@ -159,7 +171,7 @@ impl NodeRuntime {
         }
 
         let subscriptions = tokio::sync::watch::channel(0).0;
-        let runtime = Self { config, store, peers, meta, shards, subscriptions };
+        let runtime = Self { config, store, peers, meta, shards, subscriptions, rate_limiter: RateLimiter::default() };
         let members: BTreeMap<NodeId, BasicNode> =
             runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
         for (_, raft) in runtime.all_rafts() {
@@ -451,6 +463,58 @@ impl NodeRuntime {
             ReadQuery::DeadLetters { mailbox, partitions, limit } => {
                 Ok(ReadAnswer::DeadLetters(self.shard(group)?.view.dead_letters(mailbox, &partitions, limit as usize)?))
             }
+            ReadQuery::Authorize { who, action } => Ok(ReadAnswer::Authorized(self.meta.view.authorize(&who, &action))),
+            ReadQuery::Access => Ok(ReadAnswer::Access(self.meta.view.access())),
+        }
+    }
+
+    /// Whether the node runs without TLS and access control (`--insecure`).
+    pub fn insecure(&self) -> bool {
+        self.config.security == Security::Insecure
+    }
+
+    pub fn meta_view(&self) -> &MetaView {
+        &self.meta.view
+    }
+
+    /// The metadata leader's access decision (linearizable: sees every acknowledged change).
+    pub async fn authorize_on_leader(&self, who: &Principal, action: &Action) -> Result<Result<(), Denied>, BrokerError> {
+        match self.read(METADATA_GROUP, ReadQuery::Authorize { who: who.clone(), action: action.clone() }).await? {
+            ReadAnswer::Authorized(decision) => Ok(decision),
+            other => Err(BrokerError::Internal(format!("unexpected answer {other:?}"))),
+        }
+    }
+
+    /// Admits a publish by `caller` under its subsystem's rate quota, or refuses it with a
+    /// retry hint.
+    pub fn admit_publish(&self, caller: &Caller, messages: u64, bytes: u64) -> Result<(), BrokerError> {
+        let Caller::Authenticated(Principal::Subsystem(who)) = caller else { return Ok(()) };
+        let Some(member) = self.meta.view.member(who) else { return Ok(()) };
+        self.rate_limiter.admit(who, &member.quota, messages, bytes).map_err(|t| {
+            tracing::debug!(target: "kerwen::audit", caller = %who, limit = t.limit, "publish throttled");
+            BrokerError::RateLimited {
+                message: format!("subsystem {who} is over its quota of {}", t.limit),
+                retry_after_ms: u64::try_from(t.retry_after.as_millis()).unwrap_or(u64::MAX),
+            }
+        })
+    }
+
+    /// The limits `shard` enforces on a publish by `caller` to `info`'s mailbox: the mailbox's
+    /// share and the caller's stored-bytes quota, spread evenly over the data shards.
+    pub fn shard_limits(&self, caller: &Caller, info: &MailboxInfo, shard: GroupId) -> ShardLimits {
+        let mut limits = info.shard_limits(shard);
+        if let Caller::Authenticated(Principal::Subsystem(who)) = caller {
+            let quota = self.meta.view.member(who).and_then(|m| m.quota.max_stored_bytes);
+            limits.sender_max_stored_bytes = quota.map(|max| max.div_ceil(u64::from(self.config.shards)));
+        }
+        limits
+    }
+
+    /// The access-control state as the metadata leader has it.
+    pub async fn access(&self) -> Result<AccessControl, BrokerError> {
+        match self.read(METADATA_GROUP, ReadQuery::Access).await? {
+            ReadAnswer::Access(acl) => Ok(acl),
+            other => Err(BrokerError::Internal(format!("unexpected answer {other:?}"))),
         }
     }
 

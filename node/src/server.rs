@@ -4,15 +4,19 @@ use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
+use kerwen_proto::v1::access_server::AccessServer;
 use kerwen_proto::v1::admin_server::AdminServer;
 use kerwen_proto::v1::exchange_server::ExchangeServer;
 use kerwen_proto::v1::peer_server::PeerServer;
 use kerwen_proto::v1::raft_server::RaftServer;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::client::MAX_GRPC_MESSAGE_BYTES;
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, Security};
+use crate::tls::{tls_incoming, NodeTls, Port};
 use crate::runtime::NodeRuntime;
+use crate::services::access::AccessService;
 use crate::services::admin::AdminService;
 use crate::services::exchange::ExchangeService;
 use crate::services::internal::InternalService;
@@ -21,19 +25,28 @@ use crate::transport::MAX_INTERNAL_MESSAGE_BYTES;
 /// Runs a node until `shutdown` resolves, then stops serving, stops its Raft groups and
 /// closes the store.
 pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding {}", config.listen))?;
-    let runtime = NodeRuntime::start(config).await?;
+    let client_listener = bind(config.listen).await?;
+    let peer_listener = bind(config.peer_listen).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tls = match &config.security {
+        Security::Tls(files) => Some(NodeTls::load(files.clone())?),
+        Security::Insecure => {
+            warn_insecure(&config, stop_rx.clone());
+            None
+        }
+    };
+    let runtime = NodeRuntime::start(config, tls.clone()).await?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ExchangeServer<ExchangeService>>().await;
     health_reporter.set_serving::<AdminServer<AdminService>>().await;
+    health_reporter.set_serving::<AccessServer<AccessService>>().await;
 
     let exchange = ExchangeServer::new(ExchangeService::new(runtime.clone()))
         .max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES);
     let admin = AdminServer::new(AdminService::new(runtime.clone()));
+    let access = AccessServer::new(AccessService::new(runtime.clone()));
     let internal = Arc::new(InternalService::new(runtime.clone()));
     let raft = RaftServer::from_arc(internal.clone())
         .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
@@ -42,40 +55,89 @@ pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send
         .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES);
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(health_service)
-            .add_service(exchange)
-            .add_service(admin)
-            .add_service(raft)
-            .add_service(peer)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
-                let _ = stop_rx.await;
-            }),
-    );
+    let client_api = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service.clone())
+        .add_service(exchange)
+        .add_service(admin)
+        .add_service(access);
+    let peer_api = tonic::transport::Server::builder().tcp_nodelay(true).add_service(health_service).add_service(raft).add_service(peer);
+
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let (client_server, peer_server) = match &tls {
+        Some(tls) => {
+            tls.spawn_watcher(stop_rx.clone());
+            (
+                tokio::spawn(client_api.serve_with_incoming_shutdown(tls_incoming(client_listener, tls.clone(), Port::Client), stopped(stop_rx.clone()))),
+                tokio::spawn(peer_api.serve_with_incoming_shutdown(tls_incoming(peer_listener, tls.clone(), Port::Peer), stopped(stop_rx.clone()))),
+            )
+        }
+        None => (
+            tokio::spawn(client_api.serve_with_incoming_shutdown(TcpListenerStream::new(client_listener), stopped(stop_rx.clone()))),
+            tokio::spawn(peer_api.serve_with_incoming_shutdown(TcpListenerStream::new(peer_listener), stopped(stop_rx.clone()))),
+        ),
+    };
+    let servers = futures::future::try_join(flatten(client_server, "client API"), flatten(peer_server, "peer API"));
+    tokio::pin!(servers);
     let result = tokio::select! {
-        // The server only ends by itself on a fatal error.
-        r = &mut server => r.context("gRPC server task")?.context("gRPC server"),
+        // The servers only end by themselves on a fatal error.
+        r = &mut servers => r.map(|_| ()),
         _ = shutdown => {
             tracing::info!("shutting down");
-            let _ = stop_tx.send(());
+            let _ = stop_tx.send(true);
             // Open subscriptions would hold a graceful shutdown forever: bound it.
-            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
-                Ok(r) => r.context("gRPC server task")?.context("gRPC server"),
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut servers).await {
+                Ok(r) => r.map(|_| ()),
                 Err(_) => {
                     tracing::info!("closing streams still open after {SHUTDOWN_GRACE:?}");
-                    server.abort();
                     Ok(())
                 }
             }
         }
     };
+    let _ = stop_tx.send(true);
     // Ended subscriptions release their (replicated) leases while the groups still run.
     runtime.wait_subscriptions_released(SHUTDOWN_GRACE).await;
     runtime.shutdown().await;
     result
+}
+
+async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))
+}
+
+async fn flatten(task: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>, what: &'static str) -> anyhow::Result<()> {
+    // Aborting on drop: a server still running after a bounded shutdown must not outlive us.
+    let mut task = AbortOnDrop(task);
+    (&mut task.0).await.with_context(|| format!("{what} server task"))?.with_context(|| format!("{what} server"))
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// `--insecure` is for experiments: say so where nobody can miss it, and keep saying it.
+fn warn_insecure(config: &NodeConfig, mut stop: watch::Receiver<bool>) {
+    const WARNING: &str = "INSECURE MODE: plaintext, no client authentication, no access control. \
+        For local experiments only; never carry real data.";
+    tracing::warn!(listen = %config.listen, peer_listen = %config.peer_listen, "{WARNING}");
+    eprintln!("kerwen: {WARNING}");
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(300));
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = every.tick() => tracing::warn!("{WARNING}"),
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
 }
 
 /// How long in-flight requests may take to finish after a shutdown signal.

@@ -24,6 +24,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::NodeTls;
+
 /// Largest internal message (Raft batches of large payloads, snapshot chunks).
 pub const MAX_INTERNAL_MESSAGE_BYTES: usize = 1024 * 1024 * 1024;
 
@@ -65,17 +67,33 @@ pub struct Peers {
     channels: Mutex<HashMap<NodeId, Channel>>,
     blocked: RwLock<HashSet<NodeId>>,
     fault_injection: bool,
+    /// The node's TLS material (`None` with `--insecure`): peers are dialled with its
+    /// certificate; a rotation drops the cached channels so new ones present the new one.
+    tls: Option<Arc<NodeTls>>,
 }
 
 impl Peers {
-    pub fn new(me: NodeId, addresses: BTreeMap<NodeId, String>, fault_injection: bool) -> Arc<Self> {
-        Arc::new(Self {
+    pub fn new(me: NodeId, addresses: BTreeMap<NodeId, String>, fault_injection: bool, tls: Option<Arc<NodeTls>>) -> Arc<Self> {
+        let peers = Arc::new(Self {
             me,
             addresses: RwLock::new(addresses),
             channels: Mutex::new(HashMap::new()),
             blocked: RwLock::new(HashSet::new()),
             fault_injection,
-        })
+            tls,
+        });
+        if let Some(tls) = &peers.tls {
+            let mut changes = tls.changes();
+            let weak = Arc::downgrade(&peers);
+            tokio::spawn(async move {
+                while changes.changed().await.is_ok() {
+                    let Some(peers) = weak.upgrade() else { return };
+                    // Calls in flight keep their channel; the next call dials anew.
+                    peers.channels.lock().unwrap_or_else(|p| p.into_inner()).clear();
+                }
+            });
+        }
+        peers
     }
 
     pub fn me(&self) -> NodeId {
@@ -113,8 +131,14 @@ impl Peers {
             return Ok(ch.clone());
         }
         let addr = self.address(node).ok_or_else(|| BrokerError::Unavailable(format!("unknown node {node}")))?;
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| BrokerError::InvalidArgument(format!("bad address of node {node}: {e}")))?
+        let bad_address = |e: tonic::transport::Error| BrokerError::InvalidArgument(format!("bad address of node {node}: {e}"));
+        let mut endpoint = match &self.tls {
+            Some(tls) => Endpoint::from_shared(format!("https://{addr}"))
+                .and_then(|e| e.tls_config(tls.outgoing().tonic_config()))
+                .map_err(bad_address)?,
+            None => Endpoint::from_shared(format!("http://{addr}")).map_err(bad_address)?,
+        };
+        endpoint = endpoint
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -270,6 +294,7 @@ mod tests {
         let message = StoredMessage {
             id: "m".into(),
             recipient: "TM/GOV/A/s/svc".into(),
+            sender: String::new(),
             headers: vec![],
             payload: vec![0u8; payload_bytes].into(),
             ordering_key: None,

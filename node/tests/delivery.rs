@@ -13,7 +13,7 @@ use kerwen_node::client::Event;
 use kerwen_proto::v1::{CreateMailboxRequest, Delivery, PublishResponse};
 use tonic::Code;
 
-const MAILBOX: &str = "TM/GOV/MINFIN/tax/declarations";
+const MAILBOX: &str = "TM/GOV/MINCOM/registry/declarations";
 const LONG_LEASE_MS: u64 = 600_000;
 
 fn positions(resp: &PublishResponse) -> Vec<(u32, u64)> {

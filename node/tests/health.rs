@@ -13,9 +13,8 @@ use tonic_health::pb::HealthCheckRequest;
 async fn every_node_reports_serving_over_grpc_health() -> Result<()> {
     let cluster = ProcessCluster::builder().start().await?;
     for node in cluster.node_ids() {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.endpoint(node)))?.connect().await?;
-        let mut health = HealthClient::new(channel);
-        for service in ["", "kerwen.v1.Exchange", "kerwen.v1.Admin"] {
+        let mut health = HealthClient::new(cluster.client(node).await?.channel());
+        for service in ["", "kerwen.v1.Exchange", "kerwen.v1.Admin", "kerwen.v1.Access"] {
             let status = health.check(HealthCheckRequest { service: service.into() }).await?.into_inner().status;
             assert_eq!(status, ServingStatus::Serving as i32, "node {node}, service {service:?}");
         }

@@ -19,7 +19,7 @@ use kerwen_node::client::{Client, Upload, UploadOutcome};
 use kerwen_proto::v1::CreateMailboxRequest;
 use sha2::{Digest, Sha256};
 
-const MAILBOX: &str = "TM/GOV/MINFIN/tax/bulk-exports";
+const MAILBOX: &str = "TM/GOV/MINCOM/registry/bulk-exports";
 const CHUNK: usize = 1024 * 1024;
 const MIB: u64 = 1024 * 1024;
 

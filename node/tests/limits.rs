@@ -11,7 +11,7 @@ use harness::{Cluster, ProcessCluster};
 use kerwen_proto::v1::{Message, Position};
 use tonic::Code;
 
-const MAILBOX: &str = "TM/GOV/MINFIN/tax/limits";
+const MAILBOX: &str = "TM/GOV/MINCOM/registry/limits";
 
 fn message(id: usize, size: usize) -> Message {
     Message {
@@ -21,6 +21,7 @@ fn message(id: usize, size: usize) -> Message {
         payload: vec![7u8; size].into(),
         ordering_key: None,
         ttl_ms: None,
+        sender: String::new(),
     }
 }
 

@@ -1,7 +1,8 @@
 //! The README's 5-minute tour, run exactly as written: `kerwen dev` is started as a user
 //! would start it (on free ports, with its own data dir), then the shell lines between
 //! `<!-- tour:begin -->` and `<!-- tour:end -->` run in bash with the freshly built `kerwen` on
-//! the PATH. The only substitution is the dev data dir path (`/tmp/kerwen-dev`).
+//! the PATH. The only substitution is the dev data dir path (`/tmp/kerwen-dev`); the client
+//! profile goes to the test's temporary directory (`KERWEN_PROFILE`), not the user's home.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -11,7 +12,8 @@ use std::time::{Duration, Instant};
 
 const README_DEV_DIR: &str = "/tmp/kerwen-dev";
 
-/// A base port with the two following ports free too.
+/// A base port with the two following ports free too, and the same three plus the peer-port
+/// offset (100).
 fn free_port_triple() -> u16 {
     for _ in 0..200 {
         let first = match TcpListener::bind("127.0.0.1:0") {
@@ -22,8 +24,12 @@ fn free_port_triple() -> u16 {
         if base > 65_000 {
             continue;
         }
-        let rest: Vec<_> = (1..3).filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok()).collect();
-        if rest.len() == 2 {
+        if base > 65_000 - 103 {
+            continue;
+        }
+        let rest: Vec<_> =
+            [1, 2, 100, 101, 102].into_iter().filter_map(|i| TcpListener::bind(("127.0.0.1", base + i)).ok()).collect();
+        if rest.len() == 5 {
             return base;
         }
     }
@@ -79,9 +85,11 @@ fn readme_tour_works_as_written() {
     let base = free_port_triple();
     let endpoints = (0..3).map(|i| format!("127.0.0.1:{}", base + i)).collect::<Vec<_>>().join(",");
 
+    let profile = work.path().join("profile.toml");
     let mut child = Command::new(&kerwen)
         .args(["dev", "--base-port", &base.to_string(), "--data-dir"])
         .arg(&dev_dir)
+        .env("KERWEN_PROFILE", &profile)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -109,6 +117,7 @@ fn readme_tour_works_as_written() {
         .current_dir(work.path())
         .env("PATH", path)
         .env("KERWEN_ENDPOINT", &endpoints)
+        .env("KERWEN_PROFILE", &profile)
         .output()
         .expect("run the tour");
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -124,6 +133,11 @@ fn readme_tour_works_as_written() {
     let second = stdout.find("declaration 2026-002").unwrap_or(0);
     assert!(first < second, "same ordering key: 001 is delivered before 002");
     assert!(stdout.contains("created mailbox TM/GOV/MINFIN/tax-registry/declarations"));
+    assert!(stdout.contains("kerwen-admin:admin"), "whoami shows the dev admin");
+    assert!(stdout.contains("refused, as it should be"), "publishing without a grant is refused");
+    assert!(stderr.contains("PermissionDenied"), "the refusal says why");
+    assert!(!stdout.contains("too early"), "the refused message was never stored or delivered");
+    assert!(stdout.contains("from TM/GOV/MINCOM/registry: declaration 2026-001"), "deliveries show the authenticated sender");
     assert!(stdout.contains("pending     2 messages"), "describe shows the two pending messages");
     let retried: Vec<&str> = stdout.lines().filter(|l| l.starts_with("published decl-2026-001 ")).collect();
     assert_eq!(retried.len(), 2, "decl-2026-001 is published twice");

@@ -11,7 +11,7 @@ use harness::{Cluster, ProcessCluster};
 use kerwen_node::client::Client;
 use kerwen_proto::v1::{GroupStatus, Message};
 
-const MAILBOX: &str = "TM/GOV/MINFIN/tax/snapshots";
+const MAILBOX: &str = "TM/GOV/MINCOM/registry/snapshots";
 const SHARD: u32 = 1;
 
 async fn shard_status(cluster: &ProcessCluster, node: u64) -> Result<GroupStatus> {
@@ -28,6 +28,7 @@ async fn publish(client: &mut Client, first: usize, count: usize) -> Result<()> 
             payload: format!("payload {i}").into_bytes().into(),
             ordering_key: None,
             ttl_ms: None,
+            sender: String::new(),
         })
         .collect();
     client.publish(messages).await.map_err(|s| anyhow::anyhow!("publish: {s}"))?;

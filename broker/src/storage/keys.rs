@@ -40,6 +40,29 @@ pub const KIND_TTL: u8 = b't';
 pub const KIND_UPLOAD: u8 = b'u';
 pub const KIND_CHUNK: u8 = b'c';
 pub const KIND_NEXT_UPLOAD: u8 = b'N';
+/// Data shard: payload bytes stored for one sender subsystem (`S/sender`).
+pub const KIND_SENDER: u8 = b'S';
+/// Metadata group: a registered subsystem (`M/subsystem`).
+pub const KIND_MEMBER: u8 = b'M';
+/// Metadata group: a send grant (`g/service 0 grantee`).
+pub const KIND_GRANT: u8 = b'g';
+/// Metadata group: a subsystem's membership of a group (`G/group 0 subsystem`).
+pub const KIND_GROUP: u8 = b'G';
+
+/// The key of a pair of names (`first 0 second`): names never contain a zero byte.
+pub fn pair_key(group: GroupId, kind: u8, first: &str, second: &str) -> Vec<u8> {
+    let mut rest = Vec::with_capacity(first.len() + second.len() + 1);
+    rest.extend_from_slice(first.as_bytes());
+    rest.push(0);
+    rest.extend_from_slice(second.as_bytes());
+    state_key(group, kind, &rest)
+}
+
+/// Splits the rest of a [`pair_key`] (after group and kind).
+pub fn parse_pair(rest: &[u8]) -> Option<(&str, &str)> {
+    let zero = rest.iter().position(|b| *b == 0)?;
+    Some((std::str::from_utf8(&rest[..zero]).ok()?, std::str::from_utf8(&rest[zero + 1..]).ok()?))
+}
 
 pub fn group_prefix(group: GroupId) -> [u8; 4] {
     group.to_be_bytes()

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use kerwen_broker::ids::ServiceId;
+use kerwen_broker::access::Action;
 use kerwen_broker::model::{
     dead_letter_partition, is_dead_letter, Command, CommandResult, DeliveryPolicy, MailboxInfo, MailboxLimits, Position,
     RedeliveryPolicy, METADATA_GROUP,
@@ -13,6 +13,7 @@ use kerwen_proto::v1::admin_server::Admin;
 use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{self, Caller};
 use crate::runtime::{now_unix_ms, NodeRuntime, ReadAnswer, ReadQuery};
 use crate::services::exchange::{to_proto_dead_letter, to_proto_position};
 use crate::status::to_status;
@@ -111,8 +112,9 @@ fn requested_limits(req: &pb::CreateMailboxRequest) -> Result<MailboxLimits, Sta
 }
 
 impl AdminService {
-    async fn mailbox(&self, service: &str) -> Result<MailboxInfo, Status> {
-        service.parse::<ServiceId>().map_err(|e| Status::invalid_argument(format!("mailbox: {e}")))?;
+    /// A mailbox the caller may manage.
+    async fn mailbox(&self, caller: &Caller, service: &str) -> Result<MailboxInfo, Status> {
+        auth::authorize(&self.runtime, caller, Action::ManageMailbox(auth::service_id("mailbox", service)?)).await?;
         self.runtime.mailbox(service).await.map_err(to_status)
     }
 
@@ -143,8 +145,10 @@ fn role(state: ServerState) -> &'static str {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn create_mailbox(&self, request: Request<pb::CreateMailboxRequest>) -> Result<Response<pb::MailboxInfo>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
         let req = request.into_inner();
-        let service: ServiceId = req.service.parse().map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
+        let service = auth::service_id("service", &req.service)?;
+        auth::authorize(&self.runtime, &caller, Action::ManageMailbox(service.clone())).await?;
         let partitions = if req.partitions == 0 { self.runtime.config.default_partitions } else { req.partitions };
         if partitions > MAX_PARTITIONS {
             return Err(Status::invalid_argument(format!("partitions must be 1..={MAX_PARTITIONS}, got {partitions}")));
@@ -167,14 +171,17 @@ impl Admin for AdminService {
         }
     }
 
-    async fn list_mailboxes(&self, _request: Request<pb::ListMailboxesRequest>) -> Result<Response<pb::ListMailboxesResponse>, Status> {
+    async fn list_mailboxes(&self, request: Request<pb::ListMailboxesRequest>) -> Result<Response<pb::ListMailboxesResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        auth::authorize(&self.runtime, &caller, Action::Discover).await?;
         let mailboxes = self.runtime.mailboxes().await.map_err(to_status)?;
         Ok(Response::new(pb::ListMailboxesResponse { mailboxes: mailboxes.into_iter().map(to_proto).collect() }))
     }
 
     async fn describe_mailbox(&self, request: Request<pb::DescribeMailboxRequest>) -> Result<Response<pb::MailboxInfo>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
         let service = request.into_inner().service;
-        service.parse::<ServiceId>().map_err(|e| Status::invalid_argument(format!("service: {e}")))?;
+        auth::authorize(&self.runtime, &caller, Action::ManageMailbox(auth::service_id("service", &service)?)).await?;
         let info = self.runtime.mailbox(&service).await.map_err(to_status)?;
         let stats = self.runtime.mailbox_stats(&info, false).await.map_err(to_status)?;
         let dead = self.runtime.mailbox_stats(&info, true).await.map_err(to_status)?;
@@ -190,8 +197,9 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ListDeadLettersRequest>,
     ) -> Result<Response<pb::ListDeadLettersResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
         let req = request.into_inner();
-        let info = self.mailbox(&req.mailbox).await?;
+        let info = self.mailbox(&caller, &req.mailbox).await?;
         let limit = if req.limit == 0 { 100 } else { req.limit.min(MAX_DEAD_LETTER_PAGE) };
         let mut dead_letters = Vec::new();
         for (shard, partitions) in info.dead_letter_partitions_by_shard() {
@@ -216,8 +224,9 @@ impl Admin for AdminService {
     }
 
     async fn redrive_dead_letters(&self, request: Request<pb::RedriveRequest>) -> Result<Response<pb::RedriveResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
         let req = request.into_inner();
-        let info = self.mailbox(&req.mailbox).await?;
+        let info = self.mailbox(&caller, &req.mailbox).await?;
         let mut by_shard: std::collections::BTreeMap<u32, Vec<Position>> = Default::default();
         if !req.all {
             if req.positions.is_empty() {
@@ -265,7 +274,9 @@ impl Admin for AdminService {
         Ok(Response::new(pb::RedriveResponse { redriven }))
     }
 
-    async fn cluster_status(&self, _request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+    async fn cluster_status(&self, request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        auth::authorize(&self.runtime, &caller, Action::Discover).await?;
         let nodes = self
             .runtime
             .peers

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use kerwen_broker::access::Action;
 use kerwen_broker::ids::ServiceId;
 use kerwen_broker::model::{
     AttemptOutcome, Command, CommandResult, DeadLetter, GroupId, Leased, MailboxInfo, NewMessage, Position, SettleAction,
@@ -30,6 +31,7 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::auth;
 use crate::runtime::{now_unix_ms, FetchArgs, NodeRuntime};
 use crate::status::to_status;
 
@@ -99,7 +101,12 @@ fn validate_message(m: &pb::Message, index: usize, max_payload: usize) -> Result
 
 /// Routes a validated message of `info`'s mailbox to its partition (hash of its ordering key,
 /// else of its id) and shard, and makes the record to store.
-pub(crate) fn routed_message(info: &MailboxInfo, m: pb::Message, accepted_unix_ms: i64) -> Result<(GroupId, NewMessage), Status> {
+pub(crate) fn routed_message(
+    info: &MailboxInfo,
+    m: pb::Message,
+    sender: &str,
+    accepted_unix_ms: i64,
+) -> Result<(GroupId, NewMessage), Status> {
     let routing_key = m.ordering_key.as_deref().unwrap_or(&m.id);
     let partition = (stable_hash(routing_key) % u64::from(info.partitions)) as u32;
     let shard = info.shard_of(partition).ok_or_else(|| Status::internal("partition without shard"))?;
@@ -108,6 +115,7 @@ pub(crate) fn routed_message(info: &MailboxInfo, m: pb::Message, accepted_unix_m
     let message = StoredMessage {
         id: m.id,
         recipient: m.recipient,
+        sender: sender.to_owned(),
         headers: m.headers.into_iter().collect(),
         payload: m.payload,
         ordering_key: m.ordering_key,
@@ -128,6 +136,7 @@ fn to_proto_message(m: StoredMessage) -> pb::Message {
         payload: m.payload,
         ordering_key: m.ordering_key,
         ttl_ms: m.ttl_ms,
+        sender: m.sender,
     }
 }
 
@@ -184,6 +193,7 @@ type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, S
 #[tonic::async_trait]
 impl Exchange for ExchangeService {
     async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
         let messages = request.into_inner().messages;
         if messages.is_empty() {
             return Err(Status::invalid_argument("empty batch: publish at least one message"));
@@ -202,16 +212,19 @@ impl Exchange for ExchangeService {
         let mut mailboxes: BTreeMap<String, MailboxInfo> = BTreeMap::new();
         for m in &messages {
             if !mailboxes.contains_key(&m.recipient) {
+                auth::authorize(&self.runtime, &caller, Action::Send(auth::service_id("recipient", &m.recipient)?)).await?;
                 let info = self.runtime.mailbox(&m.recipient).await.map_err(to_status)?;
                 mailboxes.insert(m.recipient.clone(), info);
             }
         }
 
+        self.runtime.admit_publish(&caller, messages.len() as u64, batch_bytes as u64).map_err(to_status)?;
         let accepted_unix_ms = now_unix_ms();
         let count = messages.len();
+        let sender = caller.sender();
         let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<NewMessage>)> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
-            let (shard, new) = routed_message(&mailboxes[&m.recipient], m, accepted_unix_ms)?;
+            let (shard, new) = routed_message(&mailboxes[&m.recipient], m, &sender, accepted_unix_ms)?;
             let entry = by_shard.entry(shard).or_default();
             entry.0.push(i);
             entry.1.push(new);
@@ -222,7 +235,7 @@ impl Exchange for ExchangeService {
             let limits = mailboxes
                 .values()
                 .filter(|info| batch.iter().any(|m| m.mailbox == info.id))
-                .map(|info| info.shard_limits(shard))
+                .map(|info| runtime.shard_limits(&caller, info, shard))
                 .collect();
             async move {
                 let ids: Vec<String> = batch.iter().map(|m| m.message.id.clone()).collect();
@@ -257,15 +270,19 @@ impl Exchange for ExchangeService {
     type DownloadStream = Pin<Box<dyn Stream<Item = Result<pb::DownloadChunk, Status>> + Send>>;
 
     async fn upload(&self, request: Request<Streaming<pb::UploadRequest>>) -> Result<Response<Self::UploadStream>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
         let (tx, rx) = mpsc::channel(16);
-        tokio::spawn(super::transfer::upload(self.runtime.clone(), request.into_inner(), tx));
+        tokio::spawn(super::transfer::upload(self.runtime.clone(), caller, request.into_inner(), tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn download(&self, request: Request<pb::DownloadRequest>) -> Result<Response<Self::DownloadStream>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        let req = request.into_inner();
+        auth::authorize(&self.runtime, &caller, Action::Consume(auth::service_id("mailbox", &req.mailbox)?)).await?;
         // Two chunks in flight at most: memory stays bounded whatever the payload size.
         let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(super::transfer::download(self.runtime.clone(), request.into_inner(), tx));
+        tokio::spawn(super::transfer::download(self.runtime.clone(), req, tx));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
@@ -273,12 +290,13 @@ impl Exchange for ExchangeService {
         &self,
         request: Request<Streaming<pb::SubscribeRequest>>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
         let mut inbound = request.into_inner();
         let start = match inbound.message().await? {
             Some(pb::SubscribeRequest { request: Some(subscribe_request::Request::Start(start)) }) => start,
             _ => return Err(Status::invalid_argument("the first message of a subscription must be `start`")),
         };
-        start.mailbox.parse::<ServiceId>().map_err(|e| Status::invalid_argument(format!("mailbox: {e}")))?;
+        auth::authorize(&self.runtime, &caller, Action::Consume(auth::service_id("mailbox", &start.mailbox)?)).await?;
         let info = self.runtime.mailbox(&start.mailbox).await.map_err(to_status)?;
         let consumer: u64 = rand::random();
         let guard = self.runtime.subscription_guard();

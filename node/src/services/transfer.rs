@@ -12,6 +12,8 @@
 
 use std::sync::Arc;
 
+use kerwen_broker::access::Action;
+use kerwen_broker::BrokerError;
 use kerwen_broker::model::{Command, CommandResult, GroupId, Position, UploadProgress};
 use kerwen_proto::v1 as pb;
 use sha2::{Digest, Sha256};
@@ -19,6 +21,7 @@ use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
 use super::exchange::{routed_message, to_proto_position, validate_header};
+use crate::auth::{self, Caller};
 use crate::runtime::{NodeRuntime, ReadAnswer, ReadQuery};
 use crate::status::to_status;
 
@@ -35,19 +38,21 @@ fn event(e: pb::upload_response::Event) -> Result<pb::UploadResponse, Status> {
 }
 
 /// Serves one upload stream; the outcome (or error) goes to `out`.
-pub async fn upload(runtime: Arc<NodeRuntime>, inbound: Streaming<pb::UploadRequest>, out: UploadSender) {
-    if let Err(status) = run_upload(&runtime, inbound, &out).await {
+pub async fn upload(runtime: Arc<NodeRuntime>, caller: Caller, inbound: Streaming<pb::UploadRequest>, out: UploadSender) {
+    if let Err(status) = run_upload(&runtime, &caller, inbound, &out).await {
         let _ = out.send(Err(status)).await;
     }
 }
 
-async fn run_upload(runtime: &NodeRuntime, mut inbound: Streaming<pb::UploadRequest>, out: &UploadSender) -> Result<(), Status> {
+async fn run_upload(runtime: &NodeRuntime, caller: &Caller, mut inbound: Streaming<pb::UploadRequest>, out: &UploadSender) -> Result<(), Status> {
     let start = match inbound.message().await? {
         Some(pb::UploadRequest { request: Some(pb::upload_request::Request::Start(start)) }) => start,
         _ => return Err(Status::invalid_argument("the first message of an upload must be `start`")),
     };
     let message = start.message.ok_or_else(|| Status::invalid_argument("start: message missing"))?;
     validate_header(&message, 0)?;
+    auth::authorize(runtime, caller, Action::Send(auth::service_id("recipient", &message.recipient)?)).await?;
+    runtime.admit_publish(caller, 1, 0).map_err(to_status)?;
     if !message.payload.is_empty() {
         return Err(Status::invalid_argument("start: the payload travels in chunks; message.payload must be empty"));
     }
@@ -59,9 +64,9 @@ async fn run_upload(runtime: &NodeRuntime, mut inbound: Streaming<pb::UploadRequ
     }
     let info = runtime.mailbox(&message.recipient).await.map_err(to_status)?;
     let id = message.id.clone();
-    let (shard, new) = routed_message(&info, message, crate::runtime::now_unix_ms())?;
+    let (shard, new) = routed_message(&info, message, &caller.sender(), crate::runtime::now_unix_ms())?;
     let mailbox = info.id;
-    let limits = info.shard_limits(shard);
+    let limits = runtime.shard_limits(caller, &info, shard);
     let begin = Command::UploadBegin { new, total_bytes: total, sha256, limits };
     let (upload, mut stored) = match progress(runtime, shard, begin).await? {
         (_, UploadProgress::Stored(position)) => return published(out, &id, shard, 0, position).await,
@@ -95,6 +100,7 @@ async fn run_upload(runtime: &NodeRuntime, mut inbound: Streaming<pb::UploadRequ
         if chunk.data.is_empty() || chunk.data.len() > MAX_CHUNK_BYTES {
             return Err(Status::invalid_argument(format!("chunks must be 1..={MAX_CHUNK_BYTES} bytes, got {}", chunk.data.len())));
         }
+        throttle(runtime, caller, chunk.data.len() as u64).await;
         hasher.update(&chunk.data);
         let expected = stored + chunk.data.len() as u64;
         let write = Command::UploadChunk { mailbox, id: id.clone(), offset: stored, data: chunk.data };
@@ -125,6 +131,14 @@ async fn run_upload(runtime: &NodeRuntime, mut inbound: Streaming<pb::UploadRequ
 }
 
 /// Runs an upload command; returns the commit index and the upload's progress.
+/// Holds an upload back while its sender is over its byte rate: a stream is slowed down
+/// rather than broken off.
+async fn throttle(runtime: &NodeRuntime, caller: &Caller, bytes: u64) {
+    while let Err(BrokerError::RateLimited { retry_after_ms, .. }) = runtime.admit_publish(caller, 0, bytes) {
+        tokio::time::sleep(std::time::Duration::from_millis(retry_after_ms.min(1_000))).await;
+    }
+}
+
 async fn progress(runtime: &NodeRuntime, shard: GroupId, cmd: Command) -> Result<(u64, UploadProgress), Status> {
     match runtime.write(shard, cmd).await.map_err(to_status)? {
         (index, CommandResult::Upload(p)) => Ok((index, p)),

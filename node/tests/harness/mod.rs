@@ -12,6 +12,12 @@
 //! also started with `PR_SET_PDEATHSIG = SIGKILL` from a process-lifetime thread, so they die
 //! with the test process even when no destructor runs.
 //!
+//! Security is on as in production: the cluster gets its own CA (`pki/` in the temporary
+//! directory), every node its certificate, and clients a subsystem certificate. Clients act as
+//! [`ClusterConfig::identity`] (registered by [`ClusterBuilder::start`]); admin work goes
+//! through [`ProcessCluster::admin_client`], other identities through
+//! [`ProcessCluster::client_as`].
+//!
 //! Used as `mod harness;` from each integration test file.
 #![allow(dead_code)]
 
@@ -27,7 +33,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use bytes::Bytes;
-use kerwen_node::client::{Client, Event, Subscription};
+use kerwen_node::client::{Client, ClientTls, Event, Subscription};
+use kerwen_node::pki::{self, IdentityFiles};
+use kerwen_node::tls::TlsFiles;
 use kerwen_proto::v1::{ClusterStatusResponse, Delivery, Message, Position, PublishResponse};
 use tonic::{Code, Status};
 
@@ -118,7 +126,12 @@ pub struct ClusterConfig {
     pub extra_args: Vec<String>,
     /// `RUST_LOG` for the nodes (default: the test's own `RUST_LOG`, else `info,openraft=warn`).
     pub rust_log: String,
+    /// The subsystem [`Cluster::client`] acts as; registered when the cluster starts.
+    pub identity: String,
 }
+
+/// The subsystem test clients act as by default; mailboxes of the tests belong to it.
+pub const TEST_SUBSYSTEM: &str = "TM/GOV/MINCOM/registry";
 
 impl Default for ClusterConfig {
     fn default() -> Self {
@@ -131,6 +144,7 @@ impl Default for ClusterConfig {
             request_timeout_ms: 10_000,
             extra_args: Vec::new(),
             rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".to_owned()),
+            identity: TEST_SUBSYSTEM.to_owned(),
         }
     }
 }
@@ -169,6 +183,12 @@ impl ClusterBuilder {
         self.config.extra_args.push(arg.into());
         self
     }
+    /// The subsystem [`Cluster::client`] acts as (default [`TEST_SUBSYSTEM`]).
+    pub fn identity(mut self, subsystem: impl Into<String>) -> Self {
+        self.config.identity = subsystem.into();
+        self
+    }
+
     pub fn rust_log(mut self, filter: impl Into<String>) -> Self {
         self.config.rust_log = filter.into();
         self
@@ -185,7 +205,9 @@ impl ClusterBuilder {
         trace(format!("starting cluster in {}", cluster.root().display()));
         let started = async {
             cluster.start_all().await?;
-            cluster.wait_healthy(Duration::from_secs(60)).await
+            cluster.wait_healthy(Duration::from_secs(60)).await?;
+            let identity = cluster.config.identity.clone();
+            cluster.register(&identity).await
         };
         if let Err(e) = started.await {
             let tails: Vec<String> = cluster.node_ids().into_iter().map(|id| cluster.log_tail(id, 60)).collect();
@@ -203,6 +225,7 @@ impl ClusterBuilder {
 struct NodeProcess {
     id: NodeId,
     port: u16,
+    peer_port: u16,
     dir: PathBuf,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -218,6 +241,9 @@ pub struct ProcessCluster {
     /// Nodes isolated by the current partition.
     isolated: Mutex<Vec<NodeId>>,
     tmp: Option<tempfile::TempDir>,
+    /// The cluster's CA and certificates.
+    pki_dir: PathBuf,
+    admin: IdentityFiles,
 }
 
 impl ProcessCluster {
@@ -253,22 +279,97 @@ impl ProcessCluster {
         let tmp = tempfile::Builder::new().prefix("kerwen-test-").tempdir().context("creating the cluster temp dir")?;
         // Reserve all ports at once (held together so they are distinct), then release them
         // just before the nodes bind them. Each node keeps its port across restarts.
-        let listeners: Vec<TcpListener> = (0..config.nodes)
+        let listeners: Vec<TcpListener> = (0..config.nodes * 2)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<io::Result<_>>()
             .context("reserving ports")?;
         let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<io::Result<_>>()?;
         drop(listeners);
         let mut nodes = BTreeMap::new();
-        for (i, port) in ports.into_iter().enumerate() {
+        for (i, pair) in ports.chunks(2).enumerate() {
+            let (port, peer_port) = (pair[0], pair[1]);
             let id = i as NodeId + 1;
             let dir = tmp.path().join(format!("node-{id}"));
             let data_dir = dir.join("data");
             std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
             let log_path = dir.join(format!("node-{id}.log"));
-            nodes.insert(id, NodeProcess { id, port, dir, data_dir, log_path, child: Mutex::new(None) });
+            nodes.insert(id, NodeProcess { id, port, peer_port, dir, data_dir, log_path, child: Mutex::new(None) });
         }
-        Ok(Self { config, nodes, blocked: Mutex::new(BTreeMap::new()), isolated: Mutex::new(Vec::new()), tmp: Some(tmp) })
+        let pki_dir = tmp.path().join("pki");
+        let ids: Vec<NodeId> = nodes.keys().copied().collect();
+        let admin = pki::create_dev_pki(&pki_dir, &ids, &pki::loopback_hosts()).context("creating the cluster's certificates")?;
+        Ok(Self {
+            config,
+            nodes,
+            blocked: Mutex::new(BTreeMap::new()),
+            isolated: Mutex::new(Vec::new()),
+            tmp: Some(tmp),
+            pki_dir,
+            admin,
+        })
+    }
+
+    /// The cluster's PKI directory (CA certificate and key, node and admin certificates).
+    pub fn pki_dir(&self) -> &Path {
+        &self.pki_dir
+    }
+
+    /// Where node `id`'s certificate and key are (a test may rotate them in place).
+    pub fn node_cert(&self, id: NodeId) -> IdentityFiles {
+        let stem = pki::node_file_stem(id);
+        IdentityFiles { cert: self.pki_dir.join(format!("{stem}.pem")), key: self.pki_dir.join(format!("{stem}.key")) }
+    }
+
+    /// TLS settings presenting `files`' certificate and trusting the cluster CA.
+    pub fn tls_for(&self, files: &IdentityFiles) -> Result<ClientTls> {
+        ClientTls::from_files(&TlsFiles { ca: self.pki_dir.join(pki::CA_CERT), cert: files.cert.clone(), key: files.key.clone() })
+    }
+
+    /// TLS settings of `subsystem`'s client certificate (issued on first use).
+    pub fn subsystem_tls(&self, subsystem: &str) -> Result<ClientTls> {
+        let files = pki::subsystem_identity(&self.pki_dir, &subsystem.parse()?)?;
+        self.tls_for(&files)
+    }
+
+    /// The peer (node-to-node) address of `node`.
+    pub fn peer_endpoint(&self, node: NodeId) -> String {
+        format!("127.0.0.1:{}", self.node(node).peer_port)
+    }
+
+    /// A client of `node` presenting `tls`, bounded.
+    pub async fn client_with(&self, nodes: &[NodeId], tls: ClientTls) -> Result<Client> {
+        let endpoints: Vec<String> = nodes.iter().map(|n| self.endpoint(*n)).collect();
+        match tokio::time::timeout(Duration::from_secs(10), Client::connect_with(&endpoints, Some(tls))).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(s)) => bail!("connecting to {endpoints:?}: {s}"),
+            Err(_) => bail!("connecting to {endpoints:?} timed out"),
+        }
+    }
+
+    /// A client of `node` acting as the cluster's administrator.
+    pub async fn admin_client(&self, node: NodeId) -> Result<Client> {
+        self.client_with(&[node], self.tls_for(&self.admin)?).await
+    }
+
+    /// A client of `node` acting as `subsystem` (which must be registered to do anything).
+    pub async fn client_as(&self, node: NodeId, subsystem: &str) -> Result<Client> {
+        self.client_with(&[node], self.subsystem_tls(subsystem)?).await
+    }
+
+    /// Registers a subsystem through any running node (already registered is fine).
+    pub async fn register(&self, subsystem: &str) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let node = *self.running().first().context("register: no node is running")?;
+            let attempt = async { self.admin_client(node).await?.add_member(subsystem, None).await.map_err(|s| anyhow!("{s}")) };
+            match tokio::time::timeout(POLL_CALL_TIMEOUT, attempt).await {
+                Ok(Ok(_)) => return Ok(()),
+                Ok(Err(e)) if e.to_string().contains("already registered") => return Ok(()),
+                Ok(Err(e)) if Instant::now() > deadline => return Err(e.context(format!("registering {subsystem}"))),
+                Err(_) if Instant::now() > deadline => bail!("registering {subsystem} timed out"),
+                _ => tokio::time::sleep(POLL_INTERVAL).await,
+            }
+        }
     }
 
     fn node(&self, id: NodeId) -> &NodeProcess {
@@ -276,7 +377,7 @@ impl ProcessCluster {
     }
 
     fn peers_arg(&self) -> String {
-        self.nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.port)).collect::<Vec<_>>().join(",")
+        self.nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.peer_port)).collect::<Vec<_>>().join(",")
     }
 
     fn command(&self, node: &NodeProcess) -> Result<Command> {
@@ -290,8 +391,16 @@ impl ProcessCluster {
             .arg(node.id.to_string())
             .arg("--listen")
             .arg(format!("127.0.0.1:{}", node.port))
+            .arg("--peer-listen")
+            .arg(format!("127.0.0.1:{}", node.peer_port))
             .arg("--peers")
             .arg(self.peers_arg())
+            .arg("--tls-ca")
+            .arg(self.pki_dir.join(pki::CA_CERT))
+            .arg("--tls-cert")
+            .arg(self.node_cert(node.id).cert)
+            .arg("--tls-key")
+            .arg(self.node_cert(node.id).key)
             .arg("--data-dir")
             .arg(&node.data_dir)
             .arg("--shards")
@@ -459,7 +568,7 @@ impl ProcessCluster {
     async fn apply_blocked(&self, id: NodeId) -> Result<()> {
         let blocked = self.blocked.lock().unwrap().get(&id).cloned().unwrap_or_default();
         if !blocked.is_empty() {
-            set_blocked(&self.endpoint(id), &blocked).await.with_context(|| format!("re-applying partition on node {id}"))?;
+            set_blocked(&self.peer_endpoint(id), &blocked, self.tls_for(&self.node_cert(id))?).await.with_context(|| format!("re-applying partition on node {id}"))?;
         }
         Ok(())
     }
@@ -467,7 +576,7 @@ impl ProcessCluster {
     /// One `ClusterStatus` from `node`, bounded.
     pub async fn status(&self, node: NodeId) -> Result<ClusterStatusResponse> {
         let fut = async {
-            let mut client = Client::connect(&[self.endpoint(node)]).await.map_err(|s| anyhow!("connect: {s}"))?;
+            let mut client = self.admin_client(node).await?;
             client.cluster_status().await.map_err(|s| anyhow!("{s}"))
         };
         match tokio::time::timeout(POLL_CALL_TIMEOUT, fut).await {
@@ -724,7 +833,7 @@ impl Cluster for ProcessCluster {
         *self.blocked.lock().unwrap() = plan.clone();
         *self.isolated.lock().unwrap() = isolated_set.iter().copied().collect();
         for n in self.running() {
-            set_blocked(&self.endpoint(n), &plan[&n]).await.with_context(|| format!("partition: node {n}"))?;
+            set_blocked(&self.peer_endpoint(n), &plan[&n], self.tls_for(&self.node_cert(n))?).await.with_context(|| format!("partition: node {n}"))?;
         }
         Ok(())
     }
@@ -734,7 +843,7 @@ impl Cluster for ProcessCluster {
         self.blocked.lock().unwrap().clear();
         self.isolated.lock().unwrap().clear();
         for n in self.running() {
-            set_blocked(&self.endpoint(n), &[]).await.with_context(|| format!("heal: node {n}"))?;
+            set_blocked(&self.peer_endpoint(n), &[], self.tls_for(&self.node_cert(n))?).await.with_context(|| format!("heal: node {n}"))?;
         }
         Ok(())
     }
@@ -744,21 +853,11 @@ impl Cluster for ProcessCluster {
     }
 
     async fn client(&self, node: NodeId) -> Result<Client> {
-        let endpoint = self.endpoint(node);
-        match tokio::time::timeout(Duration::from_secs(10), Client::connect(&[endpoint.clone()])).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(s)) => bail!("connecting to node {node} ({endpoint}): {s}"),
-            Err(_) => bail!("connecting to node {node} ({endpoint}) timed out"),
-        }
+        self.client_with(&[node], self.subsystem_tls(&self.config.identity)?).await
     }
 
     async fn client_any(&self) -> Result<Client> {
-        let endpoints: Vec<String> = self.node_ids().into_iter().map(|n| self.endpoint(n)).collect();
-        match tokio::time::timeout(Duration::from_secs(10), Client::connect(&endpoints)).await {
-            Ok(Ok(c)) => Ok(c),
-            Ok(Err(s)) => bail!("connecting to {endpoints:?}: {s}"),
-            Err(_) => bail!("connecting to {endpoints:?} timed out"),
-        }
+        self.client_with(&self.node_ids(), self.subsystem_tls(&self.config.identity)?).await
     }
 
     async fn wait_healthy(&self, timeout: Duration) -> Result<()> {
@@ -837,10 +936,10 @@ fn read_tail(path: &Path, max: u64) -> io::Result<String> {
 }
 
 /// Fault injection on one node, bounded in time.
-async fn set_blocked(endpoint: &str, blocked: &[NodeId]) -> Result<()> {
+async fn set_blocked(endpoint: &str, blocked: &[NodeId], tls: ClientTls) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = tokio::time::timeout(POLL_CALL_TIMEOUT, kerwen_node::testing::set_blocked_peers(endpoint, blocked)).await;
+        let r = tokio::time::timeout(POLL_CALL_TIMEOUT, kerwen_node::testing::set_blocked_peers(endpoint, blocked, Some(tls.clone()))).await;
         match r {
             Ok(Ok(())) => return Ok(()),
             Ok(Err(e)) if Instant::now() > deadline => return Err(e.context(format!("set_blocked_peers({endpoint}, {blocked:?})"))),
@@ -872,6 +971,7 @@ pub fn message(id: impl Into<String>, recipient: &str, ordering_key: Option<Stri
         payload: payload.into(),
         ordering_key,
         ttl_ms: None,
+        sender: String::new(),
     }
 }
 

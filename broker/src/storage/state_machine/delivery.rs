@@ -37,6 +37,7 @@ pub(super) fn insert_message(
     ps.stats.messages += 1;
     ps.stats.bytes += message.payload_len();
     scratch.dirty_partitions.insert((mailbox, partition), ps);
+    scratch.account_sender(view, &message.sender, message.payload_len(), true)?;
     let key = keys::message_key(view.group, mailbox, partition, position.sequence);
     batch.put_cf(&cf, &key, encode(&message)?);
     if let (Some(expires), None) = (message.expires_unix_ms, &message.dead_letter) {
@@ -63,6 +64,7 @@ pub(super) fn remove_message(
     ps.stats.messages = ps.stats.messages.saturating_sub(1);
     ps.stats.bytes = ps.stats.bytes.saturating_sub(message.payload_len());
     scratch.dirty_partitions.insert((mailbox, position.partition), ps);
+    scratch.account_sender(view, &message.sender, message.payload_len(), false)?;
     batch.delete_cf(&cf, &key);
     scratch.puts.remove(&key);
     scratch.deleted.insert(key);

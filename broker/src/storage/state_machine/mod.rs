@@ -9,6 +9,7 @@
 //!
 //! Architecture invariant: `apply` reads no clock and draws no randomness.
 
+mod access;
 mod delivery;
 mod upload;
 
@@ -25,10 +26,12 @@ use rocksdb::{Direction, IteratorMode, ReadOptions, WriteBatch};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use super::keys::{self, KIND_APPLIED, KIND_DELIVERY, KIND_MAILBOX, KIND_NEXT_MAILBOX_ID, KIND_TTL, TAG_SNAPSHOT};
+use super::keys::{self, KIND_APPLIED, KIND_DELIVERY, KIND_MAILBOX, KIND_NEXT_MAILBOX_ID, KIND_SENDER, KIND_TTL, TAG_SNAPSHOT};
 use super::{decode, encode, Store, CF_RAFT_META, CF_STATE};
 use self::delivery::{LeaseRequest, PartitionCache, SettleRequest};
+use crate::access::{AccessControl, Action, Denied, MemberRecord, Principal};
 use crate::delivery::{DeliveryTracker, PartitionDelivery};
+use crate::ids::{ServiceId, SubsystemId};
 use crate::error::{BrokerError, Result};
 use crate::model::{
     dead_letter_partition, is_dead_letter, Command, CommandResult, DeliveryPolicy, DeliveryState, GroupId, MailboxId,
@@ -64,9 +67,25 @@ struct SnapshotPayload {
 /// Read-only view of the metadata group, shared with the node's services.
 pub struct MetaView {
     mailboxes: RwLock<BTreeMap<String, MailboxInfo>>,
+    access: RwLock<AccessControl>,
 }
 
 impl MetaView {
+    /// Allows or refuses an action by the state this node has applied.
+    pub fn authorize(&self, who: &Principal, action: &Action) -> std::result::Result<(), Denied> {
+        read(&self.access).authorize(who, action)
+    }
+
+    /// A registered subsystem's record (its quota).
+    pub fn member(&self, subsystem: &SubsystemId) -> Option<MemberRecord> {
+        read(&self.access).member(subsystem).cloned()
+    }
+
+    /// A copy of the whole access-control state (listings, discovery).
+    pub fn access(&self) -> AccessControl {
+        read(&self.access).clone()
+    }
+
     pub fn mailbox(&self, service: &str) -> Option<MailboxInfo> {
         read(&self.mailboxes).get(service).cloned()
     }
@@ -83,6 +102,7 @@ impl MetaView {
             Ok(true)
         })?;
         *write(&self.mailboxes) = map;
+        *write(&self.access) = access::load(store)?;
         Ok(())
     }
 }
@@ -96,6 +116,8 @@ pub struct ShardView {
     applied: watch::Sender<u64>,
     /// Per mailbox, where the next dedup purge scan starts (not replicated).
     dedup_purge_cursor: Mutex<HashMap<MailboxId, PurgeCursor>>,
+    /// Payload bytes stored per sender subsystem, as persisted under `S` keys (a cache).
+    senders: Mutex<HashMap<String, u64>>,
 }
 
 impl ShardView {
@@ -370,7 +392,7 @@ impl StateMachine {
     /// The metadata group's state machine and its shared view.
     pub fn open_metadata(store: Arc<Store>) -> Result<(Self, Arc<MetaView>)> {
         let applied = load_applied(&store, METADATA_GROUP)?;
-        let view = Arc::new(MetaView { mailboxes: RwLock::new(BTreeMap::new()) });
+        let view = Arc::new(MetaView { mailboxes: RwLock::new(BTreeMap::new()), access: RwLock::new(AccessControl::default()) });
         view.reload(&store)?;
         let sm = Self { group: METADATA_GROUP, store, kind: GroupKind::Metadata(view.clone()), applied };
         Ok((sm, view))
@@ -389,6 +411,7 @@ impl StateMachine {
             tracker: Mutex::new(DeliveryTracker::default()),
             applied: watch::channel(applied.last_applied.map(|l| l.index).unwrap_or(0)).0,
             dedup_purge_cursor: Mutex::new(HashMap::new()),
+            senders: Mutex::new(HashMap::new()),
         });
         view.rebuild_tracker()?;
         let sm = Self { group, store, kind: GroupKind::Shard(view.clone()), applied };
@@ -406,6 +429,7 @@ impl StateMachine {
                 let new = NewMailbox { service, partitions, shard_count, created_unix_ms, limits, policy };
                 return apply_create_mailbox(&self.store, view, batch, new, scratch);
             }
+            (GroupKind::Metadata(view), Command::Access(cmd)) => return access::apply(&self.store, view, batch, cmd),
             (GroupKind::Shard(view), cmd) => (view.clone(), cmd),
             (_, cmd) => return Ok(self.misplaced(&cmd)),
         };
@@ -440,7 +464,7 @@ impl StateMachine {
             Command::UploadChunk { mailbox, id, offset, data } => upload::apply_chunk(&view, batch, scratch, mailbox, &id, offset, data),
             Command::UploadCommit { mailbox, id } => upload::apply_commit(&view, batch, scratch, cache, mailbox, &id),
             Command::UploadAbort { mailbox, id } => upload::apply_abort(&view, batch, scratch, mailbox, &id),
-            cmd @ (Command::CreateMailbox { .. } | Command::Batch(_)) => Ok(self.misplaced(&cmd)),
+            cmd @ (Command::CreateMailbox { .. } | Command::Access(_) | Command::Batch(_)) => Ok(self.misplaced(&cmd)),
         }
     }
 
@@ -461,6 +485,7 @@ impl StateMachine {
                 lock(&view.partitions).clear();
                 view.rebuild_tracker()?;
                 lock(&view.dedup_purge_cursor).clear();
+                lock(&view.senders).clear();
                 view.applied.send_replace(last);
             }
         }
@@ -487,6 +512,8 @@ struct ApplyScratch {
     next_mailbox_id: Option<MailboxId>,
     /// Dedup records written by this batch (not in RocksDB yet).
     dedup: HashMap<Vec<u8>, DedupRecord>,
+    /// Stored bytes per sender as this batch left them.
+    dirty_senders: HashMap<String, u64>,
 }
 
 impl ApplyScratch {
@@ -546,6 +573,44 @@ impl ApplyScratch {
     }
 
     /// A partition's state as this batch left it so far.
+    /// Payload bytes stored on this shard for `sender`, as this batch left them.
+    fn sender_bytes(&self, view: &ShardView, sender: &str) -> Result<u64> {
+        if let Some(b) = self.dirty_senders.get(sender) {
+            return Ok(*b);
+        }
+        if let Some(b) = lock(&view.senders).get(sender) {
+            return Ok(*b);
+        }
+        let stored = view.store.get::<u64>(CF_STATE, &keys::state_key(view.group, KIND_SENDER, sender.as_bytes()))?.unwrap_or(0);
+        lock(&view.senders).insert(sender.to_owned(), stored);
+        Ok(stored)
+    }
+
+    /// Counts `bytes` into (`added`) or out of `sender`'s stored total.
+    fn account_sender(&mut self, view: &ShardView, sender: &str, bytes: u64, added: bool) -> Result<()> {
+        if sender.is_empty() {
+            return Ok(());
+        }
+        let now = self.sender_bytes(view, sender)?;
+        let next = if added { now.saturating_add(bytes) } else { now.saturating_sub(bytes) };
+        self.dirty_senders.insert(sender.to_owned(), next);
+        Ok(())
+    }
+
+    /// The refusal of storing `bytes` more for `sender` past `limit` (its share on this shard).
+    fn sender_over_quota(&self, view: &ShardView, sender: &str, limit: Option<u64>, bytes: u64) -> Result<Option<BrokerError>> {
+        let Some(limit) = limit.filter(|_| !sender.is_empty()) else { return Ok(None) };
+        let stored = self.sender_bytes(view, sender)?;
+        if stored.saturating_add(bytes) <= limit {
+            return Ok(None);
+        }
+        Ok(Some(BrokerError::ResourceExhausted(format!(
+            "subsystem {sender} has {stored} bytes waiting on shard {} of the {limit} allowed there, and this adds {bytes}; \
+             wait for the recipients to consume, then retry",
+            view.group
+        ))))
+    }
+
     fn partition(
         &self,
         view: &ShardView,
@@ -574,6 +639,7 @@ fn command_name(cmd: &Command) -> &'static str {
         Command::UploadChunk { .. } => "UploadChunk",
         Command::UploadCommit { .. } => "UploadCommit",
         Command::UploadAbort { .. } => "UploadAbort",
+        Command::Access(_) => "Access",
         Command::Batch(_) => "Batch",
     }
 }
@@ -598,6 +664,13 @@ fn apply_create_mailbox(
     let NewMailbox { service, partitions, shard_count, created_unix_ms, limits, policy } = new;
     if read(&view.mailboxes).contains_key(&service) {
         return Ok(CommandResult::Rejected(BrokerError::AlreadyExists(format!("mailbox {service} already exists"))));
+    }
+    let owner = match service.parse::<ServiceId>() {
+        Ok(id) => id.subsystem,
+        Err(e) => return Ok(CommandResult::Rejected(BrokerError::InvalidArgument(e.to_string()))),
+    };
+    if read(&view.access).member(&owner).is_none() {
+        return Ok(CommandResult::Rejected(access::not_registered(&owner.to_string())));
     }
     if partitions == 0 || partitions > MAX_PARTITIONS || shard_count == 0 {
         return Ok(CommandResult::Rejected(BrokerError::InvalidArgument(format!(
@@ -708,6 +781,19 @@ fn apply_publish(
                 limit.service, view.group, stored.messages, stored.bytes, limit.max_messages, limit.max_bytes,
                 add.messages, add.bytes
             ))));
+        }
+    }
+    // The sender's own quota: every limit of one command carries the same sender share.
+    let sender_limit = limits.values().find_map(|l| l.sender_max_stored_bytes);
+    let mut by_sender: BTreeMap<&str, u64> = BTreeMap::new();
+    for (m, slot) in messages.iter().zip(&slots) {
+        if matches!(slot, Slot::New(_)) {
+            *by_sender.entry(m.message.sender.as_str()).or_default() += m.message.payload_len();
+        }
+    }
+    for (sender, bytes) in by_sender {
+        if let Some(refusal) = scratch.sender_over_quota(view, sender, sender_limit, bytes)? {
+            return Ok(CommandResult::Rejected(refusal));
         }
     }
 
@@ -857,6 +943,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             for ((mailbox, partition), ps) in scratch.dirty_partitions.drain() {
                 batch.put_cf(&cf, keys::partition_key(self.group, mailbox, partition), encode(&ps).map_err(io)?);
                 cache.insert((mailbox, partition), ps);
+            }
+            let mut senders = lock(&view.senders);
+            for (sender, bytes) in scratch.dirty_senders.drain() {
+                let key = keys::state_key(self.group, KIND_SENDER, sender.as_bytes());
+                if bytes == 0 {
+                    batch.delete_cf(&cf, key);
+                } else {
+                    batch.put_cf(&cf, key, encode(&bytes).map_err(io)?);
+                }
+                senders.insert(sender, bytes);
             }
         }
         batch.put_cf(&cf, keys::state_key(self.group, KIND_APPLIED, &[]), encode(&self.applied).map_err(io)?);

@@ -83,6 +83,9 @@ pub(super) fn apply_begin(
             limits.service, view.group, limits.max_bytes
         )));
     }
+    if let Some(refusal) = scratch.sender_over_quota(view, &new.message.sender, limits.sender_max_stored_bytes, total_bytes)? {
+        return rejected(refusal);
+    }
     let cf = view.store.cf(CF_STATE)?;
     let counter = keys::state_key(view.group, keys::KIND_NEXT_UPLOAD, &[]);
     let upload = match scratch.next_upload {

@@ -1,5 +1,6 @@
-//! Client commands of the `kerwen` binary: mailboxes, publish, consume, dead letters, status. Output is
-//! for people by default and one JSON document (or one per line for streams) with `--json`.
+//! Client commands of the `kerwen` binary: mailboxes, publish, consume, dead letters, status
+//! (here), members, access rights, discovery and certificates (`access`). Output is for
+//! people by default and one JSON document (or one per line for streams) with `--json`.
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -12,17 +13,88 @@ use kerwen_broker::model::{dead_letter_partition, is_dead_letter, DEAD_LETTER_BI
 use kerwen_proto::v1 as pb;
 use serde_json::json;
 
-use crate::client::{Client, Event};
+use crate::client::{Client, ClientTls, Event};
+use crate::profile::Profile;
+use crate::tls::TlsFiles;
 
-/// Where and how to talk to the cluster.
-#[derive(Debug, Clone, Args)]
+pub mod access;
+
+/// Where and how to talk to the cluster. Without flags, the client profile says it (see
+/// [`crate::profile`]; `kerwen dev` writes one).
+#[derive(Debug, Clone, Default, Args)]
 pub struct ClientOpts {
-    /// Comma-separated node endpoints; the first reachable one is used.
-    #[arg(long, env = "KERWEN_ENDPOINT", default_value = crate::client::DEFAULT_ENDPOINTS, global = true)]
-    pub endpoint: String,
+    /// Comma-separated node endpoints; the first reachable one is used [default: the
+    /// profile's, else the `kerwen dev` nodes].
+    #[arg(long, env = "KERWEN_ENDPOINT", global = true)]
+    pub endpoint: Option<String>,
+    /// Client profile (TOML) [default: ~/.config/kerwen/profile.toml].
+    #[arg(long, env = "KERWEN_PROFILE", global = true)]
+    pub profile: Option<PathBuf>,
+    /// Act as this subsystem (INSTANCE/CLASS/MEMBER/SUBSYSTEM): its certificate is taken from
+    /// the profile's PKI directory, and issued there first if missing (development).
+    #[arg(long = "as", env = "KERWEN_AS", value_name = "SUBSYSTEM", global = true)]
+    pub as_subsystem: Option<String>,
+    /// CA bundle (PEM) instead of the profile's.
+    #[arg(long, env = "KERWEN_TLS_CA", global = true, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) instead of the profile's.
+    #[arg(long, env = "KERWEN_TLS_CERT", global = true, requires_all = ["tls_ca", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) instead of the profile's.
+    #[arg(long, env = "KERWEN_TLS_KEY", global = true, requires_all = ["tls_ca", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
+    /// Plaintext, for a cluster run with `--insecure`.
+    #[arg(long, env = "KERWEN_INSECURE", global = true)]
+    pub insecure: bool,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+impl ClientOpts {
+    fn load_profile(&self) -> anyhow::Result<Option<Profile>> {
+        match &self.profile {
+            Some(path) => Ok(Some(Profile::load(path)?)),
+            None => match crate::profile::default_path() {
+                Some(path) if path.exists() => Ok(Some(Profile::load(&path)?)),
+                _ => Ok(None),
+            },
+        }
+    }
+
+    /// The endpoints and TLS settings these options and the profile resolve to.
+    pub fn resolve(&self) -> anyhow::Result<(String, Option<ClientTls>)> {
+        let profile = if self.insecure { None } else { self.load_profile()? };
+        let endpoints = self
+            .endpoint
+            .clone()
+            .or_else(|| profile.as_ref().map(|p| p.endpoints.clone()))
+            .unwrap_or_else(|| crate::client::DEFAULT_ENDPOINTS.to_owned());
+        if self.insecure {
+            return Ok((endpoints, None));
+        }
+        let files = match (&self.tls_ca, &self.tls_cert, &self.tls_key, &profile) {
+            (Some(ca), Some(cert), Some(key), _) => TlsFiles { ca: ca.clone(), cert: cert.clone(), key: key.clone() },
+            (_, _, _, Some(p)) => p.tls_files(),
+            _ => bail!(
+                "no client certificate: start `kerwen dev` (it writes a profile), give --profile or --tls-ca/--tls-cert/--tls-key, \
+                 or --insecure for a plaintext cluster"
+            ),
+        };
+        let files = match &self.as_subsystem {
+            Some(subsystem) => {
+                let subsystem = subsystem.parse().with_context(|| format!("--as {subsystem}"))?;
+                let pki_dir = profile
+                    .as_ref()
+                    .and_then(|p| p.pki_dir.clone())
+                    .context("--as needs a profile with a pki_dir (the CA that issues the subsystem's certificate)")?;
+                let id = crate::pki::subsystem_identity(&pki_dir, &subsystem)?;
+                TlsFiles { ca: files.ca, cert: id.cert, key: id.key }
+            }
+            None => files,
+        };
+        Ok((endpoints, Some(ClientTls::from_files(&files)?)))
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -156,12 +228,13 @@ pub struct ConsumeArgs {
     pub save_dir: Option<PathBuf>,
 }
 
-fn status_error(s: tonic::Status) -> anyhow::Error {
+pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
 }
 
-async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
-    Client::connect_list(&opts.endpoint).await.map_err(status_error)
+pub(crate) async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
+    let (endpoints, tls) = opts.resolve()?;
+    Client::connect_list_with(&endpoints, tls).await.map_err(status_error)
 }
 
 fn mailbox_json(m: &pb::MailboxInfo) -> serde_json::Value {
@@ -361,6 +434,7 @@ fn message_of(args: &PublishArgs, payload: Vec<u8>) -> anyhow::Result<pb::Messag
         payload: payload.into(),
         ordering_key: args.key.clone(),
         ttl_ms: args.ttl_ms,
+        sender: String::new(),
     })
 }
 
@@ -430,6 +504,7 @@ fn print_delivery(json_output: bool, d: &pb::Delivery) {
         let mut v = json!({
             "id": m.id,
             "recipient": m.recipient,
+            "sender": m.sender,
             "partition": pos.partition,
             "sequence": pos.sequence,
             "attempt": d.attempt,
@@ -460,7 +535,15 @@ fn print_delivery(json_output: bool, d: &pb::Delivery) {
             None => text.map(|t| t.trim_end().to_owned()).unwrap_or_else(|| format!("<{} bytes of binary>", m.payload.len())),
         };
         let reason = d.dead_letter.as_ref().map(|dl| format!(" dead letter: {}", dl.reason)).unwrap_or_default();
-        println!("[partition {} seq {} attempt {}{reason}] {}: {}", partition_name(pos.partition), pos.sequence, d.attempt, m.id, body);
+        let sender = if m.sender.is_empty() { String::new() } else { format!(" from {}", m.sender) };
+        println!(
+            "[partition {} seq {} attempt {}{reason}] {}{sender}: {}",
+            partition_name(pos.partition),
+            pos.sequence,
+            d.attempt,
+            m.id,
+            body
+        );
     }
 }
 

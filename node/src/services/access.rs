@@ -1,0 +1,217 @@
+//! `kerwen.v1.Access`: the member registry, send grants, subsystem groups, and discovery in
+//! the manner of X-Road's metaservices (`listClients`, `listMethods`, `allowedMethods`).
+//! Every change is a metadata-group command; every listing reads the metadata leader.
+
+use std::sync::Arc;
+
+use kerwen_broker::access::{AccessCommand, AccessControl, Action, Grantee, MemberRecord, Principal, SubsystemQuota};
+use kerwen_broker::ids::{ServiceId, SubsystemId};
+use kerwen_broker::model::{Command, CommandResult, METADATA_GROUP};
+use kerwen_proto::v1 as pb;
+use kerwen_proto::v1::access_server::Access;
+use tonic::{Request, Response, Status};
+
+use crate::auth::{self, Caller};
+use crate::runtime::{now_unix_ms, NodeRuntime};
+use crate::status::to_status;
+
+pub struct AccessService {
+    runtime: Arc<NodeRuntime>,
+}
+
+impl AccessService {
+    pub fn new(runtime: Arc<NodeRuntime>) -> Self {
+        Self { runtime }
+    }
+
+    /// Authenticates the caller of `request` and checks `action`.
+    async fn allow<T>(&self, request: &Request<T>, action: impl FnOnce() -> Result<Action, Status>) -> Result<Caller, Status> {
+        let caller = auth::caller(&self.runtime, request)?;
+        auth::authorize(&self.runtime, &caller, action()?).await?;
+        Ok(caller)
+    }
+
+    /// Proposes an access change; returns whether it changed anything.
+    async fn change(&self, cmd: AccessCommand) -> Result<bool, Status> {
+        match self.runtime.write(METADATA_GROUP, Command::Access(cmd)).await.map_err(to_status)?.1 {
+            CommandResult::Changed(n) => Ok(n > 0),
+            CommandResult::Rejected(e) => Err(to_status(e)),
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    async fn acl(&self) -> Result<AccessControl, Status> {
+        self.runtime.access().await.map_err(to_status)
+    }
+
+    async fn member(&self, subsystem: &SubsystemId) -> Result<pb::Member, Status> {
+        let acl = self.acl().await?;
+        acl.member(subsystem).map(to_proto_member).ok_or_else(|| Status::not_found(format!("subsystem {subsystem} is not registered")))
+    }
+}
+
+fn subsystem_id(field: &str, value: &str) -> Result<SubsystemId, Status> {
+    value.parse().map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
+}
+
+fn grantee(value: &str) -> Result<Grantee, Status> {
+    value.parse().map_err(|e| Status::invalid_argument(format!("grantee: {e}")))
+}
+
+fn group_name(value: &str) -> Result<String, Status> {
+    kerwen_broker::access::validate_name(value).map_err(|e| Status::invalid_argument(format!("group: {e}")))?;
+    Ok(value.to_owned())
+}
+
+fn quota(q: Option<pb::Quota>) -> SubsystemQuota {
+    let q = q.unwrap_or_default();
+    SubsystemQuota {
+        publish_messages_per_second: q.publish_messages_per_second,
+        publish_bytes_per_second: q.publish_bytes_per_second,
+        max_stored_bytes: q.max_stored_bytes,
+    }
+}
+
+fn to_proto_member(m: &MemberRecord) -> pb::Member {
+    pb::Member {
+        subsystem: m.subsystem.to_string(),
+        registered_unix_ms: m.registered_unix_ms,
+        quota: Some(pb::Quota {
+            publish_messages_per_second: m.quota.publish_messages_per_second,
+            publish_bytes_per_second: m.quota.publish_bytes_per_second,
+            max_stored_bytes: m.quota.max_stored_bytes,
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl Access for AccessService {
+    async fn add_member(&self, request: Request<pb::AddMemberRequest>) -> Result<Response<pb::Member>, Status> {
+        let caller = self.allow(&request, || Ok(Action::Administer)).await?;
+        let req = request.into_inner();
+        let subsystem = subsystem_id("subsystem", &req.subsystem)?;
+        let record = MemberRecord { subsystem: subsystem.clone(), registered_unix_ms: now_unix_ms(), quota: quota(req.quota) };
+        self.change(AccessCommand::AddMember(record.clone())).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %subsystem, "member registered");
+        Ok(Response::new(to_proto_member(&record)))
+    }
+
+    async fn set_quota(&self, request: Request<pb::SetQuotaRequest>) -> Result<Response<pb::Member>, Status> {
+        let caller = self.allow(&request, || Ok(Action::Administer)).await?;
+        let req = request.into_inner();
+        let subsystem = subsystem_id("subsystem", &req.subsystem)?;
+        let quota = quota(req.quota);
+        self.change(AccessCommand::SetQuota { subsystem: subsystem.clone(), quota }).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %subsystem, ?quota, "quota set");
+        Ok(Response::new(self.member(&subsystem).await?))
+    }
+
+    async fn list_members(&self, request: Request<pb::ListMembersRequest>) -> Result<Response<pb::ListMembersResponse>, Status> {
+        self.allow(&request, || Ok(Action::Discover)).await?;
+        let acl = self.acl().await?;
+        Ok(Response::new(pb::ListMembersResponse { members: acl.members().map(to_proto_member).collect() }))
+    }
+
+    async fn grant(&self, request: Request<pb::GrantRequest>) -> Result<Response<pb::GrantResponse>, Status> {
+        let service = auth::service_id("service", &request.get_ref().service)?;
+        let caller = self.allow(&request, || Ok(Action::ManageAccess(service.clone()))).await?;
+        let grantee = grantee(&request.get_ref().grantee)?;
+        let changed = self.change(AccessCommand::Grant { service: service.to_string(), grantee: grantee.clone() }).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %service, %grantee, "send granted");
+        Ok(Response::new(pb::GrantResponse { changed }))
+    }
+
+    async fn revoke(&self, request: Request<pb::GrantRequest>) -> Result<Response<pb::GrantResponse>, Status> {
+        let service = auth::service_id("service", &request.get_ref().service)?;
+        let caller = self.allow(&request, || Ok(Action::ManageAccess(service.clone()))).await?;
+        let grantee = grantee(&request.get_ref().grantee)?;
+        let changed = self.change(AccessCommand::Revoke { service: service.to_string(), grantee: grantee.clone() }).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %service, %grantee, "send revoked");
+        Ok(Response::new(pb::GrantResponse { changed }))
+    }
+
+    async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        let service = request.get_ref().service.clone();
+        self.allow(&request, || match service.as_str() {
+            "" => Ok(Action::Administer),
+            s => Ok(Action::ManageAccess(auth::service_id("service", s)?)),
+        })
+        .await?;
+        let acl = self.acl().await?;
+        let grants = acl
+            .all_grants()
+            .filter(|(s, _)| service.is_empty() || **s == service)
+            .map(|(s, g)| pb::GrantInfo { service: s.clone(), grantee: g.to_string() })
+            .collect();
+        Ok(Response::new(pb::ListGrantsResponse { grants }))
+    }
+
+    async fn add_to_group(&self, request: Request<pb::GroupRequest>) -> Result<Response<pb::GroupResponse>, Status> {
+        let caller = self.allow(&request, || Ok(Action::Administer)).await?;
+        let req = request.into_inner();
+        let (group, subsystem) = (group_name(&req.group)?, subsystem_id("subsystem", &req.subsystem)?);
+        let changed = self.change(AccessCommand::AddToGroup { group: group.clone(), subsystem: subsystem.clone() }).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %group, %subsystem, "added to group");
+        Ok(Response::new(pb::GroupResponse { changed }))
+    }
+
+    async fn remove_from_group(&self, request: Request<pb::GroupRequest>) -> Result<Response<pb::GroupResponse>, Status> {
+        let caller = self.allow(&request, || Ok(Action::Administer)).await?;
+        let req = request.into_inner();
+        let (group, subsystem) = (group_name(&req.group)?, subsystem_id("subsystem", &req.subsystem)?);
+        let changed = self.change(AccessCommand::RemoveFromGroup { group: group.clone(), subsystem: subsystem.clone() }).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %group, %subsystem, "removed from group");
+        Ok(Response::new(pb::GroupResponse { changed }))
+    }
+
+    async fn list_groups(&self, request: Request<pb::ListGroupsRequest>) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        self.allow(&request, || Ok(Action::Discover)).await?;
+        let acl = self.acl().await?;
+        let groups = acl
+            .groups()
+            .iter()
+            .map(|(g, members)| pb::GroupInfo { group: g.clone(), subsystems: members.iter().map(|s| s.to_string()).collect() })
+            .collect();
+        Ok(Response::new(pb::ListGroupsResponse { groups }))
+    }
+
+    async fn list_services(&self, request: Request<pb::ListServicesRequest>) -> Result<Response<pb::ListServicesResponse>, Status> {
+        self.allow(&request, || Ok(Action::Discover)).await?;
+        let subsystem = subsystem_id("subsystem", &request.get_ref().subsystem)?;
+        let services = self
+            .runtime
+            .mailboxes()
+            .await
+            .map_err(to_status)?
+            .into_iter()
+            .filter(|m| m.service.parse::<ServiceId>().is_ok_and(|id| id.subsystem == subsystem))
+            .map(|m| m.service)
+            .collect();
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn allowed_services(
+        &self,
+        request: Request<pb::AllowedServicesRequest>,
+    ) -> Result<Response<pb::ListServicesResponse>, Status> {
+        let asked = request.get_ref().subsystem.clone();
+        let caller = self.allow(&request, || Ok(if asked.is_empty() { Action::Discover } else { Action::Administer })).await?;
+        let subsystem = match (asked.as_str(), &caller) {
+            ("", Caller::Authenticated(Principal::Subsystem(s))) => s.clone(),
+            ("", _) => return Err(Status::invalid_argument("name the subsystem: the caller is not one")),
+            (s, _) => subsystem_id("subsystem", s)?,
+        };
+        let acl = self.acl().await?;
+        let mailboxes = self.runtime.mailboxes().await.map_err(to_status)?;
+        let services = acl.allowed_services(&subsystem, mailboxes.iter().map(|m| m.service.as_str()));
+        Ok(Response::new(pb::ListServicesResponse { services }))
+    }
+
+    async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
+        let identity = match auth::caller(&self.runtime, &request)? {
+            Caller::Authenticated(p) => p.uri(),
+            Caller::Anonymous => String::new(),
+        };
+        Ok(Response::new(pb::WhoAmIResponse { identity }))
+    }
+}
