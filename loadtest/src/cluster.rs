@@ -78,8 +78,8 @@ pub async fn external(endpoints: Option<String>, profile: Option<PathBuf>, insec
 pub struct EmbeddedCluster {
     /// How the load reaches the nodes.
     pub connection: Connection,
-    /// The admin's TLS settings (cluster status).
-    admin: ClientTls,
+    /// The admin's TLS settings (cluster status); `None` when plaintext.
+    admin: Option<ClientTls>,
     stop: watch::Sender<bool>,
     nodes: Vec<(u64, JoinHandle<anyhow::Result<()>>)>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -96,7 +96,7 @@ fn free_addresses(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
 
 impl EmbeddedCluster {
     /// Starts the nodes and waits until every Raft group has a leader.
-    pub async fn start(shards: u32, max_payload_bytes: usize) -> anyhow::Result<EmbeddedCluster> {
+    pub async fn start(shards: u32, max_payload_bytes: usize, insecure: bool) -> anyhow::Result<EmbeddedCluster> {
         let dir = tempfile::Builder::new().prefix("kerwen-loadtest-").tempdir().context("creating a temporary directory")?;
         let addresses = free_addresses(2 * NODES as usize)?;
         let (client_addresses, peer_addresses) = addresses.split_at(NODES as usize);
@@ -125,9 +125,10 @@ impl EmbeddedCluster {
                 listen: Some(*listen),
                 peer_listen: Some(*peer_listen),
                 peers: Some(peer_list.clone()),
-                tls_ca: Some(ca.clone()),
-                tls_cert: Some(pki_dir.join(format!("{stem}.pem"))),
-                tls_key: Some(pki_dir.join(format!("{stem}.key"))),
+                tls_ca: (!insecure).then(|| ca.clone()),
+                tls_cert: (!insecure).then(|| pki_dir.join(format!("{stem}.pem"))),
+                tls_key: (!insecure).then(|| pki_dir.join(format!("{stem}.key"))),
+                insecure,
                 data_dir: Some(dir.path().join(format!("node-{id}"))),
                 shards: Some(shards),
                 max_payload_bytes: Some(max_payload_bytes.max(DEFAULT_MAX_PAYLOAD_BYTES)),
@@ -141,11 +142,12 @@ impl EmbeddedCluster {
             };
             nodes.push((id, runtime.spawn(kerwen_node::server::serve(config, shutdown))));
         }
-        let connection = Connection { endpoints, tls: Some(bench) };
+        let (tls, admin) = if insecure { (None, None) } else { (Some(bench), Some(admin)) };
+        let connection = Connection { endpoints, tls };
         let mut cluster = EmbeddedCluster { connection, admin, stop, nodes, runtime: Some(runtime), dir: Some(dir) };
         let ready = async {
             cluster.wait_for_leaders().await?;
-            register_bench(&cluster.connection.endpoints, Some(cluster.admin.clone())).await
+            register_bench(&cluster.connection.endpoints, cluster.admin.clone()).await
         };
         if let Err(e) = ready.await {
             cluster.shutdown().await;
@@ -166,7 +168,7 @@ impl EmbeddedCluster {
                 };
                 bail!("embedded node {id} stopped while the cluster was starting: {why}");
             }
-            let last = match Client::connect_list_with(&self.connection.endpoints, Some(self.admin.clone())).await {
+            let last = match Client::connect_list_with(&self.connection.endpoints, self.admin.clone()).await {
                 Ok(mut client) => match tokio::time::timeout(Duration::from_secs(3), client.cluster_status()).await {
                     Ok(Ok(status)) => {
                         let leaderless: Vec<u32> = status.groups.iter().filter(|g| g.leader.is_none()).map(|g| g.group).collect();

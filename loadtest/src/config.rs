@@ -61,8 +61,9 @@ pub struct Knobs {
     /// certificate [default: ~/.config/kerwen/profile.toml, as `kerwen dev` writes it].
     #[arg(long, conflicts_with = "embedded")]
     pub profile: Option<PathBuf>,
-    /// Plaintext, for a cluster run with `--insecure`.
-    #[arg(long, conflicts_with = "embedded")]
+    /// Plaintext: for a cluster run with `--insecure`, or with `--embedded`, an embedded
+    /// cluster without TLS (to measure what TLS costs).
+    #[arg(long)]
     #[serde(default)]
     pub insecure: bool,
     /// Data shards of the embedded cluster [default: 3].
@@ -182,8 +183,8 @@ pub fn parse_scenario(text: &str) -> anyhow::Result<Knobs> {
 pub enum Target {
     /// A running cluster: its endpoints (default: the profile's) and how to authenticate.
     Cluster { endpoints: Option<String>, profile: Option<PathBuf>, insecure: bool },
-    /// A 3-node cluster started in this process.
-    Embedded { shards: u32 },
+    /// A 3-node cluster started in this process (plaintext with `insecure`).
+    Embedded { shards: u32, insecure: bool },
 }
 
 /// A payload size: fixed, or drawn uniformly from an inclusive range.
@@ -411,17 +412,17 @@ impl Config {
     pub fn resolve(k: Knobs, default_name: String) -> anyhow::Result<Config> {
         let target = match (k.endpoint, k.embedded) {
             (Some(_), true) => bail!("give either --endpoint or --embedded, not both"),
-            (_, true) if k.profile.is_some() || k.insecure => bail!("--profile and --insecure are for a running cluster, not --embedded"),
+            (_, true) if k.profile.is_some() => bail!("--profile is for a running cluster, not --embedded"),
             (Some(e), false) => {
                 if e.split(',').all(|p| p.trim().is_empty()) {
                     bail!("--endpoint is empty");
                 }
                 Target::Cluster { endpoints: Some(e), profile: k.profile, insecure: k.insecure }
             }
-            (None, true) => Target::Embedded { shards: k.shards.unwrap_or(3) },
+            (None, true) => Target::Embedded { shards: k.shards.unwrap_or(3), insecure: k.insecure },
             (None, false) => Target::Cluster { endpoints: None, profile: k.profile, insecure: k.insecure },
         };
-        if let Target::Embedded { shards } = target {
+        if let Target::Embedded { shards, .. } = target {
             if shards == 0 || shards > 1024 {
                 bail!("--shards must be 1..=1024");
             }
@@ -506,7 +507,7 @@ impl Config {
     pub fn to_json(&self) -> serde_json::Value {
         let (target, endpoints, shards) = match &self.target {
             Target::Cluster { endpoints, .. } => ("endpoints", Some(endpoints.clone().unwrap_or_else(|| DEFAULT_ENDPOINTS.to_owned())), None),
-            Target::Embedded { shards } => ("embedded", None, Some(*shards)),
+            Target::Embedded { shards, .. } => ("embedded", None, Some(*shards)),
         };
         let size = match self.size {
             SizeDist::Fixed(n) => serde_json::json!({ "distribution": "fixed", "bytes": n }),
@@ -605,7 +606,7 @@ mod tests {
         let flags = Knobs { producers: Some(8), duration: Some("5s".into()), ..Default::default() };
         let c = Config::resolve(flags.or(file), "x".into()).unwrap();
         assert_eq!(c.name, "fixed");
-        assert_eq!(c.target, Target::Embedded { shards: 3 });
+        assert_eq!(c.target, Target::Embedded { shards: 3, insecure: false });
         assert_eq!(c.rate, Some(2000));
         assert_eq!(c.producers, 8);
         assert_eq!(c.duration, Duration::from_secs(5));

@@ -78,7 +78,9 @@ pub fn summary(config: &Config, outcome: &Outcome) -> String {
     let t = &outcome.totals;
     let mut out = String::new();
     let target = match &config.target {
-        Target::Embedded { shards } => format!("embedded 3-node cluster, {shards} shards, mutual TLS"),
+        Target::Embedded { shards, insecure } => {
+            format!("embedded 3-node cluster, {shards} shards, {}", if *insecure { "plaintext" } else { "mutual TLS" })
+        }
         Target::Cluster { endpoints, insecure, .. } => format!(
             "{}{}",
             endpoints.as_deref().unwrap_or("the profile's endpoints"),
@@ -194,12 +196,12 @@ fn first_line_with(path: &str, key: &str) -> Option<String> {
 /// What the numbers were measured on.
 pub fn environment(config: &Config) -> serde_json::Value {
     let cluster = match &config.target {
-        Target::Embedded { shards } => json!({
+        Target::Embedded { shards, insecure } => json!({
             "kind": "embedded",
             "nodes": cluster::NODES,
             "shards": shards,
             "note": "3 nodes inside the load generator's process, sharing its cores",
-            "transport": "mutual TLS 1.3",
+            "transport": if *insecure { "plaintext (--insecure)" } else { "mutual TLS 1.3" },
         }),
         Target::Cluster { endpoints, insecure, .. } => json!({
             "kind": "external",
