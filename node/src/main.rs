@@ -82,70 +82,31 @@ fn init_logging(default: &str) {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
+    init_logging(match &cli.command {
+        Command::Serve(_) => "info,openraft=warn",
+        _ => "warn",
+    });
     let result = match cli.command {
         Command::Serve(args) => {
-            init_logging("info,openraft=warn");
             match args.resolve() {
                 Ok(config) => kerwen_node::server::serve(config, kerwen_node::server::shutdown_signal()).await,
                 Err(e) => Err(e),
             }
         }
-        Command::Dev(args) => {
-            init_logging("warn");
-            dev::run(args).await
-        }
-        Command::Mailbox { command } => {
-            init_logging("warn");
-            cli::mailbox(&cli.client, command).await
-        }
-        Command::Publish(args) => {
-            init_logging("warn");
-            cli::publish(&cli.client, args).await
-        }
-        Command::Consume(args) => {
-            init_logging("warn");
-            cli::consume(&cli.client, args).await
-        }
-        Command::Download(args) => {
-            init_logging("warn");
-            cli::download(&cli.client, args).await
-        }
-        Command::Dlq { command } => {
-            init_logging("warn");
-            cli::dlq(&cli.client, command).await
-        }
-        Command::Status => {
-            init_logging("warn");
-            cli::status(&cli.client).await
-        }
-        Command::Member { command } => {
-            init_logging("warn");
-            cli::access::member(&cli.client, command).await
-        }
-        Command::Acl { command } => {
-            init_logging("warn");
-            cli::access::acl(&cli.client, command).await
-        }
-        Command::Group { command } => {
-            init_logging("warn");
-            cli::access::group(&cli.client, command).await
-        }
-        Command::Services { subsystem } => {
-            init_logging("warn");
-            cli::access::services(&cli.client, subsystem).await
-        }
-        Command::AllowedServices { subsystem } => {
-            init_logging("warn");
-            cli::access::allowed_services(&cli.client, subsystem).await
-        }
-        Command::Whoami => {
-            init_logging("warn");
-            cli::access::whoami(&cli.client).await
-        }
-        Command::Certs { command } => {
-            init_logging("warn");
-            cli::access::certs(&cli.client, command)
-        }
+        Command::Dev(args) => dev::run(args).await,
+        Command::Mailbox { command } => cli::mailbox(&cli.client, command).await,
+        Command::Publish(args) => cli::publish(&cli.client, args).await,
+        Command::Consume(args) => cli::consume(&cli.client, args).await,
+        Command::Download(args) => cli::download(&cli.client, args).await,
+        Command::Dlq { command } => cli::dlq(&cli.client, command).await,
+        Command::Status => cli::status(&cli.client).await,
+        Command::Member { command } => cli::access::member(&cli.client, command).await,
+        Command::Acl { command } => cli::access::acl(&cli.client, command).await,
+        Command::Group { command } => cli::access::group(&cli.client, command).await,
+        Command::Services { subsystem } => cli::access::services(&cli.client, subsystem).await,
+        Command::AllowedServices { subsystem } => cli::access::allowed_services(&cli.client, subsystem).await,
+        Command::Whoami => cli::access::whoami(&cli.client).await,
+        Command::Certs { command } => cli::access::certs(&cli.client, command),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -40,6 +40,21 @@ impl AccessService {
         }
     }
 
+    /// Adds a subsystem to a group or removes it (admins).
+    async fn change_group(&self, request: Request<pb::GroupRequest>, add: bool) -> Result<Response<pb::GroupResponse>, Status> {
+        let caller = self.allow(&request, || Ok(Action::Administer)).await?;
+        let req = request.into_inner();
+        let (group, subsystem) = (group_name(&req.group)?, subsystem_id("subsystem", &req.subsystem)?);
+        let cmd = if add {
+            AccessCommand::AddToGroup { group: group.clone(), subsystem: subsystem.clone() }
+        } else {
+            AccessCommand::RemoveFromGroup { group: group.clone(), subsystem: subsystem.clone() }
+        };
+        let changed = self.change(cmd).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %group, %subsystem, added = add, "group changed");
+        Ok(Response::new(pb::GroupResponse { changed }))
+    }
+
     async fn acl(&self) -> Result<AccessControl, Status> {
         self.runtime.access().await.map_err(to_status)
     }
@@ -147,21 +162,11 @@ impl Access for AccessService {
     }
 
     async fn add_to_group(&self, request: Request<pb::GroupRequest>) -> Result<Response<pb::GroupResponse>, Status> {
-        let caller = self.allow(&request, || Ok(Action::Administer)).await?;
-        let req = request.into_inner();
-        let (group, subsystem) = (group_name(&req.group)?, subsystem_id("subsystem", &req.subsystem)?);
-        let changed = self.change(AccessCommand::AddToGroup { group: group.clone(), subsystem: subsystem.clone() }).await?;
-        tracing::info!(target: "kerwen::audit", %caller, %group, %subsystem, "added to group");
-        Ok(Response::new(pb::GroupResponse { changed }))
+        self.change_group(request, true).await
     }
 
     async fn remove_from_group(&self, request: Request<pb::GroupRequest>) -> Result<Response<pb::GroupResponse>, Status> {
-        let caller = self.allow(&request, || Ok(Action::Administer)).await?;
-        let req = request.into_inner();
-        let (group, subsystem) = (group_name(&req.group)?, subsystem_id("subsystem", &req.subsystem)?);
-        let changed = self.change(AccessCommand::RemoveFromGroup { group: group.clone(), subsystem: subsystem.clone() }).await?;
-        tracing::info!(target: "kerwen::audit", %caller, %group, %subsystem, "removed from group");
-        Ok(Response::new(pb::GroupResponse { changed }))
+        self.change_group(request, false).await
     }
 
     async fn list_groups(&self, request: Request<pb::ListGroupsRequest>) -> Result<Response<pb::ListGroupsResponse>, Status> {
