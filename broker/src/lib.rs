@@ -1,6 +1,7 @@
 //! kerwen-broker: the library behind a Kerwen node.
 //!
 //! - [`access`]: caller identities, the member registry, access rights and quotas.
+//! - [`evidence`]: leaves, Merkle trees, signed batches, receipts and their offline checks.
 //! - [`ids`]: X-Road identifiers and their validation.
 //! - [`model`]: the replicated data model (Raft type config, commands, records).
 //! - [`storage`]: the node's one RocksDB, Raft log storage with group commit, and the state
@@ -14,6 +15,7 @@
 
 pub mod access;
 pub mod delivery;
+pub mod evidence;
 pub mod error;
 pub mod ids;
 pub mod model;
