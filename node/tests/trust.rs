@@ -108,6 +108,8 @@ async fn handshakes_refuse_bad_certificates_and_the_wrong_port() -> Result<()> {
         ("two identities", tls_from(&cluster, &ca, &subsystem_spec(&["kerwen-admin:admin", "kerwen:TM/GOV/MINFIN/tax"]))?),
         ("a smuggled separator", tls_from(&cluster, &ca, &subsystem_spec(&["kerwen:TM/GOV/MINFIN/tax/extra"]))?),
         ("a percent-encoded separator", tls_from(&cluster, &ca, &subsystem_spec(&["kerwen:TM/GOV/MINFIN/ta%2Fx"]))?),
+        // URI SANs are 7-bit IA5 strings: a look-alike can only arrive percent-encoded.
+        ("a percent-encoded look-alike", tls_from(&cluster, &ca, &subsystem_spec(&["kerwen:TM/GOV/MIN%D0%A1OM/registry"]))?),
         ("an over-long part", tls_from(&cluster, &ca, &subsystem_spec(&[&format!("kerwen:TM/GOV/{}/tax", "M".repeat(65))]))?),
         ("an admin name with a slash", tls_from(&cluster, &ca, &subsystem_spec(&["kerwen-admin:ops/root"]))?),
     ];
