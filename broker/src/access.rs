@@ -14,6 +14,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::evidence::{KeyRing, PublicKeyRecord};
 use crate::ids::{IdError, ServiceId, SubsystemId};
 use crate::model::NodeId;
 
@@ -220,6 +221,9 @@ pub struct AccessControl {
     grants: BTreeMap<String, BTreeSet<Grantee>>,
     /// Group name → its subsystems.
     groups: BTreeMap<String, BTreeSet<SubsystemId>>,
+    /// The nodes' evidence signing keys (public halves), current and retired: what a verifier
+    /// needs to check receipts, kept for as long as evidence is.
+    signing_keys: KeyRing,
 }
 
 impl AccessControl {
@@ -304,6 +308,18 @@ impl AccessControl {
             .collect()
     }
 
+    pub fn signing_keys(&self) -> &KeyRing {
+        &self.signing_keys
+    }
+
+    /// Registers a signing key; false when the same key was already registered under its id.
+    /// A different key under a registered id is refused by the caller before this.
+    pub fn register_signing_key(&mut self, record: PublicKeyRecord) -> bool {
+        let known = self.signing_keys.keys.get(&record.key_id) == Some(&record);
+        self.signing_keys.keys.insert(record.key_id.clone(), record);
+        !known
+    }
+
     pub fn put_member(&mut self, record: MemberRecord) {
         self.members.insert(record.subsystem.clone(), record);
     }
@@ -351,6 +367,8 @@ pub enum AccessCommand {
     Revoke { service: String, grantee: Grantee },
     AddToGroup { group: String, subsystem: SubsystemId },
     RemoveFromGroup { group: String, subsystem: SubsystemId },
+    /// Publishes a node's evidence signing key (public half).
+    RegisterSigningKey(PublicKeyRecord),
 }
 
 #[cfg(test)]

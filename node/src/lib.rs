@@ -10,6 +10,7 @@
 //! - [`tls`]: mutual TLS on both ports, certificate reload; [`pki`]: dev/test certificates.
 //! - [`auth`]: the caller's identity and the access check at the edge; [`quota`]: publish
 //!   rate limits per subsystem.
+//! - [`signing`]: the node's evidence signing key and its publication.
 //! - [`status`]: broker errors → gRPC status codes.
 //! - [`testing`]: test hooks (fault injection).
 
@@ -23,6 +24,7 @@ pub mod profile;
 pub mod quota;
 pub mod runtime;
 pub mod server;
+pub mod signing;
 pub mod services;
 pub mod status;
 pub mod testing;

@@ -1,7 +1,7 @@
 //! The `kerwen` binary: `serve` and `dev` run nodes; every other command is a client.
 
 use clap::{Parser, Subcommand};
-use kerwen_node::cli::access::{AclCommand, CertsCommand, GroupCommand, MemberCommand};
+use kerwen_node::cli::access::{AclCommand, CertsCommand, EvidenceCommand, GroupCommand, MemberCommand};
 use kerwen_node::cli::{self, ClientOpts, ConsumeArgs, DlqCommand, DownloadArgs, MailboxCommand, PublishArgs};
 use kerwen_node::config::ServeArgs;
 use kerwen_node::dev::{self, DevArgs};
@@ -71,6 +71,11 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// Evidence: the published signing keys.
+    Evidence {
+        #[command(subcommand)]
+        command: EvidenceCommand,
+    },
 }
 
 fn init_logging(default: &str) {
@@ -107,6 +112,7 @@ async fn main() {
         Command::AllowedServices { subsystem } => cli::access::allowed_services(&cli.client, subsystem).await,
         Command::Whoami => cli::access::whoami(&cli.client).await,
         Command::Certs { command } => cli::access::certs(&cli.client, command),
+        Command::Evidence { command } => cli::access::evidence(&cli.client, command).await,
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -25,6 +25,7 @@ use tokio::time::Instant;
 use crate::auth::Caller;
 use crate::config::{NodeConfig, Security};
 use crate::quota::RateLimiter;
+use crate::signing::NodeSigningKey;
 use crate::tls::NodeTls;
 use crate::transport::{PeerMethod, Peers, RaftTransport};
 
@@ -109,6 +110,8 @@ pub struct NodeRuntime {
     pub meta: Group<MetaView>,
     /// Publish rate limits of the subsystems sending through this node.
     pub rate_limiter: RateLimiter,
+    /// The key this node signs evidence with (published in the metadata group).
+    pub signing_key: NodeSigningKey,
     pub shards: BTreeMap<GroupId, Group<ShardView>>,
     /// Subscriptions served here that have not yet released their leases. Leases are
     /// replicated, so one not released before the node stops would hold its messages until
@@ -171,7 +174,8 @@ impl NodeRuntime {
         }
 
         let subscriptions = tokio::sync::watch::channel(0).0;
-        let runtime = Self { config, store, peers, meta, shards, subscriptions, rate_limiter: RateLimiter::default() };
+        let signing_key = NodeSigningKey::load_or_create(&config.data_dir, config.node_id)?;
+        let runtime = Self { config, store, peers, meta, shards, subscriptions, rate_limiter: RateLimiter::default(), signing_key };
         let members: BTreeMap<NodeId, BasicNode> =
             runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
         for (_, raft) in runtime.all_rafts() {
@@ -184,6 +188,7 @@ impl NodeRuntime {
         tracing::info!(node = config.node_id, shards = config.shards, listen = %config.listen, "node started");
         let runtime = Arc::new(runtime);
         runtime.run_sweeper();
+        crate::signing::spawn_registration(Arc::downgrade(&runtime), runtime.signing_key.public_record());
         Ok(runtime)
     }
 

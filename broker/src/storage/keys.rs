@@ -42,6 +42,8 @@ pub const KIND_CHUNK: u8 = b'c';
 pub const KIND_NEXT_UPLOAD: u8 = b'N';
 /// Data shard: payload bytes stored for one sender subsystem (`S/sender`).
 pub const KIND_SENDER: u8 = b'S';
+/// Metadata group: a published evidence signing key (`K/key id`).
+pub const KIND_SIGNING_KEY: u8 = b'K';
 /// Metadata group: a registered subsystem (`M/subsystem`).
 pub const KIND_MEMBER: u8 = b'M';
 /// Metadata group: a send grant (`g/service 0 grantee`).

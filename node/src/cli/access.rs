@@ -1,11 +1,12 @@
 //! Trust commands: `member`, `acl`, `group`, the discovery commands (`services`,
-//! `allowed-services`, `whoami`) and `certs issue`.
+//! `allowed-services`, `whoami`), `certs issue` and `evidence keys`.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use kerwen_broker::access::Principal;
+use kerwen_broker::evidence::{KeyRing, PublicKeyRecord};
 use kerwen_proto::v1 as pb;
 use serde_json::json;
 
@@ -293,6 +294,41 @@ pub fn certs(opts: &ClientOpts, cmd: CertsCommand) -> anyhow::Result<()> {
     let (cert, key) = pair.write(&out, &stem)?;
     print_json_or(opts, json!({"identity": who.uri(), "cert": cert, "key": key}), || {
         println!("issued {} ({})\n  cert {}\n  key  {}", who, who.uri(), cert.display(), key.display())
+    });
+    Ok(())
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCommand {
+    /// Every evidence signing key the cluster has published, current and retired (with
+    /// `--json`: the key ring an offline verifier takes).
+    Keys,
+}
+
+pub async fn evidence(opts: &ClientOpts, cmd: EvidenceCommand) -> anyhow::Result<()> {
+    let EvidenceCommand::Keys = cmd;
+    let client = connect(opts).await?;
+    let keys = client.access().list_signing_keys(pb::ListSigningKeysRequest {}).await.map_err(status_error)?.into_inner().keys;
+    let mut ring = KeyRing::default();
+    for k in &keys {
+        let public_key: [u8; 32] =
+            k.public_key.as_ref().try_into().with_context(|| format!("key {} is not 32 bytes", k.key_id))?;
+        ring.keys.insert(
+            k.key_id.clone(),
+            PublicKeyRecord {
+                key_id: k.key_id.clone(),
+                public_key,
+                valid_from_unix_ms: k.valid_from_unix_ms,
+                valid_until_unix_ms: k.valid_until_unix_ms,
+            },
+        );
+    }
+    print_json_or(opts, serde_json::to_value(&ring)?, || {
+        println!("{:<32} {:<64} {:>15} {:>15}", "KEY ID", "PUBLIC KEY (Ed25519)", "VALID FROM", "VALID UNTIL");
+        for k in ring.keys.values() {
+            let until = k.valid_until_unix_ms.map_or_else(|| "-".to_owned(), |u| u.to_string());
+            println!("{:<32} {:<64} {:>15} {:>15}", k.key_id, hex::encode(k.public_key), k.valid_from_unix_ms, until);
+        }
     });
     Ok(())
 }

@@ -212,6 +212,26 @@ impl Access for AccessService {
         Ok(Response::new(pb::ListServicesResponse { services }))
     }
 
+    async fn list_signing_keys(
+        &self,
+        request: Request<pb::ListSigningKeysRequest>,
+    ) -> Result<Response<pb::ListSigningKeysResponse>, Status> {
+        self.allow(&request, || Ok(Action::Discover)).await?;
+        let acl = self.acl().await?;
+        let keys = acl
+            .signing_keys()
+            .keys
+            .values()
+            .map(|k| pb::SigningKey {
+                key_id: k.key_id.clone(),
+                public_key: k.public_key.to_vec().into(),
+                valid_from_unix_ms: k.valid_from_unix_ms,
+                valid_until_unix_ms: k.valid_until_unix_ms,
+            })
+            .collect();
+        Ok(Response::new(pb::ListSigningKeysResponse { keys }))
+    }
+
     async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {
         let identity = match auth::caller(&self.runtime, &request)? {
             Caller::Authenticated(p) => p.uri(),

@@ -8,7 +8,8 @@ use super::{encode, for_each_in_prefix, read, write, MetaView};
 use crate::access::{AccessCommand, AccessControl, Grantee, MemberRecord};
 use crate::error::{BrokerError, Result};
 use crate::model::{CommandResult, METADATA_GROUP};
-use crate::storage::keys::{self, KIND_GRANT, KIND_GROUP, KIND_MEMBER};
+use crate::evidence::PublicKeyRecord;
+use crate::storage::keys::{self, KIND_GRANT, KIND_GROUP, KIND_MEMBER, KIND_SIGNING_KEY};
 use crate::storage::{decode, Store, CF_STATE};
 
 fn member_key(subsystem: &str) -> Vec<u8> {
@@ -20,6 +21,10 @@ pub(super) fn load(store: &Store) -> Result<AccessControl> {
     let mut acl = AccessControl::default();
     for_each_in_prefix(store, &keys::state_key(METADATA_GROUP, KIND_MEMBER, &[]), |_, value| {
         acl.put_member(decode::<MemberRecord>(value)?);
+        Ok(true)
+    })?;
+    for_each_in_prefix(store, &keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, &[]), |_, value| {
+        acl.register_signing_key(decode::<PublicKeyRecord>(value)?);
         Ok(true)
     })?;
     let pairs = |kind: u8| -> Result<Vec<(String, String)>> {
@@ -85,6 +90,14 @@ pub(super) fn apply(store: &Store, view: &MetaView, batch: &mut WriteBatch, cmd:
             }
             batch.put_cf(&cf, keys::pair_key(METADATA_GROUP, KIND_GROUP, &group, &subsystem.to_string()), []);
             return Ok(CommandResult::Changed(u64::from(acl.add_to_group(&group, subsystem))));
+        }
+        AccessCommand::RegisterSigningKey(record) => {
+            let existing = acl.signing_keys().keys.get(&record.key_id);
+            if existing.is_some_and(|e| e.public_key != record.public_key) {
+                return rejected(BrokerError::AlreadyExists(format!("signing key id {} is taken by another key", record.key_id)));
+            }
+            batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, record.key_id.as_bytes()), encode(&record)?);
+            return Ok(CommandResult::Changed(u64::from(acl.register_signing_key(record))));
         }
         AccessCommand::RemoveFromGroup { group, subsystem } => {
             batch.delete_cf(&cf, keys::pair_key(METADATA_GROUP, KIND_GROUP, &group, &subsystem.to_string()));

@@ -81,6 +81,11 @@ impl MetaView {
         read(&self.access).member(subsystem).cloned()
     }
 
+    /// A published evidence signing key.
+    pub fn signing_key(&self, key_id: &str) -> Option<crate::evidence::PublicKeyRecord> {
+        read(&self.access).signing_keys().keys.get(key_id).cloned()
+    }
+
     /// A copy of the whole access-control state (listings, discovery).
     pub fn access(&self) -> AccessControl {
         read(&self.access).clone()
