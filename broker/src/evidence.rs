@@ -357,7 +357,8 @@ impl SignedBatch {
         if h.version != EVIDENCE_VERSION {
             return Err(EvidenceError::Version(h.version));
         }
-        let record = keys.keys.get(&h.key_id).ok_or_else(|| EvidenceError::UnknownKey(h.key_id.clone()))?;
+        // The record must agree with the id it is filed under (a key ring read from a file).
+        let record = keys.keys.get(&h.key_id).filter(|r| r.key_id == h.key_id).ok_or_else(|| EvidenceError::UnknownKey(h.key_id.clone()))?;
         if !record.valid_at(h.timestamp_unix_ms) {
             return Err(EvidenceError::KeyNotValid { key_id: h.key_id.clone(), timestamp_unix_ms: h.timestamp_unix_ms });
         }
@@ -474,6 +475,88 @@ pub fn verify_chain(batches: &[SignedBatch], keys: &KeyRing) -> Result<(), Evide
         }
     }
     Ok(())
+}
+
+/// One message's evidence in an archive: what was accepted, and its receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedMessage {
+    pub facts: MessageFacts,
+    pub receipt: Receipt,
+}
+
+/// A self-contained, offline-verifiable export of one shard's evidence: the public keys, the
+/// signed batches from `first_batch` to `last_batch` without gaps, and the messages' facts and
+/// receipts. Stating the range is what makes batches cut off either end detectable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Archive {
+    pub shard: u32,
+    pub first_batch: u64,
+    pub last_batch: u64,
+    /// The link of the last batch: a verifier holding a later head can check the archive
+    /// is a prefix of what it knows.
+    pub head: Hash,
+    pub keys: KeyRing,
+    pub batches: Vec<SignedBatch>,
+    pub messages: Vec<ArchivedMessage>,
+}
+
+/// Why an archive does not verify.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArchiveError {
+    #[error("the archive says batches {first}..={last} but holds {held}")]
+    Range { first: u64, last: u64, held: String },
+    #[error("the archive's head does not match its last batch")]
+    Head,
+    #[error("message {index} ({id}): {error}")]
+    Message { index: usize, id: String, error: EvidenceError },
+    #[error("message {index} ({id}) is signed in batch {batch}, which the archive does not hold")]
+    Orphan { index: usize, id: String, batch: u64 },
+    #[error(transparent)]
+    Evidence(#[from] EvidenceError),
+}
+
+impl Archive {
+    /// Checks the whole archive. With `trusted` (the key ring the verifier got from the
+    /// cluster or another trusted source), every key the archive carries must be exactly the
+    /// trusted one and only trusted keys count; without it, the archive's own keys are used,
+    /// which proves consistency but not who signed.
+    pub fn verify(&self, trusted: Option<&KeyRing>) -> Result<(), ArchiveError> {
+        let keys = match trusted {
+            Some(trusted) => {
+                for (id, k) in &self.keys.keys {
+                    if trusted.keys.get(id) != Some(k) {
+                        return Err(EvidenceError::UnknownKey(id.clone()).into());
+                    }
+                }
+                trusted
+            }
+            None => &self.keys,
+        };
+        // Compared number by number: the stated range comes from the file and may be absurd.
+        let in_range = self.last_batch.checked_sub(self.first_batch).and_then(|d| d.checked_add(1)) == Some(self.batches.len() as u64)
+            && self.batches.iter().zip(self.first_batch..).all(|(b, n)| b.header.batch == n && b.header.shard == self.shard);
+        if !in_range {
+            let held = match (self.batches.first(), self.batches.last()) {
+                (Some(f), Some(l)) => format!("{}..={} ({} batches)", f.header.batch, l.header.batch, self.batches.len()),
+                _ => "none".to_owned(),
+            };
+            return Err(ArchiveError::Range { first: self.first_batch, last: self.last_batch, held });
+        }
+        verify_chain(&self.batches, keys)?;
+        if self.batches.last().map(SignedBatch::link) != Some(self.head) {
+            return Err(ArchiveError::Head);
+        }
+        for (index, m) in self.messages.iter().enumerate() {
+            let id = m.facts.message_id.clone();
+            let batch = m.receipt.batch.header.batch;
+            let held = batch.checked_sub(self.first_batch).and_then(|i| self.batches.get(i as usize));
+            if held != Some(&m.receipt.batch) {
+                return Err(ArchiveError::Orphan { index, id, batch });
+            }
+            m.receipt.verify_message(&m.facts, keys).map_err(|error| ArchiveError::Message { index, id, error })?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

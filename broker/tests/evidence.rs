@@ -4,13 +4,25 @@
 
 use ed25519_dalek::SigningKey;
 use kerwen_broker::evidence::{
-    message_leaf, seal, verify_chain, BatchHeader, EvidenceError, Hash, KeyRing, MessageFacts, PublicKeyRecord, Receipt,
-    SignedBatch, EVIDENCE_VERSION,
+    message_leaf, seal, verify_chain, Archive, ArchiveError, ArchivedMessage, BatchHeader, EvidenceError, Hash, KeyRing,
+    MessageFacts, PublicKeyRecord, Receipt, SignedBatch, EVIDENCE_VERSION,
 };
 use rand::{Rng, RngCore, SeedableRng};
 use sha2::{Digest, Sha256};
 
 const T0: i64 = 1_790_000_000_000;
+
+/// Decodes untrusted bytes as `bincode::deserialize` would, but never allocates more than the
+/// input could describe (a flipped length must not ask for gigabytes).
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Option<T> {
+    use bincode::Options;
+    bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes()
+        .with_limit(bytes.len() as u64)
+        .deserialize(bytes)
+        .ok()
+}
 
 fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
@@ -85,7 +97,7 @@ fn receipts_verify_and_any_flipped_byte_fails() {
         for i in 0..bytes.len() {
             let mut flipped = bytes.clone();
             flipped[i] ^= rng.random_range(1..=255u8);
-            if let Ok(r) = bincode::deserialize::<Receipt>(&flipped) {
+            if let Some(r) = decode::<Receipt>(&flipped) {
                 assert!(r.verify_message(facts, &ring).is_err(), "flipping byte {i} of {} went unnoticed", bytes.len());
             }
         }
@@ -109,7 +121,7 @@ fn a_chain_detects_flips_deletions_and_reordering() {
     for i in 0..bytes.len() {
         let mut flipped = bytes.clone();
         flipped[i] ^= rng.random_range(1..=255u8);
-        if let Ok(b) = bincode::deserialize::<Vec<SignedBatch>>(&flipped) {
+        if let Some(b) = decode::<Vec<SignedBatch>>(&flipped) {
             assert!(verify_chain(&b, &ring).is_err() || b.len() < batches.len(), "flipping byte {i} went unnoticed");
         }
     }
@@ -174,4 +186,71 @@ fn batches_of_any_size_seal() {
             r.verify(&ring).unwrap_or_else(|e| panic!("n {n}: {e}"));
         }
     }
+}
+
+fn archive() -> Archive {
+    let (batches, receipts, keys) = chain(5, 3, 3);
+    Archive {
+        shard: 2,
+        first_batch: 1,
+        last_batch: 5,
+        head: batches[4].link(),
+        keys,
+        batches,
+        messages: receipts.into_iter().map(|(facts, _, receipt)| ArchivedMessage { facts, receipt }).collect(),
+    }
+}
+
+/// An archive verifies offline; against the verifier's trusted key ring, any flipped byte,
+/// a batch cut off either end, a deleted or reordered batch, or a message whose batch is
+/// missing is detected.
+#[test]
+fn an_archive_verifies_offline_and_detects_tampering() {
+    let a = archive();
+    let trusted = a.keys.clone();
+    a.verify(None).expect("an untouched archive verifies with its own keys");
+    a.verify(Some(&trusted)).expect("and with the trusted key ring");
+
+    let bytes = bincode::serialize(&a).unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for i in (0..bytes.len()).step_by(3) {
+        let mut flipped = bytes.clone();
+        flipped[i] ^= rng.random_range(1..=255u8);
+        if let Some(t) = decode::<Archive>(&flipped) {
+            assert!(t.verify(Some(&trusted)).is_err(), "flipping byte {i} of {} went unnoticed", bytes.len());
+        }
+    }
+    let mut cut_end = a.clone();
+    cut_end.batches.pop();
+    assert!(matches!(cut_end.verify(None), Err(ArchiveError::Range { .. })));
+    let mut cut_both = cut_end.clone();
+    cut_both.last_batch = 4;
+    assert!(cut_both.verify(None).is_err(), "the head still names batch 5");
+    let mut cut_start = a.clone();
+    cut_start.batches.remove(0);
+    cut_start.first_batch = 2;
+    assert!(matches!(cut_start.verify(None), Err(ArchiveError::Orphan { .. })), "messages of batch 1 lost their batch");
+    let mut swapped = a.clone();
+    swapped.batches.swap(1, 2);
+    assert!(swapped.verify(None).is_err());
+    // The trusted key ring must agree with the archive's.
+    let mut other = trusted.clone();
+    other.keys.get_mut("key-1").unwrap().public_key = key(7).verifying_key().to_bytes();
+    assert!(a.verify(Some(&other)).is_err());
+    // An archive re-signed with the attacker's own key verifies only by itself, never against
+    // the trusted ring.
+    let rogue = SigningKey::from_bytes(&[9; 32]);
+    let forged_keys = KeyRing::new([PublicKeyRecord::of("key-1", &rogue, T0 - 1)]);
+    let (batch, receipts) = seal(vec![message_leaf(&a.messages[0].facts)], header(1, 10, [0; 32], "key-1", T0 + 1000), &rogue);
+    let forged = Archive {
+        shard: 2,
+        first_batch: 1,
+        last_batch: 1,
+        head: batch.link(),
+        keys: forged_keys,
+        batches: vec![batch],
+        messages: vec![ArchivedMessage { facts: a.messages[0].facts.clone(), receipt: receipts[0].clone() }],
+    };
+    assert!(forged.verify(None).is_ok(), "self-consistent");
+    assert!(forged.verify(Some(&trusted)).is_err(), "but not signed by a trusted key");
 }

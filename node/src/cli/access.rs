@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use kerwen_broker::access::Principal;
-use kerwen_broker::evidence::{KeyRing, PublicKeyRecord};
+use kerwen_broker::evidence::{Archive, ArchivedMessage, KeyRing, PublicKeyRecord};
 use kerwen_proto::v1 as pb;
 use serde_json::json;
 
@@ -303,10 +303,25 @@ pub enum EvidenceCommand {
     /// Every evidence signing key the cluster has published, current and retired (with
     /// `--json`: the key ring an offline verifier takes).
     Keys,
+    /// Verify a receipt (`{"facts": …, "receipt": …}`) or an archive offline: inclusion
+    /// paths, signatures, key validity and the hash chain. Contacts no cluster.
+    Verify {
+        /// The receipt or archive (JSON).
+        file: PathBuf,
+        /// Trusted key ring (`kerwen evidence keys --json`); without it, an archive's own
+        /// keys are used, which proves consistency but not who signed.
+        #[arg(long)]
+        keys: Option<PathBuf>,
+        /// The payload the receipt stands for: its SHA-256 and size must match.
+        #[arg(long)]
+        payload: Option<PathBuf>,
+    },
 }
 
 pub async fn evidence(opts: &ClientOpts, cmd: EvidenceCommand) -> anyhow::Result<()> {
-    let EvidenceCommand::Keys = cmd;
+    if let EvidenceCommand::Verify { file, keys, payload } = cmd {
+        return verify_offline(opts, &file, keys.as_deref(), payload.as_deref());
+    }
     let client = connect(opts).await?;
     let keys = client.access().list_signing_keys(pb::ListSigningKeysRequest {}).await.map_err(status_error)?.into_inner().keys;
     let mut ring = KeyRing::default();
@@ -330,5 +345,40 @@ pub async fn evidence(opts: &ClientOpts, cmd: EvidenceCommand) -> anyhow::Result
             println!("{:<32} {:<64} {:>15} {:>15}", k.key_id, hex::encode(k.public_key), k.valid_from_unix_ms, until);
         }
     });
+    Ok(())
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// `kerwen evidence verify`: exits non-zero when anything does not verify.
+fn verify_offline(opts: &ClientOpts, file: &std::path::Path, keys: Option<&std::path::Path>, payload: Option<&std::path::Path>) -> anyhow::Result<()> {
+    use sha2::Digest;
+    let trusted: Option<KeyRing> = keys.map(read_json).transpose()?;
+    let value: serde_json::Value = read_json(file)?;
+    let what = if value.get("batches").is_some() {
+        let archive: Archive = serde_json::from_value(value).context("not a valid archive")?;
+        if payload.is_some() {
+            bail!("--payload goes with a receipt, not an archive");
+        }
+        archive.verify(trusted.as_ref()).context("the archive does not verify")?;
+        format!("archive of shard {}: batches {}..={}, {} messages", archive.shard, archive.first_batch, archive.last_batch, archive.messages.len())
+    } else {
+        let m: ArchivedMessage = serde_json::from_value(value).context("neither an archive nor a receipt with its facts")?;
+        let keys = trusted.context("a receipt needs --keys (the trusted key ring)")?;
+        m.receipt.verify_message(&m.facts, &keys).context("the receipt does not verify")?;
+        if let Some(p) = payload {
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            let sha: [u8; 32] = sha2::Sha256::digest(&bytes).into();
+            if sha != m.facts.payload_sha256 || bytes.len() as u64 != m.facts.payload_len {
+                bail!("the payload is not the one the receipt stands for");
+            }
+        }
+        format!("receipt of message {} from {} to {}", m.facts.message_id, m.facts.sender, m.facts.recipient)
+    };
+    let anchored = if keys.is_some() { "trusted keys" } else { "the archive's own keys (give --keys to anchor them)" };
+    print_json_or(opts, json!({"verified": true, "what": what, "keys": anchored}), || println!("verified: {what}, with {anchored}"));
     Ok(())
 }
