@@ -40,6 +40,22 @@ impl AccessService {
         }
     }
 
+    /// Grants or revokes `send` on a service (its owner or admins).
+    async fn change_grant(&self, request: Request<pb::GrantRequest>, grant: bool) -> Result<Response<pb::GrantResponse>, Status> {
+        let service = auth::service_id("service", &request.get_ref().service)?;
+        let caller = self.allow(&request, || Ok(Action::ManageAccess(service.clone()))).await?;
+        let grantee = grantee(&request.get_ref().grantee)?;
+        let (service_text, who) = (service.to_string(), grantee.clone());
+        let cmd = if grant {
+            AccessCommand::Grant { service: service_text, grantee: who }
+        } else {
+            AccessCommand::Revoke { service: service_text, grantee: who }
+        };
+        let changed = self.change(cmd).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %service, %grantee, granted = grant, "send right changed");
+        Ok(Response::new(pb::GrantResponse { changed }))
+    }
+
     /// Adds a subsystem to a group or removes it (admins).
     async fn change_group(&self, request: Request<pb::GroupRequest>, add: bool) -> Result<Response<pb::GroupResponse>, Status> {
         let caller = self.allow(&request, || Ok(Action::Administer)).await?;
@@ -128,21 +144,11 @@ impl Access for AccessService {
     }
 
     async fn grant(&self, request: Request<pb::GrantRequest>) -> Result<Response<pb::GrantResponse>, Status> {
-        let service = auth::service_id("service", &request.get_ref().service)?;
-        let caller = self.allow(&request, || Ok(Action::ManageAccess(service.clone()))).await?;
-        let grantee = grantee(&request.get_ref().grantee)?;
-        let changed = self.change(AccessCommand::Grant { service: service.to_string(), grantee: grantee.clone() }).await?;
-        tracing::info!(target: "kerwen::audit", %caller, %service, %grantee, "send granted");
-        Ok(Response::new(pb::GrantResponse { changed }))
+        self.change_grant(request, true).await
     }
 
     async fn revoke(&self, request: Request<pb::GrantRequest>) -> Result<Response<pb::GrantResponse>, Status> {
-        let service = auth::service_id("service", &request.get_ref().service)?;
-        let caller = self.allow(&request, || Ok(Action::ManageAccess(service.clone()))).await?;
-        let grantee = grantee(&request.get_ref().grantee)?;
-        let changed = self.change(AccessCommand::Revoke { service: service.to_string(), grantee: grantee.clone() }).await?;
-        tracing::info!(target: "kerwen::audit", %caller, %service, %grantee, "send revoked");
-        Ok(Response::new(pb::GrantResponse { changed }))
+        self.change_grant(request, false).await
     }
 
     async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsResponse>, Status> {
