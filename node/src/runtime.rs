@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kerwen_broker::access::{AccessControl, Action, Denied, Principal};
+use kerwen_broker::access::{AccessControl, Action, Denied, Principal, SubsystemQuota};
+use kerwen_broker::ids::SubsystemId;
 use kerwen_broker::delivery::ConsumerId;
 use kerwen_broker::model::{
     Command, CommandResult, DeliveryPolicy, GroupId, LargePayload, Leased, MailboxId, MailboxInfo, NodeId, PartitionStats, Position, ShardLimits,
@@ -51,6 +52,13 @@ pub struct FetchArgs {
     pub policy: DeliveryPolicy,
     /// How long the leader may wait for messages when none are deliverable.
     pub wait_ms: u64,
+}
+
+/// A publishing subsystem and its quota (`who` is `None` for admins and insecure callers,
+/// whom no subsystem quota binds).
+pub struct Publisher<'a> {
+    who: Option<&'a SubsystemId>,
+    quota: SubsystemQuota,
 }
 
 /// Reads served by a group's leader.
@@ -490,12 +498,21 @@ impl NodeRuntime {
         }
     }
 
-    /// Admits a publish by `caller` under its subsystem's rate quota, or refuses it with a
-    /// retry hint.
-    pub fn admit_publish(&self, caller: &Caller, messages: u64, bytes: u64) -> Result<(), BrokerError> {
-        let Caller::Authenticated(Principal::Subsystem(who)) = caller else { return Ok(()) };
-        let Some(member) = self.meta.view.member(who) else { return Ok(()) };
-        self.rate_limiter.admit(who, &member.quota, messages, bytes).map_err(|t| {
+    /// The publishing subsystem of `caller` and its quota, looked up once per request (a
+    /// publish consults it for the rate and again for every shard it writes to).
+    pub fn publisher<'a>(&self, caller: &'a Caller) -> Publisher<'a> {
+        match caller {
+            Caller::Authenticated(Principal::Subsystem(who)) => {
+                Publisher { who: Some(who), quota: self.meta.view.member(who).map(|m| m.quota).unwrap_or_default() }
+            }
+            _ => Publisher { who: None, quota: SubsystemQuota::default() },
+        }
+    }
+
+    /// Admits a publish under its subsystem's rate quota, or refuses it with a retry hint.
+    pub fn admit_publish(&self, publisher: &Publisher<'_>, messages: u64, bytes: u64) -> Result<(), BrokerError> {
+        let Some(who) = publisher.who else { return Ok(()) };
+        self.rate_limiter.admit(who, &publisher.quota, messages, bytes).map_err(|t| {
             tracing::debug!(target: "kerwen::audit", caller = %who, limit = t.limit, "publish throttled");
             BrokerError::RateLimited {
                 message: format!("subsystem {who} is over its quota of {}", t.limit),
@@ -504,14 +521,12 @@ impl NodeRuntime {
         })
     }
 
-    /// The limits `shard` enforces on a publish by `caller` to `info`'s mailbox: the mailbox's
-    /// share and the caller's stored-bytes quota, spread evenly over the data shards.
-    pub fn shard_limits(&self, caller: &Caller, info: &MailboxInfo, shard: GroupId) -> ShardLimits {
+    /// The limits `shard` enforces on a publish to `info`'s mailbox: the mailbox's share and
+    /// the publisher's stored-bytes quota, spread evenly over the data shards.
+    pub fn shard_limits(&self, publisher: &Publisher<'_>, info: &MailboxInfo, shard: GroupId) -> ShardLimits {
         let mut limits = info.shard_limits(shard);
-        if let Caller::Authenticated(Principal::Subsystem(who)) = caller {
-            let quota = self.meta.view.member(who).and_then(|m| m.quota.max_stored_bytes);
-            limits.sender_max_stored_bytes = quota.map(|max| max.div_ceil(u64::from(self.config.shards)));
-        }
+        limits.sender_max_stored_bytes =
+            publisher.quota.max_stored_bytes.map(|max| max.div_ceil(u64::from(self.config.shards)));
         limits
     }
 

@@ -218,7 +218,8 @@ impl Exchange for ExchangeService {
             }
         }
 
-        self.runtime.admit_publish(&caller, messages.len() as u64, batch_bytes as u64).map_err(to_status)?;
+        let publisher = self.runtime.publisher(&caller);
+        self.runtime.admit_publish(&publisher, messages.len() as u64, batch_bytes as u64).map_err(to_status)?;
         let accepted_unix_ms = now_unix_ms();
         let count = messages.len();
         let sender = caller.sender();
@@ -235,7 +236,7 @@ impl Exchange for ExchangeService {
             let limits = mailboxes
                 .values()
                 .filter(|info| batch.iter().any(|m| m.mailbox == info.id))
-                .map(|info| runtime.shard_limits(&caller, info, shard))
+                .map(|info| runtime.shard_limits(&publisher, info, shard))
                 .collect();
             async move {
                 let ids: Vec<String> = batch.iter().map(|m| m.message.id.clone()).collect();

@@ -22,7 +22,7 @@ use tonic::{Status, Streaming};
 
 use super::exchange::{routed_message, to_proto_position, validate_header};
 use crate::auth::{self, Caller};
-use crate::runtime::{NodeRuntime, ReadAnswer, ReadQuery};
+use crate::runtime::{NodeRuntime, Publisher, ReadAnswer, ReadQuery};
 use crate::status::to_status;
 
 /// Largest chunk a client may send or a download returns: one chunk is one Raft entry,
@@ -52,7 +52,8 @@ async fn run_upload(runtime: &NodeRuntime, caller: &Caller, mut inbound: Streami
     let message = start.message.ok_or_else(|| Status::invalid_argument("start: message missing"))?;
     validate_header(&message, 0)?;
     auth::authorize(runtime, caller, Action::Send(auth::service_id("recipient", &message.recipient)?)).await?;
-    runtime.admit_publish(caller, 1, 0).map_err(to_status)?;
+    let publisher = runtime.publisher(caller);
+    runtime.admit_publish(&publisher, 1, 0).map_err(to_status)?;
     if !message.payload.is_empty() {
         return Err(Status::invalid_argument("start: the payload travels in chunks; message.payload must be empty"));
     }
@@ -66,7 +67,7 @@ async fn run_upload(runtime: &NodeRuntime, caller: &Caller, mut inbound: Streami
     let id = message.id.clone();
     let (shard, new) = routed_message(&info, message, &caller.sender(), crate::runtime::now_unix_ms())?;
     let mailbox = info.id;
-    let limits = runtime.shard_limits(caller, &info, shard);
+    let limits = runtime.shard_limits(&publisher, &info, shard);
     let begin = Command::UploadBegin { new, total_bytes: total, sha256, limits };
     let (upload, mut stored) = match progress(runtime, shard, begin).await? {
         (_, UploadProgress::Stored(position)) => return published(out, &id, shard, 0, position).await,
@@ -100,7 +101,7 @@ async fn run_upload(runtime: &NodeRuntime, caller: &Caller, mut inbound: Streami
         if chunk.data.is_empty() || chunk.data.len() > MAX_CHUNK_BYTES {
             return Err(Status::invalid_argument(format!("chunks must be 1..={MAX_CHUNK_BYTES} bytes, got {}", chunk.data.len())));
         }
-        throttle(runtime, caller, chunk.data.len() as u64).await;
+        throttle(runtime, &publisher, chunk.data.len() as u64).await;
         hasher.update(&chunk.data);
         let expected = stored + chunk.data.len() as u64;
         let write = Command::UploadChunk { mailbox, id: id.clone(), offset: stored, data: chunk.data };
@@ -130,15 +131,15 @@ async fn run_upload(runtime: &NodeRuntime, caller: &Caller, mut inbound: Streami
     }
 }
 
-/// Runs an upload command; returns the commit index and the upload's progress.
 /// Holds an upload back while its sender is over its byte rate: a stream is slowed down
 /// rather than broken off.
-async fn throttle(runtime: &NodeRuntime, caller: &Caller, bytes: u64) {
-    while let Err(BrokerError::RateLimited { retry_after_ms, .. }) = runtime.admit_publish(caller, 0, bytes) {
+async fn throttle(runtime: &NodeRuntime, publisher: &Publisher<'_>, bytes: u64) {
+    while let Err(BrokerError::RateLimited { retry_after_ms, .. }) = runtime.admit_publish(publisher, 0, bytes) {
         tokio::time::sleep(std::time::Duration::from_millis(retry_after_ms.min(1_000))).await;
     }
 }
 
+/// Runs an upload command; returns the commit index and the upload's progress.
 async fn progress(runtime: &NodeRuntime, shard: GroupId, cmd: Command) -> Result<(u64, UploadProgress), Status> {
     match runtime.write(shard, cmd).await.map_err(to_status)? {
         (index, CommandResult::Upload(p)) => Ok((index, p)),
