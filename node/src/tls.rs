@@ -187,7 +187,8 @@ impl ClientCertVerifier for IdentityVerifier {
     }
 }
 
-fn server_config(pem: &PemBundle, port: Port) -> anyhow::Result<Arc<ServerConfig>> {
+/// The server configurations of both ports, from one parse of the files.
+fn server_configs(pem: &PemBundle) -> anyhow::Result<(Arc<ServerConfig>, Arc<ServerConfig>)> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = RootCertStore::empty();
     for ca in CertificateDer::pem_slice_iter(&pem.ca) {
@@ -196,6 +197,7 @@ fn server_config(pem: &PemBundle, port: Port) -> anyhow::Result<Arc<ServerConfig
     if roots.is_empty() {
         bail!("the CA bundle holds no certificate");
     }
+    let roots = Arc::new(roots);
     let chain = CertificateDer::pem_slice_iter(&pem.cert).collect::<Result<Vec<_>, _>>().context("parsing the certificate")?;
     if chain.is_empty() {
         bail!("the certificate file holds no certificate");
@@ -206,17 +208,20 @@ fn server_config(pem: &PemBundle, port: Port) -> anyhow::Result<Arc<ServerConfig
         Err(e) => bail!("the node's certificate: {e:#}"),
     }
     let key = PrivateKeyDer::from_pem_slice(&pem.key).context("parsing the private key")?;
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .context("building the client certificate verifier")?;
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3")?
-        .with_client_cert_verifier(Arc::new(IdentityVerifier { inner, port }))
-        .with_single_cert(chain, key)
-        .context("the certificate does not match the key")?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(Arc::new(config))
+    let config = |port: Port| -> anyhow::Result<Arc<ServerConfig>> {
+        let inner = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .context("building the client certificate verifier")?;
+        let mut config = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS 1.3")?
+            .with_client_cert_verifier(Arc::new(IdentityVerifier { inner, port }))
+            .with_single_cert(chain.clone(), key.clone_key())
+            .context("the certificate does not match the key")?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    };
+    Ok((config(Port::Client)?, config(Port::Peer)?))
 }
 
 /// One loaded generation of the node's TLS material.
@@ -228,13 +233,9 @@ struct Loaded {
 }
 
 impl Loaded {
-    fn build(pem: PemBundle) -> anyhow::Result<Self> {
-        Ok(Self {
-            fingerprint: pem.fingerprint(),
-            client_port: server_config(&pem, Port::Client)?,
-            peer_port: server_config(&pem, Port::Peer)?,
-            outgoing: ClientTls(pem),
-        })
+    fn build(pem: PemBundle, fingerprint: [u8; 32]) -> anyhow::Result<Self> {
+        let (client_port, peer_port) = server_configs(&pem)?;
+        Ok(Self { fingerprint, client_port, peer_port, outgoing: ClientTls(pem) })
     }
 }
 
@@ -249,7 +250,9 @@ pub struct NodeTls {
 impl NodeTls {
     /// Loads the files; any problem with them is a startup error.
     pub fn load(files: TlsFiles) -> anyhow::Result<Arc<Self>> {
-        let loaded = Loaded::build(files.read()?).with_context(|| format!("TLS files {files:?}"))?;
+        let pem = files.read()?;
+        let fingerprint = pem.fingerprint();
+        let loaded = Loaded::build(pem, fingerprint).with_context(|| format!("TLS files {files:?}"))?;
         Ok(Arc::new(Self { files, current: RwLock::new(Arc::new(loaded)), generation: watch::channel(0).0 }))
     }
 
@@ -279,10 +282,11 @@ impl NodeTls {
     /// new material is an error and the old stays in use.
     pub fn reload(&self) -> anyhow::Result<bool> {
         let pem = self.files.read()?;
-        if pem.fingerprint() == self.current().fingerprint {
+        let fingerprint = pem.fingerprint();
+        if fingerprint == self.current().fingerprint {
             return Ok(false);
         }
-        let loaded = Loaded::build(pem)?;
+        let loaded = Loaded::build(pem, fingerprint)?;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(loaded);
         self.generation.send_modify(|g| *g += 1);
         Ok(true)
