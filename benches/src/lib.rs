@@ -46,6 +46,7 @@ pub fn publish_entry(index: u64, count: usize, size: usize) -> Entry<TypeConfig>
                 sender: String::new(),
                 headers: vec![("traceparent".into(), "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".into())],
                 payload: payload.clone(),
+                payload_sha256: [0; 32],
                 ordering_key: Some(format!("key-{}", i % 16)),
                 accepted_unix_ms: 1_700_000_000_000,
                 ttl_ms: None,

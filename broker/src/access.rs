@@ -320,6 +320,16 @@ impl AccessControl {
         !known
     }
 
+    /// Sets when a signing key stops being valid (only ever earlier); the changed record.
+    pub fn retire_signing_key(&mut self, key_id: &str, valid_until_unix_ms: i64) -> Option<PublicKeyRecord> {
+        let record = self.signing_keys.keys.get_mut(key_id)?;
+        if record.valid_until_unix_ms.is_some_and(|until| until <= valid_until_unix_ms) {
+            return None;
+        }
+        record.valid_until_unix_ms = Some(valid_until_unix_ms);
+        Some(record.clone())
+    }
+
     pub fn put_member(&mut self, record: MemberRecord) {
         self.members.insert(record.subsystem.clone(), record);
     }
@@ -369,6 +379,8 @@ pub enum AccessCommand {
     RemoveFromGroup { group: String, subsystem: SubsystemId },
     /// Publishes a node's evidence signing key (public half).
     RegisterSigningKey(PublicKeyRecord),
+    /// Ends a signing key's validity (it stays published for verifying what it signed).
+    RetireSigningKey { key_id: String, valid_until_unix_ms: i64 },
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@
 //! Pure functions and data, no I/O: the node decides when to sign and where keys live.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
@@ -64,6 +65,7 @@ fn field(out: &mut Vec<u8>, bytes: &[u8]) {
 /// What a message leaf commits to: everything needed to prove the exchange, nothing of the
 /// payload but its hash and size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MessageFacts {
     /// Recipient service (mailbox) id.
     pub recipient: String,
@@ -71,6 +73,7 @@ pub struct MessageFacts {
     pub sender: String,
     pub message_id: String,
     pub accepted_unix_ms: i64,
+    #[serde(with = "hex_bytes")]
     pub payload_sha256: Hash,
     pub payload_len: u64,
     pub ordering_key: Option<String>,
@@ -153,10 +156,12 @@ pub fn leaf_of(f: &MessageView<'_>) -> Hash {
 
 /// What an ack leaf commits to: which message was delivered, to whom, and when.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct AckFacts {
     pub recipient: String,
     pub message_id: String,
     /// The leaf of the message as accepted.
+    #[serde(with = "hex_bytes")]
     pub message_leaf: Hash,
     pub acked_unix_ms: i64,
     pub attempt: u32,
@@ -218,6 +223,10 @@ impl MerkleTree {
         self.levels[0].len()
     }
 
+    pub fn leaves(&self) -> &[Hash] {
+        &self.levels[0]
+    }
+
     pub fn is_empty(&self) -> bool {
         self.levels[0].is_empty()
     }
@@ -254,9 +263,11 @@ impl MerkleTree {
 
 /// Where a leaf sits in its batch's tree, and the sibling hashes up to the root.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct InclusionProof {
     pub index: u64,
     pub leaf_count: u64,
+    #[serde(with = "hex_list")]
     pub path: Vec<Hash>,
 }
 
@@ -285,6 +296,7 @@ impl InclusionProof {
 
 /// What one signature covers.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct BatchHeader {
     pub version: u8,
     /// The Raft group (data shard) whose chain this batch extends.
@@ -297,8 +309,10 @@ pub struct BatchHeader {
     /// When the leader signed (Unix ms).
     pub timestamp_unix_ms: i64,
     pub leaf_count: u64,
+    #[serde(with = "hex_bytes")]
     pub root: Hash,
     /// [`SignedBatch::link`] of the shard's previous batch (zeros for the first).
+    #[serde(with = "hex_bytes")]
     pub prev: Hash,
     /// Which signing key signed.
     pub key_id: String,
@@ -326,23 +340,74 @@ impl BatchHeader {
 
 /// A batch header and its Ed25519 signature.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct SignedBatch {
     pub header: BatchHeader,
-    #[serde(with = "signature_bytes")]
+    #[serde(with = "hex_bytes")]
     pub signature: [u8; 64],
 }
 
-mod signature_bytes {
+/// Fixed-size byte arrays as lowercase hex in JSON (raw bytes in bincode). Decoding accepts
+/// only lowercase: with uppercase also accepted, flipping a letter's case would change an
+/// archive's bytes and not its meaning, and a verifier promises that any change is caught.
+mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(sig: &[u8; 64], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(sig)
+    pub fn serialize<S: Serializer, const N: usize>(bytes: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&hex::encode(bytes))
+        } else {
+            s.serialize_bytes(bytes)
+        }
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 64], D::Error> {
-        let bytes: Vec<u8> = Deserialize::deserialize(d)?;
-        bytes.try_into().map_err(|_| serde::de::Error::custom("a signature is 64 bytes"))
+    pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(d: D) -> Result<[u8; N], D::Error> {
+        if d.is_human_readable() {
+            let text = String::deserialize(d)?;
+            super::parse_hex(&text).ok_or_else(|| serde::de::Error::custom(format!("expected {N} bytes of lowercase hex")))
+        } else {
+            let bytes: Vec<u8> = Deserialize::deserialize(d)?;
+            bytes.try_into().map_err(|_| serde::de::Error::custom(format!("expected {N} bytes")))
+        }
     }
+}
+
+/// A list of hashes, each as [`hex_bytes`].
+mod hex_list {
+    use serde::ser::SerializeSeq;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Hash;
+
+    pub fn serialize<S: Serializer>(list: &[Hash], s: S) -> Result<S::Ok, S::Error> {
+        if !s.is_human_readable() {
+            return serde::Serialize::serialize(list, s);
+        }
+        let mut seq = s.serialize_seq(Some(list.len()))?;
+        for h in list {
+            seq.serialize_element(&hex::encode(h))?;
+        }
+        seq.end()
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Hash>, D::Error> {
+        if !d.is_human_readable() {
+            return Deserialize::deserialize(d);
+        }
+        let texts: Vec<String> = Deserialize::deserialize(d)?;
+        texts
+            .iter()
+            .map(|t| super::parse_hex(t).ok_or_else(|| serde::de::Error::custom("expected 32 bytes of lowercase hex")))
+            .collect()
+    }
+}
+
+/// Strict lowercase hex of exactly `N` bytes.
+fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+    if text.len() != 2 * N || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+        return None;
+    }
+    hex::decode(text).ok()?.try_into().ok()
 }
 
 impl SignedBatch {
@@ -378,8 +443,10 @@ impl SignedBatch {
 
 /// A public signing key and when it may sign.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PublicKeyRecord {
     pub key_id: String,
+    #[serde(with = "hex_bytes")]
     pub public_key: [u8; 32],
     pub valid_from_unix_ms: i64,
     /// `None` while the key is current.
@@ -398,6 +465,7 @@ impl PublicKeyRecord {
 
 /// The public keys a verifier trusts, by key id.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct KeyRing {
     pub keys: BTreeMap<String, PublicKeyRecord>,
 }
@@ -410,7 +478,9 @@ impl KeyRing {
 
 /// Proof that one leaf is in a signed batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Receipt {
+    #[serde(with = "hex_bytes")]
     pub leaf: Hash,
     pub proof: InclusionProof,
     pub batch: SignedBatch,
@@ -447,6 +517,46 @@ impl Receipt {
             return Err(EvidenceError::LeafMismatch);
         }
         self.verify_path()
+    }
+}
+
+/// The key a node signs evidence with now. Rotation swaps it while proposers keep running;
+/// a batch's timestamp is read under the same lock as its key, so every batch the old key
+/// signed carries a time before the swap (the retired key's `valid_until` is set after it).
+pub struct EvidenceSigner {
+    current: std::sync::RwLock<Arc<ActiveKey>>,
+}
+
+/// A signing key and the id it is published under.
+pub struct ActiveKey {
+    pub key_id: String,
+    pub key: SigningKey,
+}
+
+impl EvidenceSigner {
+    pub fn new(key_id: String, key: SigningKey) -> Self {
+        Self { current: std::sync::RwLock::new(Arc::new(ActiveKey { key_id, key })) }
+    }
+
+    /// The key in use.
+    pub fn current(&self) -> Arc<ActiveKey> {
+        self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+
+    /// Signs with `key` from now on; returns the key it replaces.
+    pub fn replace(&self, key_id: String, key: SigningKey) -> Arc<ActiveKey> {
+        let mut current = self.current.write().unwrap_or_else(std::sync::PoisonError::into_inner);
+        std::mem::replace(&mut *current, Arc::new(ActiveKey { key_id, key }))
+    }
+
+    /// Reads the time with `clock`, lets `build` make the leaves and header for that time,
+    /// and seals them with the current key (its id and the time go into the header).
+    pub fn seal(&self, clock: impl FnOnce() -> i64, build: impl FnOnce(i64) -> (Vec<Hash>, BatchHeader)) -> (SignedBatch, MerkleTree) {
+        let active = self.current.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = clock();
+        let (leaves, header) = build(now);
+        let header = BatchHeader { timestamp_unix_ms: now, key_id: active.key_id.clone(), ..header };
+        seal_batch(leaves, header, &active.key)
     }
 }
 
@@ -491,21 +601,60 @@ pub fn verify_chain(batches: &[SignedBatch], keys: &KeyRing) -> Result<(), Evide
 
 /// One message's evidence in an archive: what was accepted, and its receipt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ArchivedMessage {
     pub facts: MessageFacts,
     pub receipt: Receipt,
+    /// The recipient's ack, once it has acked: a delivery receipt. (Not skipped when absent:
+    /// bincode, which carries archives between nodes, needs every field.)
+    #[serde(default)]
+    pub delivery: Option<ArchivedDelivery>,
+}
+
+/// A delivery's evidence: the ack and its receipt (signed in a later batch of the same shard).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchivedDelivery {
+    pub facts: AckFacts,
+    pub receipt: Receipt,
+}
+
+impl ArchivedDelivery {
+    /// That the ack is the one the receipt stands for, of the message with leaf
+    /// `message_leaf`, and its path leads to its batch's root (the signature is not checked).
+    fn verify_path(&self, message_leaf: &Hash) -> Result<(), EvidenceError> {
+        if self.facts.message_leaf != *message_leaf || ack_leaf(&self.facts) != self.receipt.leaf {
+            return Err(EvidenceError::LeafMismatch);
+        }
+        self.receipt.verify_path()
+    }
+}
+
+impl ArchivedMessage {
+    /// Checks the message's receipt and, when present, its delivery receipt, signatures
+    /// included: what `kerwen evidence verify RECEIPT` does.
+    pub fn verify(&self, keys: &KeyRing) -> Result<(), EvidenceError> {
+        self.receipt.verify_message(&self.facts, keys)?;
+        if let Some(d) = &self.delivery {
+            d.verify_path(&self.receipt.leaf)?;
+            d.receipt.batch.verify(keys)?;
+        }
+        Ok(())
+    }
 }
 
 /// A self-contained, offline-verifiable export of one shard's evidence: the public keys, the
 /// signed batches from `first_batch` to `last_batch` without gaps, and the messages' facts and
 /// receipts. Stating the range is what makes batches cut off either end detectable.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Archive {
     pub shard: u32,
     pub first_batch: u64,
     pub last_batch: u64,
     /// The link of the last batch: a verifier holding a later head can check the archive
     /// is a prefix of what it knows.
+    #[serde(with = "hex_bytes")]
     pub head: Hash,
     pub keys: KeyRing,
     pub batches: Vec<SignedBatch>,
@@ -523,6 +672,8 @@ pub enum ArchiveError {
     Message { index: usize, id: String, error: EvidenceError },
     #[error("message {index} ({id}) is signed in batch {batch}, which the archive does not hold")]
     Orphan { index: usize, id: String, batch: u64 },
+    #[error("message {index} ({id}) is not of the exported mailbox")]
+    OutOfScope { index: usize, id: String },
     #[error(transparent)]
     Evidence(#[from] EvidenceError),
 }
@@ -566,7 +717,42 @@ impl Archive {
                 return Err(ArchiveError::Orphan { index, id, batch });
             }
             // Its batch equals one verified in the chain above: only the path is left to check.
-            m.receipt.verify_message_path(&m.facts).map_err(|error| ArchiveError::Message { index, id, error })?;
+            m.receipt.verify_message_path(&m.facts).map_err(|error| ArchiveError::Message { index, id: id.clone(), error })?;
+            if let Some(d) = &m.delivery {
+                let batch = d.receipt.batch.header.batch;
+                let held = batch.checked_sub(self.first_batch).and_then(|i| self.batches.get(i as usize));
+                if held != Some(&d.receipt.batch) {
+                    return Err(ArchiveError::Orphan { index, id, batch });
+                }
+                d.verify_path(&m.receipt.leaf).map_err(|error| ArchiveError::Message { index, id, error })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What `kerwen evidence export` writes: one archive per shard that holds messages of the
+/// mailbox in the exported time range. (The range itself is not part of it: nothing signed
+/// could vouch for it, and a verifier must not read an unverified claim as proven.)
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceExport {
+    pub mailbox: String,
+    pub archives: Vec<Archive>,
+}
+
+impl EvidenceExport {
+    /// Checks every archive (see [`Archive::verify`]) and that all their messages are of the
+    /// exported mailbox, so an archive cannot be swapped in from elsewhere.
+    pub fn verify(&self, trusted: Option<&KeyRing>) -> Result<(), ArchiveError> {
+        for archive in &self.archives {
+            archive.verify(trusted)?;
+            for (index, m) in archive.messages.iter().enumerate() {
+                let f = &m.facts;
+                if f.recipient != self.mailbox {
+                    return Err(ArchiveError::OutOfScope { index, id: f.message_id.clone() });
+                }
+            }
         }
         Ok(())
     }

@@ -66,6 +66,9 @@ pub struct StoredMessage {
     pub headers: Vec<(String, String)>,
     /// Shared, reference-counted bytes: batches are cloned for retries without copying.
     pub payload: bytes::Bytes,
+    /// SHA-256 of the payload (inline or chunked), computed by the accepting node: the
+    /// message's evidence commits to it and outlives the payload.
+    pub payload_sha256: [u8; 32],
     pub ordering_key: Option<String>,
     /// When the accepting node received it (Unix ms), decided by the proposer.
     pub accepted_unix_ms: i64,
@@ -116,6 +119,36 @@ impl StoredMessage {
     /// Payload size, whether inline or chunked.
     pub fn payload_len(&self) -> u64 {
         self.large.map_or(self.payload.len() as u64, |l| l.total_bytes)
+    }
+
+    /// What the message's evidence leaf commits to (headers sorted, as the leaf hashes them).
+    pub fn facts(&self) -> crate::evidence::MessageFacts {
+        let mut headers = self.headers.clone();
+        headers.sort();
+        crate::evidence::MessageFacts {
+            recipient: self.recipient.clone(),
+            sender: self.sender.clone(),
+            message_id: self.id.clone(),
+            accepted_unix_ms: self.accepted_unix_ms,
+            payload_sha256: self.payload_sha256,
+            payload_len: self.payload_len(),
+            ordering_key: self.ordering_key.clone(),
+            headers,
+        }
+    }
+
+    /// The message's evidence leaf, computed from borrowed fields.
+    pub fn leaf(&self) -> crate::evidence::Hash {
+        crate::evidence::leaf_of(&crate::evidence::MessageView {
+            recipient: &self.recipient,
+            sender: &self.sender,
+            message_id: &self.id,
+            accepted_unix_ms: self.accepted_unix_ms,
+            payload_sha256: self.payload_sha256,
+            payload_len: self.payload_len(),
+            ordering_key: self.ordering_key.as_deref(),
+            headers: &self.headers,
+        })
     }
 
     /// Whether the message's time to live has run out at `now_unix_ms`.
@@ -318,6 +351,9 @@ pub struct Leased {
     /// 1 on the first delivery, counted across leader changes and restarts.
     pub attempt: u32,
     pub lease_expires_unix_ms: i64,
+    /// The message's receipt, added by the shard leader when it hands the lease out
+    /// (applying the lease leaves it `None`).
+    pub receipt: Option<crate::evidence::Receipt>,
 }
 
 impl fmt::Debug for StoredMessage {
@@ -362,9 +398,14 @@ pub struct MailboxLimits {
     pub max_messages: u64,
     /// Most payload bytes stored; publishing past it is refused.
     pub max_bytes: u64,
+    /// How long a message's evidence (everything but its payload) is kept after it was
+    /// accepted, acked or not.
+    pub evidence_retention_ms: u64,
 }
 
 impl MailboxLimits {
+    /// Seven years, the usual retention of public-sector records.
+    pub const DEFAULT_EVIDENCE_RETENTION_MS: u64 = 7 * 365 * 24 * 60 * 60 * 1000;
     pub const DEFAULT_DEDUP_WINDOW_MS: u64 = 24 * 60 * 60 * 1000;
     pub const DEFAULT_MAX_MESSAGES: u64 = 10_000_000;
     pub const DEFAULT_MAX_BYTES: u64 = 10 * 1024 * 1024 * 1024;
@@ -376,6 +417,7 @@ impl Default for MailboxLimits {
             dedup_window_ms: Self::DEFAULT_DEDUP_WINDOW_MS,
             max_messages: Self::DEFAULT_MAX_MESSAGES,
             max_bytes: Self::DEFAULT_MAX_BYTES,
+            evidence_retention_ms: Self::DEFAULT_EVIDENCE_RETENTION_MS,
         }
     }
 }
@@ -397,6 +439,8 @@ pub struct ShardLimits {
     /// share across the data shards, which its messages spread over); `None`: unlimited.
     #[serde(default)]
     pub sender_max_stored_bytes: Option<u64>,
+    /// The mailbox's evidence retention: older evidence records are purged.
+    pub evidence_retention_ms: u64,
 }
 
 impl MailboxInfo {
@@ -422,6 +466,7 @@ impl MailboxInfo {
             max_bytes: share(self.limits.max_bytes),
             partitions,
             sender_max_stored_bytes: None,
+            evidence_retention_ms: self.limits.evidence_retention_ms,
         }
     }
 
@@ -518,6 +563,51 @@ pub enum Command {
     /// Commands coalesced into one entry by the [`crate::proposer::Proposer`], applied in
     /// order; each gets its own result in [`CommandResult::Batch`].
     Batch(Vec<Command>),
+    /// Data shard: commands coalesced into one entry together with the signed evidence batch
+    /// covering them (see [`Seal`]). Applied only if the batch extends the shard's chain at
+    /// exactly this entry's log position; otherwise nothing of it is applied.
+    Sealed { seal: Seal, commands: Vec<Command> },
+}
+
+/// The evidence of one [`Command::Sealed`] entry: the signed batch header and its leaves, in
+/// this order: one per message of each `Publish` command (commands in order), then one per
+/// entry of `acks`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Seal {
+    pub batch: crate::evidence::SignedBatch,
+    pub leaves: Vec<crate::evidence::Hash>,
+    pub acks: Vec<SealedAck>,
+}
+
+/// One ack the leader signed: which command of the entry acked which message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedAck {
+    /// Index of the `Ack` command in the entry.
+    pub command: u32,
+    pub position: Position,
+    /// The acked message's accept time, which (with its id) names its evidence record.
+    pub accepted_unix_ms: i64,
+    pub facts: crate::evidence::AckFacts,
+}
+
+/// Where the evidence of one message or ack of a sealed entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EvidenceRef {
+    /// Nothing signed (an unsealed entry, or a message stored before evidence existed).
+    None,
+    /// Leaf `n` of this entry's own seal.
+    Leaf(u64),
+    /// Leaf `index` of an earlier batch (a publish deduplicated against its first copy, which
+    /// was accepted at `accepted_unix_ms`).
+    Stored { batch: u64, index: u64, accepted_unix_ms: i64 },
+}
+
+/// A published message's receipt.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MessageReceipt {
+    pub receipt: crate::evidence::Receipt,
+    /// Set for a duplicate: the accept time of the first copy, which the receipt is of.
+    pub first_accepted_unix_ms: Option<i64>,
 }
 
 impl Command {
@@ -548,6 +638,9 @@ impl Command {
             Command::CreateMailbox { service, partitions, .. } => service.len() + *partitions as usize * 4 + OVERHEAD,
             Command::Access(_) => OVERHEAD * 4,
             Command::Batch(commands) => commands.iter().map(Command::approximate_size).sum::<usize>() + OVERHEAD,
+            Command::Sealed { seal, commands } => {
+                commands.iter().map(Command::approximate_size).sum::<usize>() + seal.leaves.len() * 32 + seal.acks.len() * 128 + 4 * OVERHEAD
+            }
         }
     }
 }
@@ -584,4 +677,21 @@ pub enum CommandResult {
     Rejected(BrokerError),
     /// One result per command of a [`Command::Batch`], in order.
     Batch(Vec<CommandResult>),
+    /// One result per command of a [`Command::Sealed`], in order, and per command where its
+    /// messages' (or acks') evidence is: one per message of a `Publish`, one per sealed ack
+    /// of an `Ack` (in the seal's order), none for other commands.
+    Sealed { results: Vec<CommandResult>, evidence: Vec<Vec<EvidenceRef>> },
+    /// A command's result with its receipts, as the proposer answers a sealed command:
+    /// `receipts` parallel to a publish's messages, `deliveries` one per signed ack.
+    Receipted { result: Box<CommandResult>, receipts: Vec<Option<MessageReceipt>>, deliveries: Vec<(Position, crate::evidence::ArchivedDelivery)> },
+}
+
+impl CommandResult {
+    /// The plain result and its receipts (none when the command was not sealed).
+    pub fn split_receipts(self) -> (CommandResult, Vec<Option<MessageReceipt>>, Vec<(Position, crate::evidence::ArchivedDelivery)>) {
+        match self {
+            CommandResult::Receipted { result, receipts, deliveries } => (*result, receipts, deliveries),
+            other => (other, Vec::new(), Vec::new()),
+        }
+    }
 }

@@ -10,15 +10,29 @@
 //! At most `max_in_flight` entries are outstanding (submitted, not yet applied). While all
 //! are outstanding, new commands wait in the queue and join the next entry, so batches grow
 //! with load by themselves and an idle group still proposes a lone command at once.
+//!
+//! **Sealing** (data shards with [`Sealing`]): an entry carrying messages or acks is signed
+//! before it is submitted: one leaf per message and per ack, one Merkle tree, one Ed25519
+//! signature over a header that extends the shard's evidence chain and names the log position
+//! the entry will get. Entries are handed to openraft in order (`client_write_ff`), so that
+//! position is known: the next after the last one this leader appended. When the prediction
+//! fails (a leadership change, a membership entry in between), applying refuses the entry
+//! with a retryable error, nothing of it is applied, and the proposer re-reads the chain
+//! before sealing again. Signing adds no wait: an entry is sealed as soon as it is formed.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::Raft;
+use openraft::raft::ClientWriteResponse;
+use openraft::{Raft, ServerState};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::BrokerError;
-use crate::model::{Command, CommandResult, GroupId, TypeConfig};
+use crate::evidence::{ack_leaf, ArchivedDelivery, BatchHeader, Hash, MerkleTree, Receipt, SignedBatch, EvidenceSigner, EVIDENCE_VERSION};
+use crate::model::{Command, CommandResult, EvidenceRef, GroupId, MessageReceipt, Position, Seal, SealedAck, TypeConfig};
+use crate::storage::ShardView;
 
 /// The result of one command: its entry's log index and what applying it returned.
 pub type WriteOutcome = Result<(u64, CommandResult), BrokerError>;
@@ -57,12 +71,24 @@ pub struct Proposer {
 /// pressure reaches the gRPC callers instead of growing memory).
 const QUEUE_CAPACITY: usize = 8 * 1024;
 
+/// What a data shard's proposer signs with, and where it reads the shard's evidence chain.
+#[derive(Clone)]
+pub struct Sealing {
+    pub signer: Arc<EvidenceSigner>,
+    pub view: Arc<ShardView>,
+}
+
 impl Proposer {
     /// Starts the coalescing task for `raft` (which must be group `group`) on the current
     /// tokio runtime.
     pub fn start(group: GroupId, raft: Raft<TypeConfig>, config: ProposerConfig) -> Self {
+        Self::start_sealing(group, raft, config, None)
+    }
+
+    /// Like [`Self::start`], signing messages and acks with `sealing` when given.
+    pub fn start_sealing(group: GroupId, raft: Raft<TypeConfig>, config: ProposerConfig, sealing: Option<Sealing>) -> Self {
         let (queue, rx) = mpsc::channel(QUEUE_CAPACITY);
-        tokio::spawn(run(group, raft, config, rx));
+        tokio::spawn(run(group, raft, config, sealing, rx));
         Self { group, queue }
     }
 
@@ -76,8 +102,28 @@ impl Proposer {
     }
 }
 
-async fn run(group: GroupId, raft: Raft<TypeConfig>, config: ProposerConfig, mut rx: mpsc::Receiver<Proposal>) {
-    let slots = Arc::new(Semaphore::new(config.max_in_flight.max(1)));
+/// Where this leader's next sealed entry goes: the chain's next batch and the log position.
+struct ChainCursor {
+    next_batch: u64,
+    prev: Hash,
+    next_index: u64,
+    term: u64,
+}
+
+/// What the waiter of a sealed entry needs to turn evidence references into receipts.
+struct SealedInfo {
+    tree: MerkleTree,
+    batch: SignedBatch,
+    acks: Vec<SealedAck>,
+    view: Arc<ShardView>,
+}
+
+async fn run(group: GroupId, raft: Raft<TypeConfig>, config: ProposerConfig, sealing: Option<Sealing>, mut rx: mpsc::Receiver<Proposal>) {
+    let max_in_flight = config.max_in_flight.max(1);
+    let slots = Arc::new(Semaphore::new(max_in_flight));
+    // Set by a waiter when an entry failed: the chain and log position must be read again.
+    let stale = Arc::new(AtomicBool::new(true));
+    let mut cursor: Option<ChainCursor> = None;
     loop {
         // Take the slot first: while none is free, proposals pile up and join one batch.
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
@@ -93,42 +139,239 @@ async fn run(group: GroupId, raft: Raft<TypeConfig>, config: ProposerConfig, mut
                 Err(_) => break,
             }
         }
-        let raft = raft.clone();
-        tokio::spawn(async move {
-            submit(group, &raft, batch).await;
-            drop(slot);
-        });
+        let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
+        let mut sealed = None;
+        let entry = match &sealing {
+            Some(s) if commands.iter().any(carries_evidence) => {
+                if stale.swap(false, Ordering::SeqCst) {
+                    cursor = None;
+                }
+                if cursor.is_none() {
+                    // With every other entry settled, the applied chain head is current.
+                    let others = slots.clone().acquire_many_owned(max_in_flight as u32 - 1).await;
+                    match resync(group, &raft, &s.view).await {
+                        Ok(c) => cursor = Some(c),
+                        Err(e) => {
+                            answer_all(replies, &e);
+                            continue;
+                        }
+                    }
+                    drop(others);
+                }
+                match cursor.as_mut() {
+                    Some(c) => {
+                        let (entry, info) = seal(group, s, c, commands);
+                        sealed = info;
+                        entry
+                    }
+                    None => plain(commands),
+                }
+            }
+            _ => plain(commands),
+        };
+        if let Some(c) = cursor.as_mut() {
+            c.next_index += 1;
+        }
+        match raft.client_write_ff(entry).await {
+            Ok(answer) => {
+                let stale = stale.clone();
+                tokio::spawn(async move {
+                    let outcome = match answer.await {
+                        Ok(Ok(response)) => Ok(response),
+                        Ok(Err(e)) => Err(write_error(group, RaftError::APIError(e))),
+                        Err(_) => Err(BrokerError::Unavailable(format!("group {group} is shutting down"))),
+                    };
+                    answer_entry(group, outcome, replies, sealed, &stale);
+                    drop(slot);
+                });
+            }
+            Err(fatal) => {
+                stale.store(true, Ordering::SeqCst);
+                answer_all(replies, &BrokerError::Unavailable(format!("group {group} stopped: {fatal}")));
+            }
+        }
     }
 }
 
-/// Proposes `batch` as one entry and answers every proposal in it.
-async fn submit(group: GroupId, raft: &Raft<TypeConfig>, mut batch: Vec<Proposal>) {
-    if batch.len() == 1 {
-        let Proposal { command, reply } = batch.remove(0);
-        let _ = reply.send(client_write(group, raft, command).await);
-        return;
+/// Whether a command produces leaves: messages to store or acks to sign.
+fn carries_evidence(command: &Command) -> bool {
+    match command {
+        Command::Publish { messages, .. } => !messages.is_empty(),
+        Command::Ack { positions, .. } => !positions.is_empty(),
+        _ => false,
     }
-    let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
-    let count = commands.len();
-    match client_write(group, raft, Command::Batch(commands)).await {
-        Ok((index, CommandResult::Batch(results))) if results.len() == count => {
+}
+
+/// One command alone, or several as a batch.
+fn plain(mut commands: Vec<Command>) -> Command {
+    if commands.len() == 1 {
+        commands.remove(0)
+    } else {
+        Command::Batch(commands)
+    }
+}
+
+/// Reads the applied chain head and this leader's log position (nothing of ours in flight).
+async fn resync(group: GroupId, raft: &Raft<TypeConfig>, view: &ShardView) -> Result<ChainCursor, BrokerError> {
+    raft.ensure_linearizable().await.map_err(|e| match e {
+        RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => BrokerError::NotLeader { group, leader: f.leader_id },
+        other => BrokerError::Unavailable(format!("group {group}: {other}")),
+    })?;
+    let (last_index, term) = {
+        let metrics = raft.metrics();
+        let m = metrics.borrow();
+        if m.state != ServerState::Leader {
+            return Err(BrokerError::NotLeader { group, leader: m.current_leader });
+        }
+        (m.last_log_index.unwrap_or(0), m.current_term)
+    };
+    let head = view.chain_head();
+    Ok(ChainCursor { next_batch: head.batch + 1, prev: head.link, next_index: last_index + 1, term })
+}
+
+fn now_unix_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// Signs `commands` as the next batch of the chain: a leaf per published message, then a
+/// leaf per ack of a message still stored. Without any leaf the entry goes unsealed.
+fn seal(group: GroupId, sealing: &Sealing, cursor: &mut ChainCursor, commands: Vec<Command>) -> (Command, Option<SealedInfo>) {
+    let mut message_leaves = Vec::new();
+    let mut acks = Vec::new();
+    for (i, command) in commands.iter().enumerate() {
+        match command {
+            Command::Publish { messages, .. } => message_leaves.extend(messages.iter().map(|m| m.message.leaf())),
+            Command::Ack { mailbox, positions, attempts, .. } => {
+                for (j, position) in positions.iter().enumerate() {
+                    // A message gone meanwhile (acked twice) has nothing to sign.
+                    if let Ok(Some((accepted_unix_ms, facts))) = sealing.view.ack_claim(*mailbox, *position, attempts.get(j).copied()) {
+                        acks.push(SealedAck { command: i as u32, position: *position, accepted_unix_ms, facts });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if message_leaves.is_empty() && acks.is_empty() {
+        return (plain(commands), None);
+    }
+    let header = BatchHeader {
+        version: EVIDENCE_VERSION,
+        shard: group,
+        batch: cursor.next_batch,
+        log_term: cursor.term,
+        log_index: cursor.next_index,
+        timestamp_unix_ms: 0,
+        leaf_count: 0,
+        root: [0; 32],
+        prev: cursor.prev,
+        key_id: String::new(),
+    };
+    let (batch, tree) = sealing.signer.seal(now_unix_ms, |now| {
+        let mut leaves = message_leaves;
+        for ack in &mut acks {
+            ack.facts.acked_unix_ms = now;
+            leaves.push(ack_leaf(&ack.facts));
+        }
+        (leaves, header)
+    });
+    cursor.next_batch += 1;
+    cursor.prev = batch.link();
+    let seal = Seal { batch: batch.clone(), leaves: tree.leaves().to_vec(), acks: acks.clone() };
+    let info = SealedInfo { tree, batch, acks, view: sealing.view.clone() };
+    (Command::Sealed { seal, commands }, Some(info))
+}
+
+fn answer_all(replies: Vec<oneshot::Sender<WriteOutcome>>, e: &BrokerError) {
+    replies.into_iter().for_each(|reply| drop(reply.send(Err(e.clone()))));
+}
+
+/// Answers every proposal of one entry from its outcome; sealed commands get receipts.
+fn answer_entry(
+    group: GroupId,
+    outcome: Result<ClientWriteResponse<TypeConfig>, BrokerError>,
+    mut replies: Vec<oneshot::Sender<WriteOutcome>>,
+    sealed: Option<SealedInfo>,
+    stale: &AtomicBool,
+) {
+    let response = match outcome {
+        Ok(r) => r,
+        Err(e) => {
+            stale.store(true, Ordering::SeqCst);
+            return answer_all(replies, &e);
+        }
+    };
+    let (index, count) = (response.log_id.index, replies.len());
+    match (response.data, sealed) {
+        (CommandResult::Sealed { results, evidence }, Some(info)) if results.len() == count && evidence.len() == count => {
+            for (k, ((reply, result), refs)) in replies.into_iter().zip(results).zip(evidence).enumerate() {
+                let _ = reply.send(Ok((index, with_receipts(&info, k, result, refs))));
+            }
+        }
+        // A sealed entry refused as a whole: its batch no longer extends the chain there.
+        (CommandResult::Rejected(e), Some(_)) => {
+            stale.store(true, Ordering::SeqCst);
+            answer_all(replies, &e);
+        }
+        (result, None) if count == 1 => {
+            if let Some(reply) = replies.pop() {
+                let _ = reply.send(Ok((index, result)));
+            }
+        }
+        (CommandResult::Batch(results), None) if results.len() == count => {
             for (reply, result) in replies.into_iter().zip(results) {
                 let _ = reply.send(Ok((index, result)));
             }
         }
-        Ok((_, other)) => {
-            let e = BrokerError::Internal(format!("batch of {count} commands answered with {other:?}"));
-            replies.into_iter().for_each(|reply| drop(reply.send(Err(e.clone()))));
+        (other, _) => {
+            stale.store(true, Ordering::SeqCst);
+            answer_all(replies, &BrokerError::Internal(format!("group {group}: {count} commands answered with {other:?}")));
         }
-        Err(e) => replies.into_iter().for_each(|reply| drop(reply.send(Err(e.clone())))),
     }
 }
 
-async fn client_write(group: GroupId, raft: &Raft<TypeConfig>, command: Command) -> WriteOutcome {
-    match raft.client_write(command).await {
-        Ok(resp) => Ok((resp.log_id.index, resp.data)),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => Err(BrokerError::NotLeader { group, leader: f.leader_id }),
-        Err(RaftError::APIError(e)) => Err(BrokerError::Internal(e.to_string())),
-        Err(RaftError::Fatal(e)) => Err(BrokerError::Unavailable(format!("group {group} stopped: {e}"))),
+/// Command `k`'s result with the receipts of its messages or acks.
+fn with_receipts(info: &SealedInfo, k: usize, result: CommandResult, refs: Vec<EvidenceRef>) -> CommandResult {
+    if refs.is_empty() {
+        return result;
+    }
+    let receipt = |r: &EvidenceRef| -> Option<Receipt> {
+        match *r {
+            EvidenceRef::None => None,
+            EvidenceRef::Leaf(i) => info.tree.receipt(usize::try_from(i).ok()?, &info.batch),
+            EvidenceRef::Stored { batch, index, .. } => info.view.receipt(batch, index).ok().flatten(),
+        }
+    };
+    match result {
+        CommandResult::Published(_) => {
+            let receipts = refs
+                .iter()
+                .map(|r| {
+                    let first_accepted_unix_ms = match r {
+                        EvidenceRef::Stored { accepted_unix_ms, .. } => Some(*accepted_unix_ms),
+                        _ => None,
+                    };
+                    Some(MessageReceipt { receipt: receipt(r)?, first_accepted_unix_ms })
+                })
+                .collect();
+            CommandResult::Receipted { result: Box::new(result), receipts, deliveries: Vec::new() }
+        }
+        CommandResult::Acked(_) => {
+            let acks = info.acks.iter().filter(|a| a.command as usize == k);
+            let deliveries: Vec<(Position, ArchivedDelivery)> = acks
+                .zip(&refs)
+                .filter_map(|(a, r)| Some((a.position, ArchivedDelivery { facts: a.facts.clone(), receipt: receipt(r)? })))
+                .collect();
+            CommandResult::Receipted { result: Box::new(result), receipts: Vec::new(), deliveries }
+        }
+        other => other,
+    }
+}
+
+fn write_error(group: GroupId, e: RaftError<crate::model::NodeId, ClientWriteError<crate::model::NodeId, openraft::BasicNode>>) -> BrokerError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => BrokerError::NotLeader { group, leader: f.leader_id },
+        RaftError::APIError(e) => BrokerError::Internal(e.to_string()),
+        RaftError::Fatal(e) => BrokerError::Unavailable(format!("group {group} stopped: {e}")),
     }
 }

@@ -197,7 +197,7 @@ fn archive() -> Archive {
         head: batches[4].link(),
         keys,
         batches,
-        messages: receipts.into_iter().map(|(facts, _, receipt)| ArchivedMessage { facts, receipt }).collect(),
+        messages: receipts.into_iter().map(|(facts, _, receipt)| ArchivedMessage { facts, receipt, delivery: None }).collect(),
     }
 }
 
@@ -249,7 +249,7 @@ fn an_archive_verifies_offline_and_detects_tampering() {
         head: batch.link(),
         keys: forged_keys,
         batches: vec![batch],
-        messages: vec![ArchivedMessage { facts: a.messages[0].facts.clone(), receipt: receipts[0].clone() }],
+        messages: vec![ArchivedMessage { facts: a.messages[0].facts.clone(), receipt: receipts[0].clone(), delivery: None }],
     };
     assert!(forged.verify(None).is_ok(), "self-consistent");
     assert!(forged.verify(Some(&trusted)).is_err(), "but not signed by a trusted key");

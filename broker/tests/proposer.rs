@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kerwen_broker::model::{Command, CommandResult, NewMessage, Position, StoredMessage, TypeConfig};
 use kerwen_broker::proposer::{Proposer, ProposerConfig};
-use kerwen_broker::storage::{StateMachine, Store};
+use kerwen_broker::storage::{ShardView, StateMachine, Store};
 use kerwen_broker::BrokerError;
 use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -63,6 +63,7 @@ fn publish(id: usize) -> Command {
         sender: String::new(),
         headers: Vec::new(),
         payload: vec![b'x'; 100].into(),
+        payload_sha256: [0; 32],
         ordering_key: None,
         accepted_unix_ms: 1,
         ttl_ms: None,
@@ -74,13 +75,17 @@ fn publish(id: usize) -> Command {
 }
 
 async fn single_node_leader(dir: &std::path::Path) -> Raft<TypeConfig> {
+    single_node_shard(dir).await.0
+}
+
+async fn single_node_shard(dir: &std::path::Path) -> (Raft<TypeConfig>, Arc<ShardView>) {
     let store = Store::open(dir).expect("open store");
-    let (sm, _view) = StateMachine::open_shard(store.clone(), 1).expect("open shard");
+    let (sm, view) = StateMachine::open_shard(store.clone(), 1).expect("open shard");
     let config = Arc::new(Config { heartbeat_interval: 100, election_timeout_min: 300, election_timeout_max: 600, ..Default::default() }.validate().expect("config"));
     let raft = Raft::new(1, config, NoPeers, store.log_store(1), sm).await.expect("raft");
     raft.initialize(BTreeMap::from([(1, BasicNode::default())])).await.expect("initialize");
     raft.wait(Some(Duration::from_secs(30))).current_leader(1, "leader").await.expect("becomes leader");
-    raft
+    (raft, view)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -128,5 +133,81 @@ async fn writes_to_a_follower_are_refused_with_not_leader() {
     let proposer = Proposer::start(1, raft.clone(), ProposerConfig::default());
     let outcome = proposer.write(publish(0)).await;
     assert!(matches!(outcome, Err(BrokerError::NotLeader { group: 1, leader: None })), "{outcome:?}");
+    raft.shutdown().await.expect("shutdown");
+}
+
+/// With sealing, concurrent publishes each get a receipt that verifies against the signing
+/// key, every sealed entry extends the shard's chain, and an entry signed for another log
+/// position is refused as a whole (retryable) without storing anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_writes_get_verifiable_receipts_and_a_mispositioned_batch_is_refused() {
+    use ed25519_dalek::SigningKey;
+    use kerwen_broker::evidence::{seal_batch, BatchHeader, KeyRing, PublicKeyRecord, EvidenceSigner, EVIDENCE_VERSION};
+    use kerwen_broker::model::{MessageReceipt, Seal};
+    use kerwen_broker::proposer::Sealing;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (raft, view) = single_node_shard(dir.path()).await;
+    let key = SigningKey::from_bytes(&[5; 32]);
+    let keys = KeyRing::new([PublicKeyRecord::of("node-1-test", &key, 0)]);
+    let sealing = Sealing { signer: Arc::new(EvidenceSigner::new("node-1-test".into(), key.clone())), view: view.clone() };
+    let proposer = Arc::new(Proposer::start_sealing(1, raft.clone(), ProposerConfig::default(), Some(sealing)));
+
+    const WRITES: usize = 200;
+    let writes: Vec<_> = (0..WRITES)
+        .map(|i| {
+            let proposer = proposer.clone();
+            tokio::spawn(async move { (i, proposer.write(publish(i)).await) })
+        })
+        .collect();
+    for handle in writes {
+        let (i, outcome) = handle.await.expect("writer task");
+        let Ok((_, result)) = outcome else { panic!("write {i}: {outcome:?}") };
+        let (result, receipts, _) = result.split_receipts();
+        assert!(matches!(result, CommandResult::Published(_)), "write {i}: {result:?}");
+        let [Some(MessageReceipt { receipt, first_accepted_unix_ms: None })] = receipts.as_slice() else {
+            panic!("write {i}: one receipt expected, got {receipts:?}")
+        };
+        let Command::Publish { messages, .. } = publish(i) else { unreachable!() };
+        receipt.verify_message(&messages[0].message.facts(), &keys).unwrap_or_else(|e| panic!("write {i}: {e}"));
+    }
+    let head = view.chain_head();
+    assert!(head.batch >= 1 && head.batch <= WRITES as u64, "chain head {head:?}");
+
+    // A batch that names a log position other than its entry's is refused, nothing applied.
+    let last = raft.metrics().borrow().last_log_index.unwrap_or(0);
+    let header = BatchHeader {
+        version: EVIDENCE_VERSION,
+        shard: 1,
+        batch: head.batch + 1,
+        log_term: raft.metrics().borrow().current_term,
+        log_index: last + 5,
+        timestamp_unix_ms: 1,
+        leaf_count: 0,
+        root: [0; 32],
+        prev: head.link,
+        key_id: "node-1-test".into(),
+    };
+    let Command::Publish { messages, .. } = publish(WRITES) else { unreachable!() };
+    let (batch, tree) = seal_batch(vec![messages[0].message.leaf()], header, &key);
+    let seal = Seal { batch, leaves: tree.leaves().to_vec(), acks: Vec::new() };
+    let response = raft.client_write(Command::Sealed { seal, commands: vec![publish(WRITES)] }).await.expect("write");
+    assert!(matches!(response.data, CommandResult::Rejected(BrokerError::Unavailable(_))), "{:?}", response.data);
+    assert_eq!(view.chain_head(), head, "the refused batch did not extend the chain");
+    assert!(view.stats(1, &[0, 1]).expect("stats").messages == WRITES as u64, "the refused publish stored nothing");
+
+    // The proposer's next entry, predicted where the foreign one went, is refused as
+    // retryable too; it re-reads the chain and the retry (as the node's router does) lands.
+    let mut attempts = 0;
+    let result = loop {
+        attempts += 1;
+        match proposer.write(publish(WRITES + 1)).await {
+            Ok((_, result)) => break result,
+            Err(e) if e.is_retryable() && attempts < 5 => continue,
+            Err(e) => panic!("write after a refusal, attempt {attempts}: {e}"),
+        }
+    };
+    assert!(matches!(result, CommandResult::Receipted { .. }), "{result:?}");
+    assert_eq!(view.chain_head().batch, head.batch + 1);
     raft.shutdown().await.expect("shutdown");
 }

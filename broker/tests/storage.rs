@@ -50,6 +50,7 @@ fn message(id: &str, partition: u32, payload: &str) -> NewMessage {
             sender: String::new(),
             headers: vec![("traceparent".into(), "00-abc".into())],
             payload: payload.as_bytes().to_vec().into(),
+            payload_sha256: [0; 32],
             ordering_key: None,
             accepted_unix_ms: 1,
             ttl_ms: None,
@@ -405,6 +406,7 @@ fn at(mut m: NewMessage, accepted_unix_ms: i64) -> NewMessage {
 fn limits(window_ms: u64, max_messages: u64, max_bytes: u64) -> Vec<ShardLimits> {
     vec![ShardLimits {
         sender_max_stored_bytes: None,
+        evidence_retention_ms: kerwen_broker::model::MailboxLimits::DEFAULT_EVIDENCE_RETENTION_MS,
         mailbox: 1,
         service: "TM/GOV/MINFIN/tax/declarations".into(),
         dedup_window_ms: window_ms,

@@ -96,7 +96,7 @@ fn free_addresses(n: usize) -> anyhow::Result<Vec<SocketAddr>> {
 
 impl EmbeddedCluster {
     /// Starts the nodes and waits until every Raft group has a leader.
-    pub async fn start(shards: u32, max_payload_bytes: usize, insecure: bool) -> anyhow::Result<EmbeddedCluster> {
+    pub async fn start(shards: u32, max_payload_bytes: usize, insecure: bool, evidence: bool) -> anyhow::Result<EmbeddedCluster> {
         let dir = tempfile::Builder::new().prefix("kerwen-loadtest-").tempdir().context("creating a temporary directory")?;
         let addresses = free_addresses(2 * NODES as usize)?;
         let (client_addresses, peer_addresses) = addresses.split_at(NODES as usize);
@@ -132,6 +132,7 @@ impl EmbeddedCluster {
                 data_dir: Some(dir.path().join(format!("node-{id}"))),
                 shards: Some(shards),
                 max_payload_bytes: Some(max_payload_bytes.max(DEFAULT_MAX_PAYLOAD_BYTES)),
+                no_evidence: !evidence,
                 ..ServeArgs::default()
             }
             .resolve()

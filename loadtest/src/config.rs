@@ -66,6 +66,10 @@ pub struct Knobs {
     #[arg(long)]
     #[serde(default)]
     pub insecure: bool,
+    /// With `--embedded`: nodes that sign no evidence (to measure what signing costs).
+    #[arg(long, requires = "embedded")]
+    #[serde(default)]
+    pub no_evidence: bool,
     /// Data shards of the embedded cluster [default: 3].
     #[arg(long)]
     pub shards: Option<u32>,
@@ -149,6 +153,7 @@ impl Knobs {
             shards: self.shards.or(file.shards),
             profile: self.profile.or(file.profile),
             insecure: self.insecure || file.insecure,
+            no_evidence: self.no_evidence || file.no_evidence,
             producers: self.producers.or(file.producers),
             consumers: self.consumers.or(file.consumers),
             mailboxes: self.mailboxes.or(file.mailboxes),
@@ -184,7 +189,7 @@ pub enum Target {
     /// A running cluster: its endpoints (default: the profile's) and how to authenticate.
     Cluster { endpoints: Option<String>, profile: Option<PathBuf>, insecure: bool },
     /// A 3-node cluster started in this process (plaintext with `insecure`).
-    Embedded { shards: u32, insecure: bool },
+    Embedded { shards: u32, insecure: bool, evidence: bool },
 }
 
 /// A payload size: fixed, or drawn uniformly from an inclusive range.
@@ -419,7 +424,7 @@ impl Config {
                 }
                 Target::Cluster { endpoints: Some(e), profile: k.profile, insecure: k.insecure }
             }
-            (None, true) => Target::Embedded { shards: k.shards.unwrap_or(3), insecure: k.insecure },
+            (None, true) => Target::Embedded { shards: k.shards.unwrap_or(3), insecure: k.insecure, evidence: !k.no_evidence },
             (None, false) => Target::Cluster { endpoints: None, profile: k.profile, insecure: k.insecure },
         };
         if let Target::Embedded { shards, .. } = target {
@@ -606,7 +611,7 @@ mod tests {
         let flags = Knobs { producers: Some(8), duration: Some("5s".into()), ..Default::default() };
         let c = Config::resolve(flags.or(file), "x".into()).unwrap();
         assert_eq!(c.name, "fixed");
-        assert_eq!(c.target, Target::Embedded { shards: 3, insecure: false });
+        assert_eq!(c.target, Target::Embedded { shards: 3, insecure: false, evidence: true });
         assert_eq!(c.rate, Some(2000));
         assert_eq!(c.producers, 8);
         assert_eq!(c.duration, Duration::from_secs(5));

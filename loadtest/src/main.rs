@@ -93,10 +93,10 @@ async fn app(config: Config) -> anyhow::Result<ExitCode> {
     });
 
     let (mut cluster, connection) = match &config.target {
-        Target::Embedded { shards, insecure } => {
+        Target::Embedded { shards, insecure, evidence } => {
             eprintln!("starting an embedded 3-node cluster ({shards} shards)...");
             let max_payload = usize::try_from(config.size.max()).unwrap_or(usize::MAX);
-            let c = EmbeddedCluster::start(*shards, max_payload, *insecure).await?;
+            let c = EmbeddedCluster::start(*shards, max_payload, *insecure, *evidence).await?;
             eprintln!("embedded cluster ready at {}", c.connection.endpoints);
             let connection = c.connection.clone();
             (Some(c), connection)

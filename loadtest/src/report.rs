@@ -78,9 +78,11 @@ pub fn summary(config: &Config, outcome: &Outcome) -> String {
     let t = &outcome.totals;
     let mut out = String::new();
     let target = match &config.target {
-        Target::Embedded { shards, insecure } => {
-            format!("embedded 3-node cluster, {shards} shards, {}", if *insecure { "plaintext" } else { "mutual TLS" })
-        }
+        Target::Embedded { shards, insecure, evidence } => format!(
+            "embedded 3-node cluster, {shards} shards, {}, {}",
+            if *insecure { "plaintext" } else { "mutual TLS" },
+            if *evidence { "signing evidence" } else { "no evidence (--no-evidence)" }
+        ),
         Target::Cluster { endpoints, insecure, .. } => format!(
             "{}{}",
             endpoints.as_deref().unwrap_or("the profile's endpoints"),
@@ -196,10 +198,11 @@ fn first_line_with(path: &str, key: &str) -> Option<String> {
 /// What the numbers were measured on.
 pub fn environment(config: &Config) -> serde_json::Value {
     let cluster = match &config.target {
-        Target::Embedded { shards, insecure } => json!({
+        Target::Embedded { shards, insecure, evidence } => json!({
             "kind": "embedded",
             "nodes": cluster::NODES,
             "shards": shards,
+            "evidence": evidence,
             "note": "3 nodes inside the load generator's process, sharing its cores",
             "transport": if *insecure { "plaintext (--insecure)" } else { "mutual TLS 1.3" },
         }),

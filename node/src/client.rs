@@ -102,7 +102,8 @@ impl Client {
     }
 
     pub fn admin(&self) -> AdminClient<Channel> {
-        AdminClient::new(self.channel.clone())
+        // Evidence exports can be large.
+        AdminClient::new(self.channel.clone()).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES)
     }
 
     /// The channel to the current endpoint, for other gRPC clients (health checks).
@@ -344,7 +345,7 @@ impl Client {
                 tx.send(start).await.map_err(|_| Status::internal("request stream closed"))?;
                 let mut client = ExchangeClient::new(ch).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
                 let inbound = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
-                Ok(Subscription { tx, inbound, acked: 0, received: Default::default() })
+                Ok(Subscription { tx, inbound, acked: 0, received: Default::default(), ack_receipts: Vec::new() })
             }
         })
         .await
@@ -395,6 +396,8 @@ pub struct Subscription {
     /// The attempt each position was last received as, until its ack is confirmed: acks
     /// name it, so an ack of an attempt the cluster has since redelivered is not applied.
     received: std::collections::HashMap<(u32, u64), u32>,
+    /// Delivery receipts of confirmed acks, until taken.
+    ack_receipts: Vec<kerwen_proto::v1::AckReceipt>,
 }
 
 impl Subscription {
@@ -414,18 +417,18 @@ impl Subscription {
         let attempts: Option<Vec<u32>> =
             positions.iter().map(|p| self.received.get(&(p.partition, p.sequence)).copied()).collect();
         let attempts = attempts.unwrap_or_default();
-        self.send(subscribe_request::Request::Ack(Settle { positions, delay_ms: None, attempts })).await
+        self.send(subscribe_request::Request::Ack(Settle { positions, delay_ms: None, attempts, receipts: Vec::new() })).await
     }
 
     /// Gives messages back for redelivery after the mailbox's back-off.
     pub async fn nack(&self, positions: Vec<Position>) -> Result<(), Status> {
-        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms: None, attempts: Vec::new() })).await
+        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms: None, attempts: Vec::new(), receipts: Vec::new() })).await
     }
 
     /// Gives messages back for redelivery no earlier than `delay` from now.
     pub async fn nack_after(&self, positions: Vec<Position>, delay: Duration) -> Result<(), Status> {
         let delay_ms = Some(delay.as_millis() as u64);
-        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms, attempts: Vec::new() })).await
+        self.send(subscribe_request::Request::Nack(Settle { positions, delay_ms, attempts: Vec::new(), receipts: Vec::new() })).await
     }
 
     /// Extends the leases of messages this stream holds to end `lease` from now.
@@ -454,6 +457,7 @@ impl Subscription {
                         self.received.remove(&(p.partition, p.sequence));
                     }
                     self.acked += s.positions.len() as u64;
+                    self.ack_receipts.extend(s.receipts);
                     return Ok(Some(Event::Acked(s.positions)));
                 }
                 None => continue,
@@ -470,6 +474,11 @@ impl Subscription {
                 None => return Ok(None),
             }
         }
+    }
+
+    /// The delivery receipts of the acks confirmed since the last call.
+    pub fn take_ack_receipts(&mut self) -> Vec<kerwen_proto::v1::AckReceipt> {
+        std::mem::take(&mut self.ack_receipts)
     }
 
     /// Number of acks confirmed so far on this stream.

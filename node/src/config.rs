@@ -83,6 +83,16 @@ pub struct ServeArgs {
     #[arg(long, env = "KERWEN_ENABLE_FAULT_INJECTION")]
     #[serde(default)]
     pub enable_fault_injection: bool,
+    /// Do not sign messages and acks: publishes and deliveries carry no receipts. Only for
+    /// measuring what signing costs; a cluster's nodes must agree on it.
+    #[arg(long, env = "KERWEN_NO_EVIDENCE")]
+    #[serde(default)]
+    pub no_evidence: bool,
+    /// Disk the evidence log (records kept after payloads are purged, and signed batches) may
+    /// take on this node, in bytes. Past 80% the node warns; once reached it refuses publishes
+    /// until retention frees space or the budget is raised [default: 100 GiB].
+    #[arg(long, env = "KERWEN_EVIDENCE_BUDGET_BYTES")]
+    pub evidence_budget_bytes: Option<u64>,
 }
 
 /// A complete, validated node configuration.
@@ -103,6 +113,9 @@ pub struct NodeConfig {
     pub snapshot_after_entries: u64,
     pub proposals_in_flight: usize,
     pub enable_fault_injection: bool,
+    /// Sign messages and acks (off only with `--no-evidence`).
+    pub evidence: bool,
+    pub evidence_budget_bytes: u64,
 }
 
 /// How a node protects its ports.
@@ -125,6 +138,7 @@ pub const DEFAULT_MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SNAPSHOT_AFTER_ENTRIES: u64 = 20_000;
 pub const DEFAULT_PROPOSALS_IN_FLIGHT: usize = 2;
+pub const DEFAULT_EVIDENCE_BUDGET_BYTES: u64 = 100 * 1024 * 1024 * 1024;
 
 /// Parses `1=host:port,2=host:port`.
 pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
@@ -222,6 +236,8 @@ impl ServeArgs {
             snapshot_after_entries: snapshot_after_entries(self.snapshot_after_entries.or(file.snapshot_after_entries))?,
             proposals_in_flight,
             enable_fault_injection: self.enable_fault_injection || file.enable_fault_injection,
+            evidence: !(self.no_evidence || file.no_evidence),
+            evidence_budget_bytes: self.evidence_budget_bytes.or(file.evidence_budget_bytes).unwrap_or(DEFAULT_EVIDENCE_BUDGET_BYTES),
         })
     }
 }

@@ -10,7 +10,8 @@
 //! - [`tls`]: mutual TLS on both ports, certificate reload; [`pki`]: dev/test certificates.
 //! - [`auth`]: the caller's identity and the access check at the edge; [`quota`]: publish
 //!   rate limits per subsystem.
-//! - [`signing`]: the node's evidence signing key and its publication.
+//! - [`signing`]: the node's evidence signing key, its publication and rotation;
+//!   [`receipts`]: evidence receipts to and from their protobuf form.
 //! - [`status`]: broker errors → gRPC status codes.
 //! - [`testing`]: test hooks (fault injection).
 
@@ -22,6 +23,7 @@ pub mod dev;
 pub mod pki;
 pub mod profile;
 pub mod quota;
+pub mod receipts;
 pub mod runtime;
 pub mod server;
 pub mod signing;

@@ -14,7 +14,8 @@ use kerwen_broker::model::{
     Command, CommandResult, DeliveryPolicy, GroupId, LargePayload, Leased, MailboxId, MailboxInfo, NodeId, PartitionStats, Position, ShardLimits,
     TypeConfig, METADATA_GROUP,
 };
-use kerwen_broker::proposer::{Proposer, ProposerConfig, WriteOutcome};
+use kerwen_broker::evidence::{Archive, EvidenceSigner};
+use kerwen_broker::proposer::{Proposer, ProposerConfig, Sealing, WriteOutcome};
 use kerwen_broker::storage::state_machine::DeadLetterSummary;
 use kerwen_broker::storage::{MetaView, ShardView, StateMachine, Store};
 use kerwen_broker::BrokerError;
@@ -39,6 +40,10 @@ const SWEEP_BUDGET: usize = 1_024;
 const UPLOAD_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Sweep rounds between two looks for abandoned uploads (about a minute).
 const UPLOAD_SWEEP_EVERY: u64 = 240;
+/// Sweep rounds between two measurements of the evidence log's disk use (a few seconds).
+const EVIDENCE_CHECK_EVERY: u64 = 8;
+/// Sweep rounds between two warnings of an evidence log near its budget (about a minute).
+const EVIDENCE_WARN_EVERY: u64 = 240;
 
 /// Arguments of a forwarded fetch (lease messages to a consumer).
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,6 +85,8 @@ pub enum ReadQuery {
     Authorize { who: Principal, action: Action },
     /// Metadata group: the whole access-control state.
     Access,
+    /// Data shard: the evidence of a mailbox's messages accepted in a time range.
+    Evidence { mailbox: MailboxId, from_unix_ms: i64, to_unix_ms: i64 },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -93,7 +100,11 @@ pub enum ReadAnswer {
     LargePayload(Option<LargePayload>),
     Authorized(Result<(), Denied>),
     Access(AccessControl),
+    Evidence(Option<Archive>),
 }
+
+/// Most messages one shard exports in one archive.
+pub const MAX_EXPORT_MESSAGES: usize = 100_000;
 
 /// One Raft group hosted on this node.
 pub struct Group<V> {
@@ -104,8 +115,8 @@ pub struct Group<V> {
 }
 
 impl<V> Group<V> {
-    fn new(id: GroupId, raft: Raft<TypeConfig>, view: Arc<V>, config: ProposerConfig) -> Self {
-        let proposer = Proposer::start(id, raft.clone(), config);
+    fn new(id: GroupId, raft: Raft<TypeConfig>, view: Arc<V>, config: ProposerConfig, sealing: Option<Sealing>) -> Self {
+        let proposer = Proposer::start_sealing(id, raft.clone(), config, sealing);
         Self { raft, proposer, view }
     }
 }
@@ -119,7 +130,11 @@ pub struct NodeRuntime {
     /// Publish rate limits of the subsystems sending through this node.
     pub rate_limiter: RateLimiter,
     /// The key this node signs evidence with (published in the metadata group).
-    pub signing_key: NodeSigningKey,
+    pub signer: Arc<EvidenceSigner>,
+    /// Held while the signing key is rotated.
+    pub key_rotation: tokio::sync::Mutex<()>,
+    /// Disk the evidence log takes on this node (approximate, refreshed by the sweeper).
+    evidence_bytes: std::sync::atomic::AtomicU64,
     pub shards: BTreeMap<GroupId, Group<ShardView>>,
     /// Subscriptions served here that have not yet released their leases. Leases are
     /// replicated, so one not released before the node stops would hold its messages until
@@ -172,18 +187,32 @@ impl NodeRuntime {
 
         let (sm, view) = StateMachine::open_metadata(store.clone())?;
         let raft = Raft::new(config.node_id, raft_config.clone(), transport(METADATA_GROUP), store.log_store(METADATA_GROUP), sm).await?;
-        let meta = Group::new(METADATA_GROUP, raft, view, proposer_config);
+        let meta = Group::new(METADATA_GROUP, raft, view, proposer_config, None);
 
+        let signing_key = NodeSigningKey::load_or_create(&config.data_dir, config.node_id)?;
+        let public_key = signing_key.public_record();
+        let signer = Arc::new(EvidenceSigner::new(signing_key.key_id, signing_key.key));
         let mut shards = BTreeMap::new();
         for group in 1..=config.shards {
             let (sm, view) = StateMachine::open_shard(store.clone(), group)?;
             let raft = Raft::new(config.node_id, raft_config.clone(), transport(group), store.log_store(group), sm).await?;
-            shards.insert(group, Group::new(group, raft, view, proposer_config));
+            let sealing = config.evidence.then(|| Sealing { signer: signer.clone(), view: view.clone() });
+            shards.insert(group, Group::new(group, raft, view, proposer_config, sealing));
         }
 
         let subscriptions = tokio::sync::watch::channel(0).0;
-        let signing_key = NodeSigningKey::load_or_create(&config.data_dir, config.node_id)?;
-        let runtime = Self { config, store, peers, meta, shards, subscriptions, rate_limiter: RateLimiter::default(), signing_key };
+        let runtime = Self {
+            config,
+            store,
+            peers,
+            meta,
+            shards,
+            subscriptions,
+            rate_limiter: RateLimiter::default(),
+            signer,
+            key_rotation: tokio::sync::Mutex::new(()),
+            evidence_bytes: std::sync::atomic::AtomicU64::new(0),
+        };
         let members: BTreeMap<NodeId, BasicNode> =
             runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
         for (_, raft) in runtime.all_rafts() {
@@ -196,7 +225,7 @@ impl NodeRuntime {
         tracing::info!(node = config.node_id, shards = config.shards, listen = %config.listen, "node started");
         let runtime = Arc::new(runtime);
         runtime.run_sweeper();
-        crate::signing::spawn_registration(Arc::downgrade(&runtime), runtime.signing_key.public_record());
+        crate::signing::spawn_registration(Arc::downgrade(&runtime), public_key);
         Ok(runtime)
     }
 
@@ -345,7 +374,10 @@ impl NodeRuntime {
                 if picked.is_empty() {
                     None
                 } else {
-                    let got = self.lease(group, &args, picked, now).await?;
+                    let mut got = self.lease(group, &args, picked, now).await?;
+                    for leased in &mut got {
+                        leased.receipt = shard.view.message_receipt(args.mailbox, &leased.message)?;
+                    }
                     (!got.is_empty()).then_some(got)
                 }
             };
@@ -388,6 +420,9 @@ impl NodeRuntime {
         if round % UPLOAD_SWEEP_EVERY == 0 {
             self.abort_stale_uploads().await;
         }
+        if round % EVIDENCE_CHECK_EVERY == 0 {
+            self.check_evidence_budget(round);
+        }
         for (group, shard) in self.led_shards() {
             let now = now_unix_ms();
             let candidates = match shard.view.sweep_candidates(now, SWEEP_BUDGET) {
@@ -408,6 +443,63 @@ impl NodeRuntime {
                 }
             }
         }
+    }
+
+    /// Measures the evidence log's disk use and warns (at most once a minute) past 80% of
+    /// the budget; publishes are refused once it is reached (see [`Self::admit_evidence`]).
+    fn check_evidence_budget(&self, round: u64) {
+        let used: u64 = self.shards.values().map(|g| g.view.evidence_disk_bytes()).sum();
+        self.evidence_bytes.store(used, std::sync::atomic::Ordering::Relaxed);
+        let budget = self.config.evidence_budget_bytes;
+        if used.saturating_mul(10) >= budget.saturating_mul(8) && round % EVIDENCE_WARN_EVERY < EVIDENCE_CHECK_EVERY {
+            tracing::error!(
+                used_bytes = used,
+                budget_bytes = budget,
+                "the evidence log uses {}% of its disk budget; at 100% publishes are refused. \
+                 Raise --evidence-budget-bytes (with disk to match) or shorten mailboxes' evidence retention",
+                used.saturating_mul(100) / budget.max(1)
+            );
+        }
+    }
+
+    /// Evidence disk use and budget, as last measured.
+    pub fn evidence_usage(&self) -> (u64, u64) {
+        (self.evidence_bytes.load(std::sync::atomic::Ordering::Relaxed), self.config.evidence_budget_bytes)
+    }
+
+    /// Refuses a publish once the evidence log has filled its disk budget: a message whose
+    /// evidence could not be kept must not be accepted.
+    pub fn admit_evidence(&self) -> Result<(), BrokerError> {
+        let (used, budget) = self.evidence_usage();
+        if self.config.evidence && used >= budget {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "node {}: the evidence log has filled its disk budget ({used} of {budget} bytes); \
+                 the operator must raise --evidence-budget-bytes or shorten evidence retention",
+                self.node_id()
+            )));
+        }
+        Ok(())
+    }
+
+    /// The evidence of `info`'s messages accepted in `[from, to]`: one archive per shard
+    /// holding any, with the cluster's public keys.
+    pub async fn export_evidence(&self, info: &MailboxInfo, from_unix_ms: i64, to_unix_ms: i64) -> Result<Vec<Archive>, BrokerError> {
+        let keys = self.access().await?.signing_keys().clone();
+        let mut archives = Vec::new();
+        for shard in info.partitions_by_shard().into_keys() {
+            let query = ReadQuery::Evidence { mailbox: info.id, from_unix_ms, to_unix_ms };
+            match self.read(shard, query).await? {
+                ReadAnswer::Evidence(Some(mut archive)) => {
+                    // Only the keys that signed something here: a verifier needs no others.
+                    let used: std::collections::BTreeSet<String> = archive.batches.iter().map(|b| b.header.key_id.clone()).collect();
+                    archive.keys.keys = keys.keys.iter().filter(|(id, _)| used.contains(*id)).map(|(id, k)| (id.clone(), k.clone())).collect();
+                    archives.push(archive);
+                }
+                ReadAnswer::Evidence(None) => {}
+                other => return Err(BrokerError::Internal(format!("unexpected answer {other:?}"))),
+            }
+        }
+        Ok(archives)
     }
 
     /// The data shards this node leads right now.
@@ -478,6 +570,9 @@ impl NodeRuntime {
             }
             ReadQuery::Authorize { who, action } => Ok(ReadAnswer::Authorized(self.meta.view.authorize(&who, &action))),
             ReadQuery::Access => Ok(ReadAnswer::Access(self.meta.view.access())),
+            ReadQuery::Evidence { mailbox, from_unix_ms, to_unix_ms } => Ok(ReadAnswer::Evidence(
+                self.shard(group)?.view.export(mailbox, from_unix_ms, to_unix_ms, MAX_EXPORT_MESSAGES)?,
+            )),
         }
     }
 

@@ -297,6 +297,7 @@ mod tests {
             sender: String::new(),
             headers: vec![],
             payload: vec![0u8; payload_bytes].into(),
+            payload_sha256: [0; 32],
             ordering_key: None,
             accepted_unix_ms: 0,
             ttl_ms: None,

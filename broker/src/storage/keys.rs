@@ -17,6 +17,9 @@
 //! | `state`       | group u32, `u`, mailbox u64, message id          | bincode `UploadState` (upload in progress) |
 //! | `state`       | group u32, `c`, upload u64, offset u64           | raw chunk bytes of a large payload |
 //! | `state`       | group u32, `N`                                   | next upload number |
+//! | `state`       | group u32, `E`, mailbox u64, accept ms u64, message id | bincode `EvidenceRecord` (outlives the payload) |
+//! | `state`       | group u32, `B`, batch u64                        | bincode `BatchRecord` (signed header and leaves) |
+//! | `state`       | group u32, `H`                                   | bincode `ChainHead` of the shard's evidence chain |
 //!
 //! Dead-letter partitions are partition numbers with the top bit set, so a mailbox's dead
 //! letters sort after its live messages.
@@ -42,6 +45,12 @@ pub const KIND_CHUNK: u8 = b'c';
 pub const KIND_NEXT_UPLOAD: u8 = b'N';
 /// Data shard: payload bytes stored for one sender subsystem (`S/sender`).
 pub const KIND_SENDER: u8 = b'S';
+/// Data shard: a message's evidence record (`E/mailbox/accept ms/id`), kept after purge.
+pub const KIND_EVIDENCE: u8 = b'E';
+/// Data shard: a signed evidence batch and its leaves (`B/batch`).
+pub const KIND_BATCH: u8 = b'B';
+/// Data shard: the head of the shard's evidence chain (`H`).
+pub const KIND_CHAIN_HEAD: u8 = b'H';
 /// Metadata group: a published evidence signing key (`K/key id`).
 pub const KIND_SIGNING_KEY: u8 = b'K';
 /// Metadata group: a registered subsystem (`M/subsystem`).
@@ -163,10 +172,30 @@ pub fn dedup_expiry_prefix(group: GroupId, mailbox: MailboxId) -> Vec<u8> {
 
 /// An entry of the dedup expiry index. Accept times before 1970 sort as 0.
 pub fn dedup_expiry_key(group: GroupId, mailbox: MailboxId, accepted_unix_ms: i64, id: &str) -> Vec<u8> {
-    let mut k = dedup_expiry_prefix(group, mailbox);
+    timed_id_key(dedup_expiry_prefix(group, mailbox), accepted_unix_ms, id)
+}
+
+/// `prefix`, accept time, message id: a mailbox's messages in accept-time order.
+fn timed_id_key(mut k: Vec<u8>, accepted_unix_ms: i64, id: &str) -> Vec<u8> {
     k.extend_from_slice(&u64::try_from(accepted_unix_ms).unwrap_or(0).to_be_bytes());
     k.extend_from_slice(id.as_bytes());
     k
+}
+
+/// Prefix of a mailbox's evidence records, ordered by accept time.
+pub fn evidence_prefix(group: GroupId, mailbox: MailboxId) -> Vec<u8> {
+    state_key(group, KIND_EVIDENCE, &mailbox.to_be_bytes())
+}
+
+/// The evidence record of a message (kept after its payload is purged). Its rest after
+/// [`evidence_prefix`] parses with [`parse_dedup_expiry`].
+pub fn evidence_key(group: GroupId, mailbox: MailboxId, accepted_unix_ms: i64, id: &str) -> Vec<u8> {
+    timed_id_key(evidence_prefix(group, mailbox), accepted_unix_ms, id)
+}
+
+/// A signed evidence batch of the shard and its leaves.
+pub fn batch_key(group: GroupId, batch: u64) -> Vec<u8> {
+    state_key(group, KIND_BATCH, &batch.to_be_bytes())
 }
 
 /// Splits the rest of an expiry key after its prefix into (accept ms, message id).

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use kerwen_broker::access::Principal;
-use kerwen_broker::evidence::{Archive, ArchivedMessage, KeyRing, PublicKeyRecord};
+use kerwen_broker::evidence::{Archive, ArchivedMessage, EvidenceExport, KeyRing, PublicKeyRecord};
 use kerwen_proto::v1 as pb;
 use serde_json::json;
 
@@ -306,7 +306,7 @@ pub enum EvidenceCommand {
     /// Verify a receipt (`{"facts": …, "receipt": …}`) or an archive offline: inclusion
     /// paths, signatures, key validity and the hash chain. Contacts no cluster.
     Verify {
-        /// The receipt or archive (JSON).
+        /// The receipt, archive or export (JSON).
         file: PathBuf,
         /// Trusted key ring (`kerwen evidence keys --json`); without it, an archive's own
         /// keys are used, which proves consistency but not who signed.
@@ -316,11 +316,38 @@ pub enum EvidenceCommand {
         #[arg(long)]
         payload: Option<PathBuf>,
     },
+    /// Write the evidence of a mailbox's messages (facts, receipts, delivery receipts, the
+    /// signed batches and public keys: no payloads) to stdout, offline-verifiable with
+    /// `kerwen evidence verify`. Works after the messages were acked and purged.
+    Export {
+        /// The mailbox (service id).
+        #[arg(long)]
+        mailbox: String,
+        /// Messages accepted at or after this time (Unix ms) [default: 0].
+        #[arg(long, default_value_t = 0)]
+        from: i64,
+        /// Messages accepted at or before this time (Unix ms) [default: now].
+        #[arg(long)]
+        to: Option<i64>,
+    },
+    /// Make the node serving this call sign with a new evidence key from now on; the old key
+    /// stays published (valid until now) so what it signed still verifies. Admins only.
+    RotateKey,
 }
 
 pub async fn evidence(opts: &ClientOpts, cmd: EvidenceCommand) -> anyhow::Result<()> {
-    if let EvidenceCommand::Verify { file, keys, payload } = cmd {
-        return verify_offline(opts, &file, keys.as_deref(), payload.as_deref());
+    match cmd {
+        EvidenceCommand::Verify { file, keys, payload } => return verify_offline(opts, &file, keys.as_deref(), payload.as_deref()),
+        EvidenceCommand::Export { mailbox, from, to } => return export(opts, mailbox, from, to).await,
+        EvidenceCommand::RotateKey => {
+            let client = connect(opts).await?;
+            let r = client.admin().rotate_signing_key(pb::RotateSigningKeyRequest {}).await.map_err(status_error)?.into_inner();
+            print_json_or(opts, json!({"node": r.node_id, "retired": r.retired_key_id, "new": r.new_key_id}), || {
+                println!("node {}: now signing with {}; {} retired", r.node_id, r.new_key_id, r.retired_key_id)
+            });
+            return Ok(());
+        }
+        EvidenceCommand::Keys => {}
     }
     let client = connect(opts).await?;
     let keys = client.access().list_signing_keys(pb::ListSigningKeysRequest {}).await.map_err(status_error)?.into_inner().keys;
@@ -348,6 +375,23 @@ pub async fn evidence(opts: &ClientOpts, cmd: EvidenceCommand) -> anyhow::Result
     Ok(())
 }
 
+/// `kerwen evidence export`: the archives of every shard, as one JSON document on stdout.
+async fn export(opts: &ClientOpts, mailbox: String, from: i64, to: Option<i64>) -> anyhow::Result<()> {
+    let client = connect(opts).await?;
+    let to = to.unwrap_or_else(crate::runtime::now_unix_ms);
+    let request = pb::ExportEvidenceRequest { mailbox: mailbox.clone(), from_unix_ms: from, to_unix_ms: to };
+    let response = client.admin().export_evidence(request).await.map_err(status_error)?.into_inner();
+    let archives = response
+        .archives
+        .iter()
+        .map(|a| serde_json::from_slice::<Archive>(a))
+        .collect::<Result<Vec<_>, _>>()
+        .context("the cluster sent an archive that does not parse")?;
+    let export = EvidenceExport { mailbox, archives };
+    println!("{}", serde_json::to_string(&export)?);
+    Ok(())
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
@@ -358,7 +402,16 @@ fn verify_offline(opts: &ClientOpts, file: &std::path::Path, keys: Option<&std::
     use sha2::Digest;
     let trusted: Option<KeyRing> = keys.map(read_json).transpose()?;
     let value: serde_json::Value = read_json(file)?;
-    let what = if value.get("batches").is_some() {
+    let what = if value.get("archives").is_some() {
+        let export: EvidenceExport = serde_json::from_value(value).context("not a valid evidence export")?;
+        if payload.is_some() {
+            bail!("--payload goes with a receipt, not an export");
+        }
+        export.verify(trusted.as_ref()).context("the export does not verify")?;
+        let messages: usize = export.archives.iter().map(|a| a.messages.len()).sum();
+        let delivered: usize = export.archives.iter().flat_map(|a| &a.messages).filter(|m| m.delivery.is_some()).count();
+        format!("export of {}: {} shard archives, {messages} messages, {delivered} with delivery receipts", export.mailbox, export.archives.len())
+    } else if value.get("batches").is_some() {
         let archive: Archive = serde_json::from_value(value).context("not a valid archive")?;
         if payload.is_some() {
             bail!("--payload goes with a receipt, not an archive");
@@ -368,7 +421,7 @@ fn verify_offline(opts: &ClientOpts, file: &std::path::Path, keys: Option<&std::
     } else {
         let m: ArchivedMessage = serde_json::from_value(value).context("neither an archive nor a receipt with its facts")?;
         let keys = trusted.context("a receipt needs --keys (the trusted key ring)")?;
-        m.receipt.verify_message(&m.facts, &keys).context("the receipt does not verify")?;
+        m.verify(&keys).context("the receipt does not verify")?;
         if let Some(p) = payload {
             let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
             let sha: [u8; 32] = sha2::Sha256::digest(&bytes).into();

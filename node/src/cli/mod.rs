@@ -144,6 +144,9 @@ pub struct DeliveryOpts {
     /// Deliver messages with the same ordering key one at a time, in publish order.
     #[arg(long)]
     pub ordered: bool,
+    /// How long each message's evidence is kept after it was accepted; default 2555 (7 years).
+    #[arg(long, default_value_t = 0)]
+    pub evidence_retention_days: u64,
 }
 
 #[derive(Debug, Subcommand)]
@@ -190,6 +193,10 @@ pub struct PublishArgs {
     /// Time to live in milliseconds; default: the mailbox's.
     #[arg(long)]
     pub ttl_ms: Option<u64>,
+    /// Write the message's receipt (its facts and the cluster's signed proof of acceptance)
+    /// to this file, for `kerwen evidence verify`.
+    #[arg(long)]
+    pub receipt: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -255,6 +262,7 @@ fn mailbox_json(m: &pb::MailboxInfo) -> serde_json::Value {
         "backoff_max_ms": m.backoff_max_ms,
         "default_ttl_ms": m.default_ttl_ms,
         "ordered": m.ordered,
+        "evidence_retention_ms": m.evidence_retention_ms,
         "dead_letter_messages": m.dead_letter_messages,
         "dead_letter_bytes": m.dead_letter_bytes,
     })
@@ -276,6 +284,7 @@ pub async fn mailbox(opts: &ClientOpts, cmd: MailboxCommand) -> anyhow::Result<(
                 backoff_max_ms: delivery.backoff_max_ms,
                 default_ttl_ms: delivery.default_ttl_ms,
                 ordered: delivery.ordered,
+                evidence_retention_days: delivery.evidence_retention_days,
             };
             let m = client.create_mailbox_with(req).await.map_err(status_error)?;
             if opts.json {
@@ -414,11 +423,26 @@ pub async fn publish(opts: &ClientOpts, args: PublishArgs) -> anyhow::Result<()>
     };
     let message = message_of(&args, payload)?;
     let mut client = connect(opts).await?;
-    let response = client.publish(vec![message]).await.map_err(status_error)?;
-    for r in response.results {
-        print_published(opts, &args.to, &r);
+    let response = client.publish(vec![message.clone()]).await.map_err(status_error)?;
+    for r in &response.results {
+        if let Some(path) = &args.receipt {
+            write_receipt(path, &message, r)?;
+        }
+        print_published(opts, &args.to, r);
     }
     Ok(())
+}
+
+/// Saves a published message's facts and receipt as `kerwen evidence verify` reads them.
+fn write_receipt(path: &std::path::Path, sent: &pb::Message, result: &pb::PublishResult) -> anyhow::Result<()> {
+    let receipt = result.receipt.as_ref().context("the cluster returned no receipt (is it run with --no-evidence?)")?;
+    let file = kerwen_broker::evidence::ArchivedMessage {
+        facts: crate::receipts::publish_facts(sent, result)?,
+        receipt: crate::receipts::from_proto(receipt)?,
+        delivery: None,
+    };
+    // Compact: with no insignificant whitespace, any changed byte changes what is verified.
+    std::fs::write(path, serde_json::to_vec(&file)?).with_context(|| format!("writing {}", path.display()))
 }
 
 fn message_of(args: &PublishArgs, payload: Vec<u8>) -> anyhow::Result<pb::Message> {

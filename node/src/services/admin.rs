@@ -48,6 +48,7 @@ fn to_proto(info: MailboxInfo) -> pb::MailboxInfo {
         ordered: info.policy.ordered,
         dead_letter_messages: 0,
         dead_letter_bytes: 0,
+        evidence_retention_ms: info.limits.evidence_retention_ms,
     }
 }
 
@@ -91,6 +92,9 @@ fn requested_policy(req: &pb::CreateMailboxRequest, default_lease_ms: u64) -> Re
     Ok(policy)
 }
 
+/// Longest evidence retention: 100 years.
+const MAX_EVIDENCE_RETENTION_MS: u64 = 100 * 365 * 24 * 60 * 60 * 1000;
+
 /// Longest accepted dedup window.
 const MAX_DEDUP_WINDOW_MS: u64 = 30 * 24 * 60 * 60 * 1000;
 
@@ -101,6 +105,12 @@ fn requested_limits(req: &pb::CreateMailboxRequest) -> Result<MailboxLimits, Sta
         dedup_window_ms: or_default(req.dedup_window_ms, MailboxLimits::DEFAULT_DEDUP_WINDOW_MS),
         max_messages: or_default(req.max_messages, MailboxLimits::DEFAULT_MAX_MESSAGES),
         max_bytes: or_default(req.max_bytes, MailboxLimits::DEFAULT_MAX_BYTES),
+        evidence_retention_ms: match req.evidence_retention_days {
+            0 => MailboxLimits::DEFAULT_EVIDENCE_RETENTION_MS,
+            days => days.checked_mul(24 * 60 * 60 * 1000).filter(|ms| *ms <= MAX_EVIDENCE_RETENTION_MS).ok_or_else(|| {
+                Status::invalid_argument(format!("evidence_retention_days must be at most {}, got {days}", MAX_EVIDENCE_RETENTION_MS / 86_400_000))
+            })?,
+        },
     };
     if limits.dedup_window_ms > MAX_DEDUP_WINDOW_MS {
         return Err(Status::invalid_argument(format!(
@@ -303,5 +313,29 @@ impl Admin for AdminService {
             })
             .collect();
         Ok(Response::new(pb::ClusterStatusResponse { node_id: self.runtime.node_id(), nodes, groups }))
+    }
+
+    async fn export_evidence(&self, request: Request<pb::ExportEvidenceRequest>) -> Result<Response<pb::ExportEvidenceResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        let req = request.into_inner();
+        let info = self.mailbox(&caller, &req.mailbox).await?;
+        let to = if req.to_unix_ms == 0 { now_unix_ms() } else { req.to_unix_ms };
+        if to < req.from_unix_ms {
+            return Err(Status::invalid_argument(format!("the range ends ({to}) before it starts ({})", req.from_unix_ms)));
+        }
+        let archives = self.runtime.export_evidence(&info, req.from_unix_ms, to).await.map_err(to_status)?;
+        let archives = archives
+            .iter()
+            .map(|a| serde_json::to_vec(a).map(Into::into))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| Status::internal(format!("encoding an archive: {e}")))?;
+        Ok(Response::new(pb::ExportEvidenceResponse { archives }))
+    }
+
+    async fn rotate_signing_key(&self, request: Request<pb::RotateSigningKeyRequest>) -> Result<Response<pb::RotateSigningKeyResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        auth::authorize(&self.runtime, &caller, Action::Administer).await?;
+        let (retired_key_id, new_key_id) = crate::signing::rotate(&self.runtime).await.map_err(to_status)?;
+        Ok(Response::new(pb::RotateSigningKeyResponse { node_id: self.runtime.node_id(), retired_key_id, new_key_id }))
     }
 }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use sha2::{Digest, Sha256};
 use kerwen_broker::access::Action;
 use kerwen_broker::ids::ServiceId;
 use kerwen_broker::model::{
@@ -32,6 +33,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
+use crate::receipts;
 use crate::runtime::{now_unix_ms, FetchArgs, NodeRuntime};
 use crate::status::to_status;
 
@@ -117,6 +119,7 @@ pub(crate) fn routed_message(
         recipient: m.recipient,
         sender: sender.to_owned(),
         headers: m.headers.into_iter().collect(),
+        payload_sha256: Sha256::digest(&m.payload).into(),
         payload: m.payload,
         ordering_key: m.ordering_key,
         accepted_unix_ms,
@@ -174,6 +177,7 @@ fn to_delivery(l: Leased) -> pb::SubscribeResponse {
     let expires_unix_ms = l.message.expires_unix_ms.unwrap_or(0);
     let large_payload =
         l.message.large.map(|p| pb::LargePayloadInfo { total_bytes: p.total_bytes, sha256: p.sha256.to_vec().into() });
+    let receipt = l.receipt.as_ref().map(receipts::to_proto);
     pb::SubscribeResponse {
         event: Some(subscribe_response::Event::Delivery(pb::Delivery {
             message: Some(to_proto_message(l.message)),
@@ -184,6 +188,7 @@ fn to_delivery(l: Leased) -> pb::SubscribeResponse {
             accepted_unix_ms,
             expires_unix_ms,
             large_payload,
+            receipt,
         })),
     }
 }
@@ -220,6 +225,7 @@ impl Exchange for ExchangeService {
 
         let publisher = self.runtime.publisher(&caller);
         self.runtime.admit_publish(&publisher, messages.len() as u64, batch_bytes as u64).map_err(to_status)?;
+        self.runtime.admit_evidence().map_err(to_status)?;
         let accepted_unix_ms = now_unix_ms();
         let count = messages.len();
         let sender = caller.sender();
@@ -239,11 +245,12 @@ impl Exchange for ExchangeService {
                 .map(|info| runtime.shard_limits(&publisher, info, shard))
                 .collect();
             async move {
-                let ids: Vec<String> = batch.iter().map(|m| m.message.id.clone()).collect();
+                let facts: Vec<(String, [u8; 32])> = batch.iter().map(|m| (m.message.id.clone(), m.message.payload_sha256)).collect();
                 let (index, result) = runtime.write(shard, Command::Publish { messages: batch, limits }).await?;
+                let (result, receipts, _) = result.split_receipts();
                 match result {
-                    CommandResult::Published(positions) if positions.len() == ids.len() => {
-                        Ok::<_, BrokerError>((shard, index, indices, ids, positions))
+                    CommandResult::Published(positions) if positions.len() == facts.len() => {
+                        Ok::<_, BrokerError>((shard, index, indices, facts, positions, receipts))
                     }
                     CommandResult::Rejected(e) => Err(e),
                     other => Err(BrokerError::Internal(format!("unexpected publish result {other:?}"))),
@@ -252,13 +259,20 @@ impl Exchange for ExchangeService {
         });
         let mut results: Vec<Option<pb::PublishResult>> = vec![None; count];
         for outcome in futures::future::join_all(writes).await {
-            let (shard, index, indices, ids, positions) = outcome.map_err(to_status)?;
-            for ((i, id), pos) in indices.into_iter().zip(ids).zip(positions) {
+            let (shard, index, indices, facts, positions, receipts) = outcome.map_err(to_status)?;
+            let mut receipts = receipts.into_iter();
+            for ((i, (id, payload_sha256)), pos) in indices.into_iter().zip(facts).zip(positions) {
+                let receipt = receipts.next().flatten();
                 results[i] = Some(pb::PublishResult {
                     id,
                     position: Some(to_proto_position(pos)),
                     shard,
                     commit_index: index,
+                    // A duplicate answers with its first copy's receipt and accept time.
+                    accepted_unix_ms: receipt.as_ref().and_then(|r| r.first_accepted_unix_ms).unwrap_or(accepted_unix_ms),
+                    receipt: receipt.as_ref().map(|r| receipts::to_proto(&r.receipt)),
+                    sender: sender.clone(),
+                    payload_sha256: payload_sha256.to_vec().into(),
                 });
             }
         }
@@ -353,11 +367,12 @@ impl Exchange for ExchangeService {
                                 let _slot = slot;
                                 let cmd = Command::Ack { mailbox, positions: positions.clone(), consumer: Some(consumer), attempts };
                                 let event = match runtime.write(shard, cmd).await {
-                                    Ok(_) => Ok(pb::SubscribeResponse {
+                                    Ok((_, result)) => Ok(pb::SubscribeResponse {
                                         event: Some(subscribe_response::Event::Acked(pb::Settle {
                                             positions: positions.into_iter().map(to_proto_position).collect(),
                                             delay_ms: None,
                                             attempts: Vec::new(),
+                                            receipts: result.split_receipts().2.iter().map(|(p, d)| receipts::to_proto_ack(*p, d)).collect(),
                                         })),
                                     }),
                                     Err(e) => Err(to_status(e)),
@@ -445,7 +460,7 @@ async fn settle_leases(
 }
 
 fn group_positions(info: &MailboxInfo, positions: Vec<pb::Position>) -> BTreeMap<GroupId, Vec<Position>> {
-    let settle = pb::Settle { positions, delay_ms: None, attempts: Vec::new() };
+    let settle = pb::Settle { positions, delay_ms: None, attempts: Vec::new(), receipts: Vec::new() };
     group_acks(info, settle).into_iter().map(|(shard, (positions, _))| (shard, positions)).collect()
 }
 

@@ -149,7 +149,8 @@ async fn progress(runtime: &NodeRuntime, shard: GroupId, cmd: Command) -> Result
 }
 
 async fn published(out: &UploadSender, id: &str, shard: GroupId, commit_index: u64, position: Position) -> Result<(), Status> {
-    let result = pb::PublishResult { id: id.to_owned(), position: Some(to_proto_position(position)), shard, commit_index };
+    // Chunked uploads are not sealed yet: their receipt is left unset.
+    let result = pb::PublishResult { id: id.to_owned(), position: Some(to_proto_position(position)), shard, commit_index, ..Default::default() };
     let _ = out.send(event(pb::upload_response::Event::Published(result))).await;
     Ok(())
 }

@@ -99,6 +99,14 @@ pub(super) fn apply(store: &Store, view: &MetaView, batch: &mut WriteBatch, cmd:
             batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, record.key_id.as_bytes()), encode(&record)?);
             return Ok(CommandResult::Changed(u64::from(acl.register_signing_key(record))));
         }
+        AccessCommand::RetireSigningKey { key_id, valid_until_unix_ms } => {
+            if acl.signing_keys().keys.get(&key_id).is_none() {
+                return rejected(BrokerError::NotFound(format!("signing key {key_id} is not published")));
+            }
+            let Some(record) = acl.retire_signing_key(&key_id, valid_until_unix_ms) else { return Ok(CommandResult::Changed(0)) };
+            batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, key_id.as_bytes()), encode(&record)?);
+            return Ok(CommandResult::Changed(1));
+        }
         AccessCommand::RemoveFromGroup { group, subsystem } => {
             batch.delete_cf(&cf, keys::pair_key(METADATA_GROUP, KIND_GROUP, &group, &subsystem.to_string()));
             return Ok(CommandResult::Changed(u64::from(acl.remove_from_group(&group, &subsystem))));

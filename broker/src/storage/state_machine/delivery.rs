@@ -195,7 +195,7 @@ pub(super) fn apply_lease(
         state.record_lease(consumer, now, until_unix_ms, policy);
         let attempt = state.attempts;
         set_delivery_state(view, batch, scratch, mailbox, position, Some(state))?;
-        leased.push(Leased { position, message, attempt, lease_expires_unix_ms: until_unix_ms });
+        leased.push(Leased { position, message, attempt, lease_expires_unix_ms: until_unix_ms, receipt: None });
     }
     Ok(CommandResult::Leased(leased))
 }

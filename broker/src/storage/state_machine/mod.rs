@@ -11,7 +11,10 @@
 
 mod access;
 mod delivery;
+mod evidence;
 mod upload;
+
+pub use evidence::{AckEvidence, BatchRecord, ChainHead, EvidenceRecord};
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Cursor;
@@ -35,8 +38,8 @@ use crate::ids::{ServiceId, SubsystemId};
 use crate::error::{BrokerError, Result};
 use crate::model::{
     dead_letter_partition, is_dead_letter, Command, CommandResult, DeliveryPolicy, DeliveryState, GroupId, MailboxId,
-    MailboxInfo, MailboxLimits, NewMessage, NodeId, PartitionStats, Position, ShardLimits, StoredMessage, TypeConfig,
-    METADATA_GROUP,
+    EvidenceRef, MailboxInfo, MailboxLimits, NewMessage, NodeId, PartitionStats, Position, Seal, ShardLimits, StoredMessage,
+    TypeConfig, METADATA_GROUP,
 };
 
 type StorageResult<T> = std::result::Result<T, StorageError<NodeId>>;
@@ -123,6 +126,10 @@ pub struct ShardView {
     dedup_purge_cursor: Mutex<HashMap<MailboxId, PurgeCursor>>,
     /// Payload bytes stored per sender subsystem, as persisted under `S` keys (a cache).
     senders: Mutex<HashMap<String, u64>>,
+    /// The evidence chain's head as applied (mirrors the `H` key).
+    chain: Mutex<ChainHead>,
+    /// Recently used evidence batch trees, for receipts.
+    trees: Mutex<evidence::TreeCache>,
 }
 
 impl ShardView {
@@ -417,8 +424,11 @@ impl StateMachine {
             applied: watch::channel(applied.last_applied.map(|l| l.index).unwrap_or(0)).0,
             dedup_purge_cursor: Mutex::new(HashMap::new()),
             senders: Mutex::new(HashMap::new()),
+            chain: Mutex::new(ChainHead::default()),
+            trees: Mutex::new(evidence::TreeCache::default()),
         });
         view.rebuild_tracker()?;
+        view.load_chain_head()?;
         let sm = Self { group, store, kind: GroupKind::Shard(view.clone()), applied };
         Ok((sm, view))
     }
@@ -428,6 +438,9 @@ impl StateMachine {
             // The scratch carries each command's effects to the next, as between entries.
             let results = commands.into_iter().map(|c| self.apply_command(batch, c, scratch)).collect::<Result<_>>()?;
             return Ok(CommandResult::Batch(results));
+        }
+        if let Command::Sealed { seal, commands } = cmd {
+            return self.apply_sealed(batch, seal, commands, scratch);
         }
         let view = match (&self.kind, cmd) {
             (GroupKind::Metadata(view), Command::CreateMailbox { service, partitions, shard_count, created_unix_ms, limits, policy }) => {
@@ -442,7 +455,7 @@ impl StateMachine {
         let mut cache = lock(&view.partitions);
         let cache = &mut *cache;
         match cmd {
-            Command::Publish { messages, limits } => apply_publish(&view, batch, cache, messages, limits, scratch),
+            Command::Publish { messages, limits } => Ok(apply_publish(&view, batch, cache, messages, limits, scratch, None)?.0),
             Command::Ack { mailbox, positions, consumer, attempts } => {
                 apply_ack(&view, batch, cache, (mailbox, consumer), (positions, attempts), scratch)
             }
@@ -469,8 +482,60 @@ impl StateMachine {
             Command::UploadChunk { mailbox, id, offset, data } => upload::apply_chunk(&view, batch, scratch, mailbox, &id, offset, data),
             Command::UploadCommit { mailbox, id } => upload::apply_commit(&view, batch, scratch, cache, mailbox, &id),
             Command::UploadAbort { mailbox, id } => upload::apply_abort(&view, batch, scratch, mailbox, &id),
-            cmd @ (Command::CreateMailbox { .. } | Command::Access(_) | Command::Batch(_)) => Ok(self.misplaced(&cmd)),
+            cmd @ (Command::CreateMailbox { .. } | Command::Access(_) | Command::Batch(_) | Command::Sealed { .. }) => {
+                Ok(self.misplaced(&cmd))
+            }
         }
+    }
+
+    /// Applies a sealed entry: the batch must extend the chain at this entry's position (else
+    /// nothing is applied and the leader retries), then its commands run in order and each
+    /// message and ack is filed with the leaf it was signed as.
+    fn apply_sealed(&mut self, batch: &mut WriteBatch, seal: Seal, commands: Vec<Command>, scratch: &mut ApplyScratch) -> Result<CommandResult> {
+        let view = match &self.kind {
+            GroupKind::Shard(view) => view.clone(),
+            GroupKind::Metadata(_) => return Ok(self.misplaced(&Command::Sealed { seal, commands })),
+        };
+        let Seal { batch: signed, leaves, acks } = seal;
+        let batch_no = signed.header.batch;
+        let log_id = scratch.log_id;
+        if let Some(refusal) = evidence::begin_seal(&view, batch, scratch, signed, leaves, log_id)? {
+            return Ok(CommandResult::Rejected(refusal));
+        }
+        let publish_leaves: u64 =
+            commands.iter().map(|c| if let Command::Publish { messages, .. } = c { messages.len() as u64 } else { 0 }).sum();
+        let mut next_leaf = 0u64;
+        let mut results = Vec::with_capacity(commands.len());
+        let mut refs = Vec::with_capacity(commands.len());
+        for (i, cmd) in commands.into_iter().enumerate() {
+            match cmd {
+                Command::Publish { messages, limits } => {
+                    let count = messages.len() as u64;
+                    let (result, evidence) = {
+                        let mut cache = lock(&view.partitions);
+                        apply_publish(&view, batch, &mut cache, messages, limits, scratch, Some((batch_no, next_leaf)))?
+                    };
+                    next_leaf += count;
+                    results.push(result);
+                    refs.push(evidence);
+                }
+                Command::Ack { mailbox, positions, consumer, attempts } => {
+                    results.push(self.apply_command(batch, Command::Ack { mailbox, positions, consumer, attempts }, scratch)?);
+                    let mut signed = Vec::new();
+                    for (j, ack) in acks.iter().enumerate().filter(|(_, a)| a.command as usize == i) {
+                        let leaf = publish_leaves + j as u64;
+                        evidence::record_ack(&view, batch, scratch, mailbox, ack, (batch_no, leaf))?;
+                        signed.push(EvidenceRef::Leaf(leaf));
+                    }
+                    refs.push(signed);
+                }
+                other => {
+                    results.push(self.apply_command(batch, other, scratch)?);
+                    refs.push(Vec::new());
+                }
+            }
+        }
+        Ok(CommandResult::Sealed { results, evidence: refs })
     }
 
     /// A command sent to a group that does not apply it: refused the same way everywhere.
@@ -491,6 +556,7 @@ impl StateMachine {
                 view.rebuild_tracker()?;
                 lock(&view.dedup_purge_cursor).clear();
                 lock(&view.senders).clear();
+                view.load_chain_head()?;
                 view.applied.send_replace(last);
             }
         }
@@ -519,6 +585,12 @@ struct ApplyScratch {
     dedup: HashMap<Vec<u8>, DedupRecord>,
     /// Stored bytes per sender as this batch left them.
     dirty_senders: HashMap<String, u64>,
+    /// The log id of the entry being applied.
+    log_id: Option<LogId<NodeId>>,
+    /// The evidence chain's head as this batch left it (`None`: unchanged).
+    chain: Option<ChainHead>,
+    /// Evidence records written by this batch (not in RocksDB yet).
+    evidence: HashMap<Vec<u8>, EvidenceRecord>,
 }
 
 impl ApplyScratch {
@@ -646,6 +718,7 @@ fn command_name(cmd: &Command) -> &'static str {
         Command::UploadAbort { .. } => "UploadAbort",
         Command::Access(_) => "Access",
         Command::Batch(_) => "Batch",
+        Command::Sealed { .. } => "Sealed",
     }
 }
 
@@ -704,6 +777,8 @@ fn apply_create_mailbox(
 struct DedupRecord {
     position: Position,
     accepted_unix_ms: i64,
+    /// Batch and leaf of the message's evidence, when it was signed.
+    evidence: Option<(u64, u64)>,
 }
 
 /// Expired dedup records one publish removes per mailbox, beyond one per message it stores:
@@ -727,8 +802,8 @@ struct PurgeCursor {
 
 /// What a publish does with one of its messages.
 enum Slot {
-    /// Seen within the dedup window: answer with the earlier position.
-    Earlier(Position),
+    /// Seen within the dedup window: answer with the earlier position (and evidence).
+    Earlier(Position, EvidenceRef),
     /// The same id earlier in this command: answer with that message's position.
     SameAs(usize),
     /// Store it; the id's dedup key, computed once.
@@ -739,6 +814,9 @@ fn within_window(earlier_ms: i64, now_ms: i64, window_ms: u64) -> bool {
     i128::from(now_ms) - i128::from(earlier_ms) < i128::from(window_ms)
 }
 
+/// Stores a publish's new messages. With `seal` (batch number, leaf of the first message),
+/// the messages were signed as consecutive leaves of that batch and each new one gets its
+/// evidence record. Returns the result and, per message, where its evidence is.
 fn apply_publish(
     view: &ShardView,
     batch: &mut WriteBatch,
@@ -746,7 +824,8 @@ fn apply_publish(
     messages: Vec<NewMessage>,
     limits: Vec<ShardLimits>,
     scratch: &mut ApplyScratch,
-) -> Result<CommandResult> {
+    seal: Option<(u64, u64)>,
+) -> Result<(CommandResult, Vec<EvidenceRef>)> {
     let cf = view.store.cf(CF_STATE)?;
     let limits: HashMap<MailboxId, ShardLimits> = limits.into_iter().map(|l| (l.mailbox, l)).collect();
     let window = |mailbox| limits.get(&mailbox).map_or(MailboxLimits::DEFAULT_DEDUP_WINDOW_MS, |l| l.dedup_window_ms);
@@ -763,7 +842,12 @@ fn apply_publish(
         let key = keys::dedup_key(view.group, m.mailbox, &m.message.id);
         match scratch.dedup_record(view, &key)? {
             Some(r) if within_window(r.accepted_unix_ms, m.message.accepted_unix_ms, window(m.mailbox)) => {
-                slots.push(Slot::Earlier(r.position));
+                let earlier = r.evidence.map_or(EvidenceRef::None, |(batch, index)| EvidenceRef::Stored {
+                    batch,
+                    index,
+                    accepted_unix_ms: r.accepted_unix_ms,
+                });
+                slots.push(Slot::Earlier(r.position, earlier));
             }
             _ => {
                 first_in_command.insert((m.mailbox, m.message.id.as_str()), i);
@@ -780,12 +864,12 @@ fn apply_publish(
         if stored.messages.saturating_add(add.messages) > limit.max_messages
             || stored.bytes.saturating_add(add.bytes) > limit.max_bytes
         {
-            return Ok(CommandResult::Rejected(BrokerError::ResourceExhausted(format!(
+            return Ok((CommandResult::Rejected(BrokerError::ResourceExhausted(format!(
                 "mailbox {} is full: its partitions on shard {} hold {} messages / {} bytes of the {} / {} \
                  allowed there, and this publish adds {} / {}; consume or wait, then retry",
                 limit.service, view.group, stored.messages, stored.bytes, limit.max_messages, limit.max_bytes,
                 add.messages, add.bytes
-            ))));
+            ))), Vec::new()));
         }
     }
     // The sender's own quota: every limit of one command carries the same sender share.
@@ -798,22 +882,37 @@ fn apply_publish(
     }
     for (sender, bytes) in by_sender {
         if let Some(refusal) = scratch.sender_over_quota(view, sender, sender_limit, bytes)? {
-            return Ok(CommandResult::Rejected(refusal));
+            return Ok((CommandResult::Rejected(refusal), Vec::new()));
         }
     }
 
     // Second pass: store the new messages and remember their ids.
     let mut positions: Vec<Position> = Vec::with_capacity(messages.len());
+    let mut refs: Vec<EvidenceRef> = Vec::with_capacity(messages.len());
     let mut newest: BTreeMap<MailboxId, i64> = BTreeMap::new();
-    for (m, slot) in messages.into_iter().zip(slots) {
+    for (i, (m, slot)) in messages.into_iter().zip(slots).enumerate() {
         let position = match slot {
-            Slot::Earlier(position) => position,
-            Slot::SameAs(first) => positions[first],
+            Slot::Earlier(position, earlier) => {
+                refs.push(earlier);
+                position
+            }
+            Slot::SameAs(first) => {
+                refs.push(refs[first]);
+                positions[first]
+            }
             Slot::New(dedup_key) => {
                 let accepted_unix_ms = m.message.accepted_unix_ms;
                 let id = m.message.id.clone();
+                let signed = seal.map(|(batch_no, first_leaf)| (batch_no, first_leaf + i as u64));
+                if let Some(signed) = signed {
+                    evidence::record_message(view, batch, scratch, m.mailbox, &m.message, signed)?;
+                }
+                refs.push(match signed {
+                    Some((_, leaf)) => EvidenceRef::Leaf(leaf),
+                    None => EvidenceRef::None,
+                });
                 let position = delivery::insert_message(view, batch, scratch, cache, m.mailbox, m.partition, m.message)?;
-                let record = DedupRecord { position, accepted_unix_ms };
+                let record = DedupRecord { position, accepted_unix_ms, evidence: signed };
                 batch.put_cf(&cf, &dedup_key, encode(&record)?);
                 scratch.dedup.insert(dedup_key, record);
                 batch.put_cf(&cf, keys::dedup_expiry_key(view.group, m.mailbox, accepted_unix_ms, &id), []);
@@ -827,8 +926,12 @@ fn apply_publish(
     for (mailbox, now_ms) in newest {
         let budget = added.get(&mailbox).map_or(0, |a| a.messages as usize) + DEDUP_PURGE_SLACK;
         purge_expired_dedup(view, batch, scratch, mailbox, window(mailbox), now_ms, budget)?;
+        if let Some(retention) = limits.get(&mailbox).map(|l| l.evidence_retention_ms) {
+            let cutoff = now_ms.saturating_sub(i64::try_from(retention).unwrap_or(i64::MAX));
+            evidence::purge_expired(view, batch, scratch, mailbox, cutoff, budget)?;
+        }
     }
-    Ok(CommandResult::Published(positions))
+    Ok((CommandResult::Published(positions), refs))
 }
 
 /// Removes up to `budget` dedup records of `mailbox` that fell out of the window by `now_ms`,
@@ -929,6 +1032,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut results = Vec::new();
         for entry in entries {
             self.applied.last_applied = Some(entry.log_id);
+            scratch.log_id = Some(entry.log_id);
             let result = match entry.payload {
                 EntryPayload::Blank => CommandResult::Nothing,
                 EntryPayload::Membership(m) => {
@@ -944,6 +1048,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let io = |e: BrokerError| StorageError::from(StorageIOError::write_state_machine(&e));
         let cf = self.store.cf(CF_STATE).map_err(io)?;
         if let GroupKind::Shard(view) = &self.kind {
+            evidence::finish(view, &mut batch, &mut scratch).map_err(io)?;
             let mut cache = lock(&view.partitions);
             for ((mailbox, partition), ps) in scratch.dirty_partitions.drain() {
                 batch.put_cf(&cf, keys::partition_key(self.group, mailbox, partition), encode(&ps).map_err(io)?);

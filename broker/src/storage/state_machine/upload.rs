@@ -152,9 +152,9 @@ pub(super) fn apply_commit(
         ))));
     }
     let large = LargePayload { upload: s.upload, total_bytes: s.total_bytes, sha256: s.sha256 };
-    let message = StoredMessage { large: Some(large), ..s.message.clone() };
+    let message = StoredMessage { large: Some(large), payload_sha256: s.sha256, ..s.message.clone() };
     let new = NewMessage { mailbox, partition: s.partition, message };
-    match apply_publish(view, batch, cache, vec![new], vec![r.limits.clone()], scratch)? {
+    match apply_publish(view, batch, cache, vec![new], vec![r.limits.clone()], scratch, None)?.0 {
         CommandResult::Published(positions) => {
             let position = positions.first().copied().ok_or_else(|| BrokerError::Internal("no position".into()))?;
             save(view, batch, scratch, key, None)?;

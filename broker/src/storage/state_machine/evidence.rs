@@ -1,0 +1,311 @@
+//! A data shard's evidence log: the signed batches of its chain (`B` keys, with their leaves,
+//! so receipts can be rebuilt at any time), the chain head (`H`), and one evidence record per
+//! stored message (`E` keys): its facts, where its leaf was signed and, once acked, where the
+//! ack was. Records outlive the payload (purge deletes the message, not its evidence) and are
+//! removed after the mailbox's evidence retention.
+//!
+//! Applying a sealed entry checks that its batch extends the chain exactly at the entry's own
+//! log position; a leader that raced a leadership change or mispredicted its log index gets a
+//! retryable refusal and nothing of the entry is applied, so every replica holds the same chain.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use openraft::LogId;
+use rocksdb::WriteBatch;
+use serde::{Deserialize, Serialize};
+
+use super::{for_each_in_prefix, lock, ApplyScratch, ShardView};
+use crate::error::{BrokerError, Result};
+use crate::evidence::{AckFacts, Archive, ArchivedDelivery, ArchivedMessage, Hash, KeyRing, MerkleTree, MessageFacts, Receipt, SignedBatch};
+use crate::model::{MailboxId, NodeId, Position, SealedAck, StoredMessage};
+use crate::storage::keys::{self, KIND_CHAIN_HEAD};
+use crate::storage::{encode, CF_STATE};
+
+/// The evidence of one message, kept after its payload is gone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EvidenceRecord {
+    pub facts: MessageFacts,
+    /// Batch and leaf index of the message's leaf.
+    pub batch: u64,
+    pub index: u64,
+    pub ack: Option<AckEvidence>,
+}
+
+/// Where the ack of a message was signed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AckEvidence {
+    pub facts: AckFacts,
+    pub batch: u64,
+    pub index: u64,
+}
+
+/// A signed batch of the shard's chain with its leaves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub batch: SignedBatch,
+    pub leaves: Vec<Hash>,
+}
+
+/// The last batch of a shard's chain: what the next one must extend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChainHead {
+    /// 0 before the first batch.
+    pub batch: u64,
+    /// [`SignedBatch::link`] of that batch (zeros before the first).
+    pub link: Hash,
+}
+
+/// Batch trees kept in memory for building receipts: deliveries mostly follow soon after
+/// their publish, so the last few batches answer nearly every receipt.
+const TREE_CACHE_BATCHES: usize = 64;
+
+/// Recently used batch trees.
+#[derive(Default)]
+pub(super) struct TreeCache {
+    entries: VecDeque<(u64, Arc<(MerkleTree, SignedBatch)>)>,
+}
+
+/// Checks that `signed` extends the chain at `log_id` and records it; `Some(refusal)` when
+/// it does not (then the caller applies nothing of the entry).
+pub(super) fn begin_seal(
+    view: &ShardView,
+    batch: &mut WriteBatch,
+    scratch: &mut ApplyScratch,
+    signed: SignedBatch,
+    leaves: Vec<Hash>,
+    log_id: Option<LogId<NodeId>>,
+) -> Result<Option<BrokerError>> {
+    let head = scratch.chain.unwrap_or_else(|| view.chain_head());
+    let h = &signed.header;
+    let reason = if h.shard != view.group {
+        Some("another shard")
+    } else if h.batch != head.batch + 1 {
+        Some("not the next batch number")
+    } else if h.prev != head.link {
+        Some("does not link to the chain head")
+    } else if log_id.is_none_or(|l| l.index != h.log_index || l.leader_id.term != h.log_term) {
+        Some("signed for another log position")
+    } else if h.leaf_count != leaves.len() as u64 {
+        Some("leaf count differs from the leaves")
+    } else {
+        None
+    };
+    if let Some(reason) = reason {
+        return Ok(Some(BrokerError::Unavailable(format!(
+            "shard {}: evidence batch {} is out of date ({reason}); retry",
+            view.group, h.batch
+        ))));
+    }
+    let cf = view.store.cf(CF_STATE)?;
+    let next = ChainHead { batch: h.batch, link: signed.link() };
+    batch.put_cf(&cf, keys::batch_key(view.group, h.batch), encode(&BatchRecord { batch: signed, leaves })?);
+    scratch.chain = Some(next);
+    Ok(None)
+}
+
+/// Writes the chain head left by this apply call (after every sealed entry of it).
+pub(super) fn finish(view: &ShardView, batch: &mut WriteBatch, scratch: &mut ApplyScratch) -> Result<()> {
+    if let Some(head) = scratch.chain.take() {
+        let cf = view.store.cf(CF_STATE)?;
+        batch.put_cf(&cf, keys::state_key(view.group, KIND_CHAIN_HEAD, &[]), encode(&head)?);
+        *lock(&view.chain) = head;
+    }
+    Ok(())
+}
+
+/// Stores the evidence record of a message just stored, signed as leaf `index` of `batch_no`.
+pub(super) fn record_message(
+    view: &ShardView,
+    batch: &mut WriteBatch,
+    scratch: &mut ApplyScratch,
+    mailbox: MailboxId,
+    message: &StoredMessage,
+    (batch_no, index): (u64, u64),
+) -> Result<()> {
+    let key = keys::evidence_key(view.group, mailbox, message.accepted_unix_ms, &message.id);
+    let record = EvidenceRecord { facts: message.facts(), batch: batch_no, index, ack: None };
+    batch.put_cf(&view.store.cf(CF_STATE)?, &key, encode(&record)?);
+    scratch.evidence.insert(key, record);
+    Ok(())
+}
+
+/// Adds a signed ack (leaf `index` of `batch_no`) to its message's evidence record. The first
+/// ack counts; a message without a record (stored before evidence, or purged by retention)
+/// keeps none, though its ack stays signed in the batch.
+pub(super) fn record_ack(
+    view: &ShardView,
+    batch: &mut WriteBatch,
+    scratch: &mut ApplyScratch,
+    mailbox: MailboxId,
+    ack: &SealedAck,
+    (batch_no, index): (u64, u64),
+) -> Result<()> {
+    let key = keys::evidence_key(view.group, mailbox, ack.accepted_unix_ms, &ack.facts.message_id);
+    let record = match scratch.evidence.get(&key) {
+        Some(r) => Some(r.clone()),
+        None => view.store.get::<EvidenceRecord>(CF_STATE, &key)?,
+    };
+    let Some(mut record) = record.filter(|r| r.ack.is_none()) else { return Ok(()) };
+    record.ack = Some(AckEvidence { facts: ack.facts.clone(), batch: batch_no, index });
+    batch.put_cf(&view.store.cf(CF_STATE)?, &key, encode(&record)?);
+    scratch.evidence.insert(key, record);
+    Ok(())
+}
+
+/// Removes up to `budget` evidence records of `mailbox` accepted before `cutoff_unix_ms`,
+/// oldest first. Only records past retention go, so replicas that purge at different moments
+/// never answer differently (exports skip such records anyway).
+pub(super) fn purge_expired(
+    view: &ShardView,
+    batch: &mut WriteBatch,
+    scratch: &mut ApplyScratch,
+    mailbox: MailboxId,
+    cutoff_unix_ms: i64,
+    budget: usize,
+) -> Result<()> {
+    let cf = view.store.cf(CF_STATE)?;
+    let prefix = keys::evidence_prefix(view.group, mailbox);
+    let mut removed = 0;
+    for_each_in_prefix(&view.store, &prefix, |key, _| {
+        let Some((accepted, _)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
+        if accepted >= cutoff_unix_ms || removed >= budget {
+            return Ok(false);
+        }
+        if scratch.deleted.insert(key.to_vec()) {
+            batch.delete_cf(&cf, key);
+            scratch.evidence.remove(key);
+            removed += 1;
+        }
+        Ok(true)
+    })
+}
+
+impl ShardView {
+    /// The head of the shard's chain as applied.
+    pub fn chain_head(&self) -> ChainHead {
+        *lock(&self.chain)
+    }
+
+    pub(super) fn load_chain_head(&self) -> Result<()> {
+        let key = keys::state_key(self.group, KIND_CHAIN_HEAD, &[]);
+        *lock(&self.chain) = self.store.get::<ChainHead>(CF_STATE, &key)?.unwrap_or_default();
+        lock(&self.trees).entries.clear();
+        Ok(())
+    }
+
+    /// The tree and signed header of batch `batch_no` (cached).
+    fn batch_tree(&self, batch_no: u64) -> Result<Option<Arc<(MerkleTree, SignedBatch)>>> {
+        if let Some((_, t)) = lock(&self.trees).entries.iter().find(|(b, _)| *b == batch_no) {
+            return Ok(Some(t.clone()));
+        }
+        let Some(record) = self.store.get::<BatchRecord>(CF_STATE, &keys::batch_key(self.group, batch_no))? else {
+            return Ok(None);
+        };
+        let tree = Arc::new((MerkleTree::build(record.leaves), record.batch));
+        let mut cache = lock(&self.trees);
+        if cache.entries.len() >= TREE_CACHE_BATCHES {
+            cache.entries.pop_front();
+        }
+        cache.entries.push_back((batch_no, tree.clone()));
+        Ok(Some(tree))
+    }
+
+    /// Disk taken by the shard's evidence records and batches (approximate: flushed data).
+    pub fn evidence_disk_bytes(&self) -> u64 {
+        let Ok(cf) = self.store.cf(CF_STATE) else { return 0 };
+        let ranges = [keys::KIND_EVIDENCE, keys::KIND_BATCH].map(|kind| {
+            let start = keys::state_key(self.group, kind, &[]);
+            let end = keys::state_key(self.group, kind + 1, &[]);
+            (start, end)
+        });
+        let ranges: Vec<rocksdb::Range<'_>> = ranges.iter().map(|(s, e)| rocksdb::Range::new(s, e)).collect();
+        self.store.db().get_approximate_sizes_cf(&cf, &ranges).iter().sum()
+    }
+
+    /// The receipt of leaf `index` of batch `batch_no`.
+    pub fn receipt(&self, batch_no: u64, index: u64) -> Result<Option<Receipt>> {
+        let Some(tree) = self.batch_tree(batch_no)? else { return Ok(None) };
+        Ok(tree.0.receipt(usize::try_from(index).unwrap_or(usize::MAX), &tree.1))
+    }
+
+    /// The evidence record of a message.
+    pub fn message_evidence(&self, mailbox: MailboxId, accepted_unix_ms: i64, id: &str) -> Result<Option<EvidenceRecord>> {
+        self.store.get(CF_STATE, &keys::evidence_key(self.group, mailbox, accepted_unix_ms, id))
+    }
+
+    /// The receipt of a stored message, from its evidence record.
+    pub fn message_receipt(&self, mailbox: MailboxId, message: &StoredMessage) -> Result<Option<Receipt>> {
+        match self.message_evidence(mailbox, message.accepted_unix_ms, &message.id)? {
+            Some(r) => self.receipt(r.batch, r.index),
+            None => Ok(None),
+        }
+    }
+
+    /// What the leader signs for an ack of the message at `position` (the ack time is the
+    /// batch's): `None` when the message is gone.
+    pub fn ack_claim(&self, mailbox: MailboxId, position: Position, attempt: Option<u32>) -> Result<Option<(i64, AckFacts)>> {
+        let key = keys::message_key(self.group, mailbox, position.partition, position.sequence);
+        let Some(message) = self.store.get::<StoredMessage>(CF_STATE, &key)? else { return Ok(None) };
+        let attempt = attempt.or_else(|| lock(&self.tracker).state(mailbox, position).map(|s| s.attempts)).unwrap_or(1);
+        let facts = AckFacts {
+            recipient: message.recipient.clone(),
+            message_id: message.id.clone(),
+            message_leaf: message.leaf(),
+            acked_unix_ms: 0,
+            attempt,
+        };
+        Ok(Some((message.accepted_unix_ms, facts)))
+    }
+
+    /// The evidence of `mailbox`'s messages accepted in `[from, to]` (at most `limit`) as an
+    /// archive of this shard with every batch from the first to the last one they need (the
+    /// caller adds the keys). `None` when there are none.
+    pub fn export(&self, mailbox: MailboxId, from_unix_ms: i64, to_unix_ms: i64, limit: usize) -> Result<Option<Archive>> {
+        let prefix = keys::evidence_prefix(self.group, mailbox);
+        let start = keys::evidence_key(self.group, mailbox, from_unix_ms, "");
+        let mut records = Vec::new();
+        let mut too_many = false;
+        super::for_each_from(&self.store, &prefix, &start, |key, value| {
+            let Some((accepted, _)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
+            if accepted > to_unix_ms {
+                return Ok(false);
+            }
+            if records.len() >= limit {
+                too_many = true;
+                return Ok(false);
+            }
+            records.push(crate::storage::decode::<EvidenceRecord>(value)?);
+            Ok(true)
+        })?;
+        if too_many {
+            return Err(BrokerError::ResourceExhausted(format!(
+                "more than {limit} messages of this mailbox on shard {} in that time range; export a narrower range",
+                self.group
+            )));
+        }
+        let batches_needed = records.iter().flat_map(|r| std::iter::once(r.batch).chain(r.ack.as_ref().map(|a| a.batch)));
+        let (Some(first), Some(last)) = (batches_needed.clone().min(), batches_needed.max()) else { return Ok(None) };
+        let mut batches = Vec::new();
+        for n in first..=last {
+            let tree = self
+                .batch_tree(n)?
+                .ok_or_else(|| BrokerError::Storage(format!("shard {}: evidence batch {n} is missing", self.group)))?;
+            batches.push(tree.1.clone());
+        }
+        let receipt = |batch: u64, index: u64| {
+            self.receipt(batch, index)?
+                .ok_or_else(|| BrokerError::Storage(format!("shard {}: leaf {index} of batch {batch} is missing", self.group)))
+        };
+        let mut messages = Vec::with_capacity(records.len());
+        for r in records {
+            let delivery = match &r.ack {
+                Some(a) => Some(ArchivedDelivery { facts: a.facts.clone(), receipt: receipt(a.batch, a.index)? }),
+                None => None,
+            };
+            messages.push(ArchivedMessage { receipt: receipt(r.batch, r.index)?, facts: r.facts, delivery });
+        }
+        let head = batches.last().map(SignedBatch::link).unwrap_or_default();
+        Ok(Some(Archive { shard: self.group, first_batch: first, last_batch: last, head, keys: KeyRing::default(), batches, messages }))
+    }
+}

@@ -1,0 +1,131 @@
+//! Receipts on the wire: the broker's evidence types ([`kerwen_broker::evidence`]) to and from
+//! their protobuf form (`kerwen.v1.Receipt`, `AckReceipt`), for the services that hand them
+//! out and the clients that keep and verify them.
+
+use kerwen_broker::evidence::{AckFacts, ArchivedDelivery, BatchHeader, Hash, InclusionProof, MessageFacts, Receipt, SignedBatch};
+use kerwen_broker::model::Position;
+use kerwen_proto::v1 as pb;
+
+/// Why a receipt from the wire cannot be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiptError {
+    #[error("{field} must be {expected} bytes, got {got}")]
+    Length { field: &'static str, expected: usize, got: usize },
+    #[error("{0} is missing")]
+    Missing(&'static str),
+}
+
+fn bytes<const N: usize>(field: &'static str, b: &[u8]) -> Result<[u8; N], ReceiptError> {
+    b.try_into().map_err(|_| ReceiptError::Length { field, expected: N, got: b.len() })
+}
+
+pub fn to_proto_batch(b: &SignedBatch) -> pb::SignedBatch {
+    let h = &b.header;
+    pb::SignedBatch {
+        version: u32::from(h.version),
+        shard: h.shard,
+        batch: h.batch,
+        log_term: h.log_term,
+        log_index: h.log_index,
+        timestamp_unix_ms: h.timestamp_unix_ms,
+        leaf_count: h.leaf_count,
+        root: h.root.to_vec().into(),
+        prev: h.prev.to_vec().into(),
+        key_id: h.key_id.clone(),
+        signature: b.signature.to_vec().into(),
+    }
+}
+
+pub fn to_proto(r: &Receipt) -> pb::Receipt {
+    pb::Receipt {
+        leaf: r.leaf.to_vec().into(),
+        index: r.proof.index,
+        leaf_count: r.proof.leaf_count,
+        path: r.proof.path.iter().map(|h| h.to_vec().into()).collect(),
+        batch: Some(to_proto_batch(&r.batch)),
+    }
+}
+
+pub fn from_proto(r: &pb::Receipt) -> Result<Receipt, ReceiptError> {
+    let b = r.batch.as_ref().ok_or(ReceiptError::Missing("receipt.batch"))?;
+    let header = BatchHeader {
+        version: u8::try_from(b.version).unwrap_or(u8::MAX),
+        shard: b.shard,
+        batch: b.batch,
+        log_term: b.log_term,
+        log_index: b.log_index,
+        timestamp_unix_ms: b.timestamp_unix_ms,
+        leaf_count: b.leaf_count,
+        root: bytes("batch.root", &b.root)?,
+        prev: bytes("batch.prev", &b.prev)?,
+        key_id: b.key_id.clone(),
+    };
+    let path = r.path.iter().map(|h| bytes::<32>("path", h)).collect::<Result<Vec<Hash>, _>>()?;
+    Ok(Receipt {
+        leaf: bytes("leaf", &r.leaf)?,
+        proof: InclusionProof { index: r.index, leaf_count: r.leaf_count, path },
+        batch: SignedBatch { header, signature: bytes("batch.signature", &b.signature)? },
+    })
+}
+
+pub fn to_proto_ack(position: Position, d: &ArchivedDelivery) -> pb::AckReceipt {
+    pb::AckReceipt {
+        position: Some(pb::Position { partition: position.partition, sequence: position.sequence }),
+        recipient: d.facts.recipient.clone(),
+        message_id: d.facts.message_id.clone(),
+        message_leaf: d.facts.message_leaf.to_vec().into(),
+        acked_unix_ms: d.facts.acked_unix_ms,
+        attempt: d.facts.attempt,
+        receipt: Some(to_proto(&d.receipt)),
+    }
+}
+
+pub fn ack_from_proto(a: &pb::AckReceipt) -> Result<ArchivedDelivery, ReceiptError> {
+    let receipt = from_proto(a.receipt.as_ref().ok_or(ReceiptError::Missing("ack receipt"))?)?;
+    let facts = AckFacts {
+        recipient: a.recipient.clone(),
+        message_id: a.message_id.clone(),
+        message_leaf: bytes("message_leaf", &a.message_leaf)?,
+        acked_unix_ms: a.acked_unix_ms,
+        attempt: a.attempt,
+    };
+    Ok(ArchivedDelivery { facts, receipt })
+}
+
+/// The facts of a delivered message (inline payload, or chunked with its declared hash).
+pub fn delivery_facts(d: &pb::Delivery) -> Result<MessageFacts, ReceiptError> {
+    use sha2::Digest;
+    let m = d.message.as_ref().ok_or(ReceiptError::Missing("delivery.message"))?;
+    let (payload_sha256, payload_len) = match &d.large_payload {
+        Some(large) => (bytes("large_payload.sha256", &large.sha256)?, large.total_bytes),
+        None => (sha2::Sha256::digest(&m.payload).into(), m.payload.len() as u64),
+    };
+    let mut headers: Vec<(String, String)> = m.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    headers.sort();
+    Ok(MessageFacts {
+        recipient: m.recipient.clone(),
+        sender: m.sender.clone(),
+        message_id: m.id.clone(),
+        accepted_unix_ms: d.accepted_unix_ms,
+        payload_sha256,
+        payload_len,
+        ordering_key: m.ordering_key.clone(),
+        headers,
+    })
+}
+
+/// The facts of a published message, from what was sent and what the cluster answered.
+pub fn publish_facts(sent: &pb::Message, result: &pb::PublishResult) -> Result<MessageFacts, ReceiptError> {
+    let mut headers: Vec<(String, String)> = sent.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    headers.sort();
+    Ok(MessageFacts {
+        recipient: sent.recipient.clone(),
+        sender: result.sender.clone(),
+        message_id: sent.id.clone(),
+        accepted_unix_ms: result.accepted_unix_ms,
+        payload_sha256: bytes("payload_sha256", &result.payload_sha256)?,
+        payload_len: sent.payload.len() as u64,
+        ordering_key: sent.ordering_key.clone(),
+        headers,
+    })
+}
