@@ -211,3 +211,50 @@ async fn sealed_writes_get_verifiable_receipts_and_a_mispositioned_batch_is_refu
     assert_eq!(view.chain_head().batch, head.batch + 1);
     raft.shutdown().await.expect("shutdown");
 }
+
+/// A mailbox's evidence retention: records older than it are purged by later publishes
+/// (oldest first), younger ones stay, and the shard's evidence total follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn evidence_past_its_retention_is_purged_by_later_publishes() {
+    use ed25519_dalek::SigningKey;
+    use kerwen_broker::evidence::EvidenceSigner;
+    use kerwen_broker::model::{MailboxLimits, ShardLimits};
+    use kerwen_broker::proposer::Sealing;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (raft, view) = single_node_shard(dir.path()).await;
+    let sealing = Sealing { signer: Arc::new(EvidenceSigner::new("k".into(), SigningKey::from_bytes(&[6; 32]))), view: view.clone() };
+    let proposer = Proposer::start_sealing(1, raft.clone(), ProposerConfig::default(), Some(sealing));
+    let limits = ShardLimits {
+        evidence_retention_ms: 10_000,
+        ..kerwen_broker::model::MailboxInfo {
+            id: 1,
+            service: "TM/GOV/MINFIN/tax/declarations".into(),
+            partitions: 2,
+            partition_shards: vec![1, 1],
+            created_unix_ms: 0,
+            limits: MailboxLimits::default(),
+            policy: Default::default(),
+        }
+        .shard_limits(1)
+    };
+    let at = |id: usize, accepted_unix_ms: i64| {
+        let Command::Publish { mut messages, .. } = publish(id) else { unreachable!() };
+        messages[0].message.accepted_unix_ms = accepted_unix_ms;
+        Command::Publish { messages, limits: vec![limits.clone()] }
+    };
+    for (id, t) in [(1, 1_000), (2, 5_000), (3, 9_000)] {
+        proposer.write(at(id, t)).await.expect("publish");
+    }
+    let held = |id: usize, t: i64| view.message_evidence(1, t, &format!("m{id}")).expect("read").is_some();
+    assert!(held(1, 1_000) && held(2, 5_000) && held(3, 9_000));
+    let before = view.evidence_bytes();
+    assert!(before > 0);
+
+    // At 14 s, everything accepted before 4 s is past the 10 s retention.
+    proposer.write(at(4, 14_000)).await.expect("publish");
+    assert!(!held(1, 1_000), "evidence older than the retention is purged");
+    assert!(held(2, 5_000) && held(3, 9_000) && held(4, 14_000), "younger evidence stays");
+    assert!(view.evidence_bytes() > before, "the new batch and record outweigh the purged record");
+    raft.shutdown().await.expect("shutdown");
+}

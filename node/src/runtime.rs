@@ -40,8 +40,8 @@ const SWEEP_BUDGET: usize = 1_024;
 const UPLOAD_MAX_AGE: Duration = Duration::from_secs(24 * 60 * 60);
 /// Sweep rounds between two looks for abandoned uploads (about a minute).
 const UPLOAD_SWEEP_EVERY: u64 = 240;
-/// Sweep rounds between two measurements of the evidence log's disk use (a few seconds).
-const EVIDENCE_CHECK_EVERY: u64 = 8;
+/// Sweep rounds between two looks at the evidence log's size (a second).
+const EVIDENCE_CHECK_EVERY: u64 = 4;
 /// Sweep rounds between two warnings of an evidence log near its budget (about a minute).
 const EVIDENCE_WARN_EVERY: u64 = 240;
 
@@ -133,8 +133,8 @@ pub struct NodeRuntime {
     pub signer: Arc<EvidenceSigner>,
     /// Held while the signing key is rotated.
     pub key_rotation: tokio::sync::Mutex<()>,
-    /// Disk the evidence log takes on this node (approximate, refreshed by the sweeper).
-    evidence_bytes: std::sync::atomic::AtomicU64,
+    /// The sweep round of the last warning that the evidence log nears its budget.
+    evidence_warned: std::sync::atomic::AtomicU64,
     pub shards: BTreeMap<GroupId, Group<ShardView>>,
     /// Subscriptions served here that have not yet released their leases. Leases are
     /// replicated, so one not released before the node stops would hold its messages until
@@ -211,7 +211,7 @@ impl NodeRuntime {
             rate_limiter: RateLimiter::default(),
             signer,
             key_rotation: tokio::sync::Mutex::new(()),
-            evidence_bytes: std::sync::atomic::AtomicU64::new(0),
+            evidence_warned: std::sync::atomic::AtomicU64::new(0),
         };
         let members: BTreeMap<NodeId, BasicNode> =
             runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
@@ -445,13 +445,15 @@ impl NodeRuntime {
         }
     }
 
-    /// Measures the evidence log's disk use and warns (at most once a minute) past 80% of
-    /// the budget; publishes are refused once it is reached (see [`Self::admit_evidence`]).
+    /// Warns (when it first happens, then once a minute) while the evidence log is past 80%
+    /// of its budget; publishes are refused once it is reached (see [`Self::admit_evidence`]).
     fn check_evidence_budget(&self, round: u64) {
-        let used: u64 = self.shards.values().map(|g| g.view.evidence_disk_bytes()).sum();
-        self.evidence_bytes.store(used, std::sync::atomic::Ordering::Relaxed);
-        let budget = self.config.evidence_budget_bytes;
-        if used.saturating_mul(10) >= budget.saturating_mul(8) && round % EVIDENCE_WARN_EVERY < EVIDENCE_CHECK_EVERY {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (used, budget) = self.evidence_usage();
+        let last = self.evidence_warned.load(Relaxed);
+        let due = last == 0 || round.saturating_sub(last) >= EVIDENCE_WARN_EVERY;
+        if used.saturating_mul(10) >= budget.saturating_mul(8) && due {
+            self.evidence_warned.store(round, Relaxed);
             tracing::error!(
                 used_bytes = used,
                 budget_bytes = budget,
@@ -462,9 +464,9 @@ impl NodeRuntime {
         }
     }
 
-    /// Evidence disk use and budget, as last measured.
+    /// Bytes the evidence log of this node's shards takes, and its budget.
     pub fn evidence_usage(&self) -> (u64, u64) {
-        (self.evidence_bytes.load(std::sync::atomic::Ordering::Relaxed), self.config.evidence_budget_bytes)
+        (self.shards.values().map(|g| g.view.evidence_bytes()).sum(), self.config.evidence_budget_bytes)
     }
 
     /// Refuses a publish once the evidence log has filled its disk budget: a message whose

@@ -335,3 +335,41 @@ async fn receipts_signed_before_and_after_a_key_rotation_verify_and_a_foreign_ke
     ensure!(archive.keys.keys.len() >= 2, "the archive carries both keys: {:?}", archive.keys.keys.keys().collect::<Vec<_>>());
     cluster.check_no_crash()
 }
+
+// -------------------------------------------------------------------------------------------------
+// The evidence log's disk budget: a clear alarm before it is reached, then refusals.
+// -------------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_evidence_log_near_its_budget_alarms_and_a_full_one_refuses_publishes() -> Result<()> {
+    const BUDGET: u64 = 40_000;
+    let cluster = ProcessCluster::builder().arg("--evidence-budget-bytes").arg(BUDGET.to_string()).start().await?;
+    harness::create_mailbox(&cluster, 1, MAILBOX, 2).await?;
+    harness::wait_mailbox_known(&cluster, MAILBOX).await?;
+    let mut client = cluster.client(1).await?;
+    let mut accepted = 0usize;
+    let refusal = eventually("a publish refused for the evidence budget", Duration::from_secs(60), || {
+        let mut client = client.clone();
+        let batch = harness::batch(&format!("fill-{accepted}"), MAILBOX, 0, 10, 3);
+        accepted += 10;
+        async move {
+            match client.publish(batch).await {
+                Ok(_) => Ok(None),
+                Err(s) => Ok(Some(s)),
+            }
+        }
+    })
+    .await?;
+    ensure!(refusal.code() == tonic::Code::ResourceExhausted, "refused with {refusal:?}");
+    ensure!(refusal.message().contains("evidence log"), "the refusal says why: {}", refusal.message());
+    ensure!(accepted > 20, "only {accepted} messages fit a {BUDGET}-byte budget");
+    eventually("the alarm in node 1's log", Duration::from_secs(10), || async {
+        Ok(cluster.log_grep(1, "of its disk budget").first().cloned())
+    })
+    .await?;
+    // Nothing accepted was lost: consuming still works.
+    let mut consumer = harness::Consumer::open(&mut client, MAILBOX, 100).await?;
+    let got = consumer.take(accepted - 10, Duration::from_secs(30)).await?;
+    ensure!(!got.is_empty(), "the accepted messages are delivered");
+    cluster.check_no_crash()
+}

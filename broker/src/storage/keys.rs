@@ -20,6 +20,7 @@
 //! | `state`       | group u32, `E`, mailbox u64, accept ms u64, message id | bincode `EvidenceRecord` (outlives the payload) |
 //! | `state`       | group u32, `B`, batch u64                        | bincode `BatchRecord` (signed header and leaves) |
 //! | `state`       | group u32, `H`                                   | bincode `ChainHead` of the shard's evidence chain |
+//! | `state`       | group u32, `Z`                                   | bytes of the shard's `E` and `B` records |
 //!
 //! Dead-letter partitions are partition numbers with the top bit set, so a mailbox's dead
 //! letters sort after its live messages.
@@ -51,6 +52,8 @@ pub const KIND_EVIDENCE: u8 = b'E';
 pub const KIND_BATCH: u8 = b'B';
 /// Data shard: the head of the shard's evidence chain (`H`).
 pub const KIND_CHAIN_HEAD: u8 = b'H';
+/// Data shard: bytes of its evidence records and batches (`Z`), for the disk budget.
+pub const KIND_EVIDENCE_BYTES: u8 = b'Z';
 /// Metadata group: a published evidence signing key (`K/key id`).
 pub const KIND_SIGNING_KEY: u8 = b'K';
 /// Metadata group: a registered subsystem (`M/subsystem`).

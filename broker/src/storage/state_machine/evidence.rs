@@ -9,6 +9,7 @@
 //! retryable refusal and nothing of the entry is applied, so every replica holds the same chain.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use openraft::LogId;
@@ -19,7 +20,7 @@ use super::{for_each_in_prefix, lock, ApplyScratch, ShardView};
 use crate::error::{BrokerError, Result};
 use crate::evidence::{AckFacts, Archive, ArchivedDelivery, ArchivedMessage, Hash, KeyRing, MerkleTree, MessageFacts, Receipt, SignedBatch};
 use crate::model::{MailboxId, NodeId, Position, SealedAck, StoredMessage};
-use crate::storage::keys::{self, KIND_CHAIN_HEAD};
+use crate::storage::keys::{self, KIND_CHAIN_HEAD, KIND_EVIDENCE_BYTES};
 use crate::storage::{encode, CF_STATE};
 
 /// The evidence of one message, kept after its payload is gone.
@@ -99,17 +100,29 @@ pub(super) fn begin_seal(
     }
     let cf = view.store.cf(CF_STATE)?;
     let next = ChainHead { batch: h.batch, link: signed.link() };
-    batch.put_cf(&cf, keys::batch_key(view.group, h.batch), encode(&BatchRecord { batch: signed, leaves })?);
+    let record = encode(&BatchRecord { batch: signed, leaves })?;
+    grow(view, scratch, record.len() as i64);
+    batch.put_cf(&cf, keys::batch_key(view.group, next.batch), record);
     scratch.chain = Some(next);
     Ok(None)
 }
 
-/// Writes the chain head left by this apply call (after every sealed entry of it).
+/// Counts `delta` bytes into the shard's evidence total as this batch leaves it.
+fn grow(view: &ShardView, scratch: &mut ApplyScratch, delta: i64) {
+    let now = *scratch.evidence_bytes.get_or_insert_with(|| view.evidence_bytes());
+    scratch.evidence_bytes = Some(now.saturating_add_signed(delta));
+}
+
+/// Writes the chain head and evidence total left by this apply call.
 pub(super) fn finish(view: &ShardView, batch: &mut WriteBatch, scratch: &mut ApplyScratch) -> Result<()> {
+    let cf = view.store.cf(CF_STATE)?;
     if let Some(head) = scratch.chain.take() {
-        let cf = view.store.cf(CF_STATE)?;
         batch.put_cf(&cf, keys::state_key(view.group, KIND_CHAIN_HEAD, &[]), encode(&head)?);
         *lock(&view.chain) = head;
+    }
+    if let Some(bytes) = scratch.evidence_bytes.take() {
+        batch.put_cf(&cf, keys::state_key(view.group, KIND_EVIDENCE_BYTES, &[]), encode(&bytes)?);
+        view.evidence_bytes.store(bytes, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -125,7 +138,9 @@ pub(super) fn record_message(
 ) -> Result<()> {
     let key = keys::evidence_key(view.group, mailbox, message.accepted_unix_ms, &message.id);
     let record = EvidenceRecord { facts: message.facts(), batch: batch_no, index, ack: None };
-    batch.put_cf(&view.store.cf(CF_STATE)?, &key, encode(&record)?);
+    let value = encode(&record)?;
+    grow(view, scratch, value.len() as i64);
+    batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
     scratch.evidence.insert(key, record);
     Ok(())
 }
@@ -147,8 +162,11 @@ pub(super) fn record_ack(
         None => view.store.get::<EvidenceRecord>(CF_STATE, &key)?,
     };
     let Some(mut record) = record.filter(|r| r.ack.is_none()) else { return Ok(()) };
+    let before = encode(&record)?.len();
     record.ack = Some(AckEvidence { facts: ack.facts.clone(), batch: batch_no, index });
-    batch.put_cf(&view.store.cf(CF_STATE)?, &key, encode(&record)?);
+    let value = encode(&record)?;
+    grow(view, scratch, value.len() as i64 - before as i64);
+    batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
     scratch.evidence.insert(key, record);
     Ok(())
 }
@@ -167,14 +185,15 @@ pub(super) fn purge_expired(
     let cf = view.store.cf(CF_STATE)?;
     let prefix = keys::evidence_prefix(view.group, mailbox);
     let mut removed = 0;
-    for_each_in_prefix(&view.store, &prefix, |key, _| {
+    for_each_in_prefix(&view.store, &prefix, |key, value| {
         let Some((accepted, _)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
         if accepted >= cutoff_unix_ms || removed >= budget {
             return Ok(false);
         }
         if scratch.deleted.insert(key.to_vec()) {
             batch.delete_cf(&cf, key);
-            scratch.evidence.remove(key);
+            let written = scratch.evidence.remove(key).map(|r| encode(&r).map(|v| v.len())).transpose()?;
+            grow(view, scratch, -(written.unwrap_or(value.len()) as i64));
             removed += 1;
         }
         Ok(true)
@@ -190,6 +209,8 @@ impl ShardView {
     pub(super) fn load_chain_head(&self) -> Result<()> {
         let key = keys::state_key(self.group, KIND_CHAIN_HEAD, &[]);
         *lock(&self.chain) = self.store.get::<ChainHead>(CF_STATE, &key)?.unwrap_or_default();
+        let key = keys::state_key(self.group, KIND_EVIDENCE_BYTES, &[]);
+        self.evidence_bytes.store(self.store.get::<u64>(CF_STATE, &key)?.unwrap_or(0), Ordering::Relaxed);
         lock(&self.trees).entries.clear();
         Ok(())
     }
@@ -211,16 +232,10 @@ impl ShardView {
         Ok(Some(tree))
     }
 
-    /// Disk taken by the shard's evidence records and batches (approximate: flushed data).
-    pub fn evidence_disk_bytes(&self) -> u64 {
-        let Ok(cf) = self.store.cf(CF_STATE) else { return 0 };
-        let ranges = [keys::KIND_EVIDENCE, keys::KIND_BATCH].map(|kind| {
-            let start = keys::state_key(self.group, kind, &[]);
-            let end = keys::state_key(self.group, kind + 1, &[]);
-            (start, end)
-        });
-        let ranges: Vec<rocksdb::Range<'_>> = ranges.iter().map(|(s, e)| rocksdb::Range::new(s, e)).collect();
-        self.store.db().get_approximate_sizes_cf(&cf, &ranges).iter().sum()
+    /// Bytes of the shard's evidence records and batches as stored (before RocksDB's
+    /// compression, so at least what they take on disk), kept exactly by `apply`.
+    pub fn evidence_bytes(&self) -> u64 {
+        self.evidence_bytes.load(Ordering::Relaxed)
     }
 
     /// The receipt of leaf `index` of batch `batch_no`.

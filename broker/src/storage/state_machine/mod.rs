@@ -130,6 +130,8 @@ pub struct ShardView {
     chain: Mutex<ChainHead>,
     /// Recently used evidence batch trees, for receipts.
     trees: Mutex<evidence::TreeCache>,
+    /// Bytes of the evidence log (mirrors the `Z` key).
+    evidence_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl ShardView {
@@ -426,6 +428,7 @@ impl StateMachine {
             senders: Mutex::new(HashMap::new()),
             chain: Mutex::new(ChainHead::default()),
             trees: Mutex::new(evidence::TreeCache::default()),
+            evidence_bytes: std::sync::atomic::AtomicU64::new(0),
         });
         view.rebuild_tracker()?;
         view.load_chain_head()?;
@@ -591,6 +594,8 @@ struct ApplyScratch {
     chain: Option<ChainHead>,
     /// Evidence records written by this batch (not in RocksDB yet).
     evidence: HashMap<Vec<u8>, EvidenceRecord>,
+    /// The shard's evidence bytes as this batch left them (`None`: unchanged).
+    evidence_bytes: Option<u64>,
 }
 
 impl ApplyScratch {
