@@ -570,13 +570,16 @@ pub enum Command {
 }
 
 /// The evidence of one [`Command::Sealed`] entry: the signed batch header and its leaves, in
-/// this order: one per message of each `Publish` command (commands in order), then one per
-/// entry of `acks`.
+/// this order: one per message of each `Publish` command and one per `UploadCommit` listed
+/// in `commits` (commands in order), then one per entry of `acks`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seal {
     pub batch: crate::evidence::SignedBatch,
     pub leaves: Vec<crate::evidence::Hash>,
     pub acks: Vec<SealedAck>,
+    /// Indexes of the `UploadCommit` commands signed (an upload the leader did not find, e.g.
+    /// already committed, has no leaf).
+    pub commits: Vec<u32>,
 }
 
 /// One ack the leader signed: which command of the entry acked which message.

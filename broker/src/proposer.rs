@@ -31,7 +31,7 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::BrokerError;
 use crate::evidence::{ack_leaf, ArchivedDelivery, BatchHeader, Hash, MerkleTree, Receipt, SignedBatch, EvidenceSigner, EVIDENCE_VERSION};
-use crate::model::{Command, CommandResult, EvidenceRef, GroupId, MessageReceipt, Position, Seal, SealedAck, TypeConfig};
+use crate::model::{Command, CommandResult, EvidenceRef, GroupId, MessageReceipt, Position, Seal, SealedAck, TypeConfig, UploadProgress};
 use crate::storage::ShardView;
 
 /// The result of one command: its entry's log index and what applying it returned.
@@ -115,6 +115,8 @@ struct SealedInfo {
     tree: MerkleTree,
     batch: SignedBatch,
     acks: Vec<SealedAck>,
+    /// Signed upload commits: command index and the accept time their leaf commits to.
+    commits: Vec<(u32, i64)>,
     view: Arc<ShardView>,
 }
 
@@ -198,6 +200,7 @@ fn carries_evidence(command: &Command) -> bool {
     match command {
         Command::Publish { messages, .. } => !messages.is_empty(),
         Command::Ack { positions, .. } => !positions.is_empty(),
+        Command::UploadCommit { .. } => true,
         _ => false,
     }
 }
@@ -238,9 +241,16 @@ fn now_unix_ms() -> i64 {
 fn seal(group: GroupId, sealing: &Sealing, cursor: &mut ChainCursor, commands: Vec<Command>) -> (Command, Option<SealedInfo>) {
     let mut message_leaves = Vec::new();
     let mut acks = Vec::new();
+    let mut commits = Vec::new();
     for (i, command) in commands.iter().enumerate() {
         match command {
             Command::Publish { messages, .. } => message_leaves.extend(messages.iter().map(|m| m.message.leaf())),
+            Command::UploadCommit { mailbox, id } => {
+                if let Ok(Some((leaf, accepted_unix_ms))) = sealing.view.upload_leaf(*mailbox, id) {
+                    message_leaves.push(leaf);
+                    commits.push((i as u32, accepted_unix_ms));
+                }
+            }
             Command::Ack { mailbox, positions, attempts, .. } => {
                 for (j, position) in positions.iter().enumerate() {
                     // A message gone meanwhile (acked twice) has nothing to sign.
@@ -277,8 +287,8 @@ fn seal(group: GroupId, sealing: &Sealing, cursor: &mut ChainCursor, commands: V
     });
     cursor.next_batch += 1;
     cursor.prev = batch.link();
-    let seal = Seal { batch: batch.clone(), leaves: tree.leaves().to_vec(), acks: acks.clone() };
-    let info = SealedInfo { tree, batch, acks, view: sealing.view.clone() };
+    let seal = Seal { batch: batch.clone(), leaves: tree.leaves().to_vec(), acks: acks.clone(), commits: commits.iter().map(|c| c.0).collect() };
+    let info = SealedInfo { tree, batch, acks, commits, view: sealing.view.clone() };
     (Command::Sealed { seal, commands }, Some(info))
 }
 
@@ -343,13 +353,15 @@ fn with_receipts(info: &SealedInfo, k: usize, result: CommandResult, refs: Vec<E
         }
     };
     match result {
-        CommandResult::Published(_) => {
+        CommandResult::Published(_) | CommandResult::Upload(UploadProgress::Stored(_)) => {
+            // An upload's message was accepted when the upload began, maybe in another request.
+            let committed = info.commits.iter().find(|c| c.0 as usize == k).map(|c| c.1);
             let receipts = refs
                 .iter()
                 .map(|r| {
                     let first_accepted_unix_ms = match r {
                         EvidenceRef::Stored { accepted_unix_ms, .. } => Some(*accepted_unix_ms),
-                        _ => None,
+                        _ => committed,
                     };
                     Some(MessageReceipt { receipt: receipt(r)?, first_accepted_unix_ms })
                 })

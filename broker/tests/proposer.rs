@@ -190,7 +190,7 @@ async fn sealed_writes_get_verifiable_receipts_and_a_mispositioned_batch_is_refu
     };
     let Command::Publish { messages, .. } = publish(WRITES) else { unreachable!() };
     let (batch, tree) = seal_batch(vec![messages[0].message.leaf()], header, &key);
-    let seal = Seal { batch, leaves: tree.leaves().to_vec(), acks: Vec::new() };
+    let seal = Seal { batch, leaves: tree.leaves().to_vec(), acks: Vec::new(), commits: Vec::new() };
     let response = raft.client_write(Command::Sealed { seal, commands: vec![publish(WRITES)] }).await.expect("write");
     assert!(matches!(response.data, CommandResult::Rejected(BrokerError::Unavailable(_))), "{:?}", response.data);
     assert_eq!(view.chain_head(), head, "the refused batch did not extend the chain");

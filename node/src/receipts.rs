@@ -116,6 +116,15 @@ pub fn delivery_facts(d: &pb::Delivery) -> Result<MessageFacts, ReceiptError> {
 
 /// The facts of a published message, from what was sent and what the cluster answered.
 pub fn publish_facts(sent: &pb::Message, result: &pb::PublishResult) -> Result<MessageFacts, ReceiptError> {
+    facts_of(sent, sent.payload.len() as u64, result)
+}
+
+/// The facts of a message uploaded in chunks (`sent` without its payload).
+pub fn upload_facts(sent: &pb::Message, total_bytes: u64, result: &pb::PublishResult) -> Result<MessageFacts, ReceiptError> {
+    facts_of(sent, total_bytes, result)
+}
+
+fn facts_of(sent: &pb::Message, payload_len: u64, result: &pb::PublishResult) -> Result<MessageFacts, ReceiptError> {
     let mut headers: Vec<(String, String)> = sent.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
     headers.sort();
     Ok(MessageFacts {
@@ -124,7 +133,7 @@ pub fn publish_facts(sent: &pb::Message, result: &pb::PublishResult) -> Result<M
         message_id: sent.id.clone(),
         accepted_unix_ms: result.accepted_unix_ms,
         payload_sha256: bytes("payload_sha256", &result.payload_sha256)?,
-        payload_len: sent.payload.len() as u64,
+        payload_len,
         ordering_key: sent.ordering_key.clone(),
         headers,
     })

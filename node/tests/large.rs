@@ -125,6 +125,15 @@ async fn scenario_large(cluster: &ProcessCluster, total: u64) -> Result<()> {
     ensure!(d.position == result.position, "delivered {:?}, published {:?}", d.position, result.position);
     let large = d.large_payload.clone().ok_or_else(|| anyhow!("delivery without large_payload: {d:?}"))?;
     ensure!(large.total_bytes == total && large.sha256[..] == sha256[..], "large payload info {large:?}");
+    // The upload's receipt (signed when committed, accept time of the first stream) is the
+    // delivery's, and both stand for the message with the payload's size and hash.
+    let receipt = kerwen_node::receipts::from_proto(result.receipt.as_ref().ok_or_else(|| anyhow!("the upload has no receipt"))?)?;
+    let sent = message("export-2026-11-23", MAILBOX, None, Bytes::new());
+    let facts = kerwen_node::receipts::upload_facts(&sent, total, &result)?;
+    ensure!(facts == kerwen_node::receipts::delivery_facts(&d)?, "upload facts {facts:?} differ from the delivery's");
+    let delivered = kerwen_node::receipts::from_proto(d.receipt.as_ref().ok_or_else(|| anyhow!("the delivery has no receipt"))?)?;
+    ensure!(delivered == receipt, "the delivery carries another receipt than the upload");
+    ensure!(receipt.leaf == kerwen_broker::evidence::message_leaf(&facts), "the receipt stands for the uploaded message");
     let position = d.position.ok_or_else(|| anyhow!("no position"))?;
 
     // Download in two legs (the first one dropped part-way) through a third node.

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use kerwen_broker::access::Action;
 use kerwen_broker::BrokerError;
-use kerwen_broker::model::{Command, CommandResult, GroupId, Position, UploadProgress};
+use kerwen_broker::model::{Command, CommandResult, GroupId, MessageReceipt, Position, UploadProgress};
 use kerwen_proto::v1 as pb;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
@@ -69,8 +69,10 @@ async fn run_upload(runtime: &NodeRuntime, caller: &Caller, mut inbound: Streami
     let mailbox = info.id;
     let limits = runtime.shard_limits(&publisher, &info, shard);
     let begin = Command::UploadBegin { new, total_bytes: total, sha256, limits };
+    let sender = caller.sender();
+    let done = Published { id: &id, shard, sender: &sender, sha256 };
     let (upload, mut stored) = match progress(runtime, shard, begin).await? {
-        (_, UploadProgress::Stored(position)) => return published(out, &id, shard, 0, position).await,
+        (_, UploadProgress::Stored(position)) => return done.send(out, 0, position, None).await,
         (_, UploadProgress::Receiving { upload, received }) => (upload, received),
     };
 
@@ -125,8 +127,10 @@ async fn run_upload(runtime: &NodeRuntime, caller: &Caller, mut inbound: Streami
             "the payload of message {id} does not match its sha256; the upload was discarded"
         )));
     }
-    match progress(runtime, shard, Command::UploadCommit { mailbox, id: id.clone() }).await? {
-        (index, UploadProgress::Stored(position)) => published(out, &id, shard, index, position).await,
+    let commit = runtime.write(shard, Command::UploadCommit { mailbox, id: id.clone() }).await.map_err(to_status)?;
+    let (result, mut receipts, _) = commit.1.split_receipts();
+    match upload_progress((commit.0, result))? {
+        (index, UploadProgress::Stored(position)) => done.send(out, index, position, receipts.pop().flatten()).await,
         (_, other) => Err(Status::internal(format!("upload commit answered {other:?}"))),
     }
 }
@@ -141,18 +145,42 @@ async fn throttle(runtime: &NodeRuntime, publisher: &Publisher<'_>, bytes: u64) 
 
 /// Runs an upload command; returns the commit index and the upload's progress.
 async fn progress(runtime: &NodeRuntime, shard: GroupId, cmd: Command) -> Result<(u64, UploadProgress), Status> {
-    match runtime.write(shard, cmd).await.map_err(to_status)? {
+    upload_progress(runtime.write(shard, cmd).await.map_err(to_status)?)
+}
+
+fn upload_progress(written: (u64, CommandResult)) -> Result<(u64, UploadProgress), Status> {
+    match written {
         (index, CommandResult::Upload(p)) => Ok((index, p)),
         (_, CommandResult::Rejected(e)) => Err(to_status(e)),
         (_, other) => Err(Status::internal(format!("unexpected upload result {other:?}"))),
     }
 }
 
-async fn published(out: &UploadSender, id: &str, shard: GroupId, commit_index: u64, position: Position) -> Result<(), Status> {
-    // Chunked uploads are not sealed yet: their receipt is left unset.
-    let result = pb::PublishResult { id: id.to_owned(), position: Some(to_proto_position(position)), shard, commit_index, ..Default::default() };
-    let _ = out.send(event(pb::upload_response::Event::Published(result))).await;
-    Ok(())
+/// What the final `published` event of an upload says besides where the message is.
+struct Published<'a> {
+    id: &'a str,
+    shard: GroupId,
+    sender: &'a str,
+    sha256: [u8; 32],
+}
+
+impl Published<'_> {
+    /// Sends the event; `receipt` is the commit's (none when the message was stored before,
+    /// by an earlier upload of the same id).
+    async fn send(&self, out: &UploadSender, commit_index: u64, position: Position, receipt: Option<MessageReceipt>) -> Result<(), Status> {
+        let result = pb::PublishResult {
+            id: self.id.to_owned(),
+            position: Some(to_proto_position(position)),
+            shard: self.shard,
+            commit_index,
+            accepted_unix_ms: receipt.as_ref().and_then(|r| r.first_accepted_unix_ms).unwrap_or_default(),
+            receipt: receipt.as_ref().map(|r| crate::receipts::to_proto(&r.receipt)),
+            sender: self.sender.to_owned(),
+            payload_sha256: self.sha256.to_vec().into(),
+        };
+        let _ = out.send(event(pb::upload_response::Event::Published(result))).await;
+        Ok(())
+    }
 }
 
 /// The stored payload bytes of an upload from `offset` to the end of the chunk holding it.

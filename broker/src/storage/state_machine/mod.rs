@@ -483,7 +483,7 @@ impl StateMachine {
                 upload::apply_begin(&view, batch, scratch, cache, upload::BeginRequest { new, total_bytes, sha256, limits })
             }
             Command::UploadChunk { mailbox, id, offset, data } => upload::apply_chunk(&view, batch, scratch, mailbox, &id, offset, data),
-            Command::UploadCommit { mailbox, id } => upload::apply_commit(&view, batch, scratch, cache, mailbox, &id),
+            Command::UploadCommit { mailbox, id } => Ok(upload::apply_commit(&view, batch, scratch, cache, (mailbox, &id), None)?.0),
             Command::UploadAbort { mailbox, id } => upload::apply_abort(&view, batch, scratch, mailbox, &id),
             cmd @ (Command::CreateMailbox { .. } | Command::Access(_) | Command::Batch(_) | Command::Sealed { .. }) => {
                 Ok(self.misplaced(&cmd))
@@ -499,14 +499,17 @@ impl StateMachine {
             GroupKind::Shard(view) => view.clone(),
             GroupKind::Metadata(_) => return Ok(self.misplaced(&Command::Sealed { seal, commands })),
         };
-        let Seal { batch: signed, leaves, acks } = seal;
+        let Seal { batch: signed, leaves, acks, commits } = seal;
         let batch_no = signed.header.batch;
         let log_id = scratch.log_id;
         if let Some(refusal) = evidence::begin_seal(&view, batch, scratch, signed, leaves, log_id)? {
             return Ok(CommandResult::Rejected(refusal));
         }
-        let publish_leaves: u64 =
-            commands.iter().map(|c| if let Command::Publish { messages, .. } = c { messages.len() as u64 } else { 0 }).sum();
+        let message_leaves: u64 = commands
+            .iter()
+            .map(|c| if let Command::Publish { messages, .. } = c { messages.len() as u64 } else { 0 })
+            .sum::<u64>()
+            + commits.len() as u64;
         let mut next_leaf = 0u64;
         let mut results = Vec::with_capacity(commands.len());
         let mut refs = Vec::with_capacity(commands.len());
@@ -526,11 +529,20 @@ impl StateMachine {
                     results.push(self.apply_command(batch, Command::Ack { mailbox, positions, consumer, attempts }, scratch)?);
                     let mut signed = Vec::new();
                     for (j, ack) in acks.iter().enumerate().filter(|(_, a)| a.command as usize == i) {
-                        let leaf = publish_leaves + j as u64;
+                        let leaf = message_leaves + j as u64;
                         evidence::record_ack(&view, batch, scratch, mailbox, ack, (batch_no, leaf))?;
                         signed.push(EvidenceRef::Leaf(leaf));
                     }
                     refs.push(signed);
+                }
+                Command::UploadCommit { mailbox, id } if commits.contains(&(i as u32)) => {
+                    let (result, evidence) = {
+                        let mut cache = lock(&view.partitions);
+                        upload::apply_commit(&view, batch, scratch, &mut cache, (mailbox, &id), Some((batch_no, next_leaf)))?
+                    };
+                    next_leaf += 1;
+                    results.push(result);
+                    refs.push(evidence);
                 }
                 other => {
                     results.push(self.apply_command(batch, other, scratch)?);

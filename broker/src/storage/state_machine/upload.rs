@@ -9,7 +9,7 @@ use super::delivery::PartitionCache;
 use super::{apply_publish, encode, keys, within_window, ApplyScratch, ShardView, CF_STATE};
 use crate::error::{BrokerError, Result};
 use crate::model::{
-    CommandResult, LargePayload, MailboxId, NewMessage, ShardLimits, StoredMessage, UploadProgress,
+    CommandResult, EvidenceRef, LargePayload, MailboxId, NewMessage, ShardLimits, StoredMessage, UploadProgress,
     UploadState,
 };
 
@@ -132,35 +132,51 @@ pub(super) fn apply_chunk(
     Ok(CommandResult::Upload(progress))
 }
 
+/// The message an upload becomes when committed.
+pub(super) fn committed_message(s: &UploadState) -> StoredMessage {
+    let large = LargePayload { upload: s.upload, total_bytes: s.total_bytes, sha256: s.sha256 };
+    StoredMessage { large: Some(large), payload_sha256: s.sha256, ..s.message.clone() }
+}
+
+/// Stores a complete upload as its message; with `seal` (batch number, leaf), the message
+/// was signed as that leaf. Returns the result and where the message's evidence is.
 pub(super) fn apply_commit(
     view: &ShardView,
     batch: &mut WriteBatch,
     scratch: &mut ApplyScratch,
     cache: &mut PartitionCache,
-    mailbox: MailboxId,
-    id: &str,
-) -> Result<CommandResult> {
+    (mailbox, id): (MailboxId, &str),
+    seal: Option<(u64, u64)>,
+) -> Result<(CommandResult, Vec<EvidenceRef>)> {
     let key = keys::upload_key(view.group, mailbox, id);
     let Some(r) = record(view, scratch, &key)? else {
-        return Ok(CommandResult::Rejected(BrokerError::NotFound(format!("no upload of message {id} is in progress"))));
+        return Ok((CommandResult::Rejected(BrokerError::NotFound(format!("no upload of message {id} is in progress"))), Vec::new()));
     };
     let s = &r.state;
     if s.received != s.total_bytes {
-        return Ok(CommandResult::Rejected(BrokerError::InvalidArgument(format!(
-            "upload of message {id} is incomplete: {} of {} bytes",
-            s.received, s.total_bytes
-        ))));
+        let e = BrokerError::InvalidArgument(format!("upload of message {id} is incomplete: {} of {} bytes", s.received, s.total_bytes));
+        return Ok((CommandResult::Rejected(e), Vec::new()));
     }
-    let large = LargePayload { upload: s.upload, total_bytes: s.total_bytes, sha256: s.sha256 };
-    let message = StoredMessage { large: Some(large), payload_sha256: s.sha256, ..s.message.clone() };
-    let new = NewMessage { mailbox, partition: s.partition, message };
-    match apply_publish(view, batch, cache, vec![new], vec![r.limits.clone()], scratch, None)?.0 {
-        CommandResult::Published(positions) => {
+    let new = NewMessage { mailbox, partition: s.partition, message: committed_message(s) };
+    match apply_publish(view, batch, cache, vec![new], vec![r.limits.clone()], scratch, seal)? {
+        (CommandResult::Published(positions), refs) => {
             let position = positions.first().copied().ok_or_else(|| BrokerError::Internal("no position".into()))?;
             save(view, batch, scratch, key, None)?;
-            Ok(CommandResult::Upload(UploadProgress::Stored(position)))
+            Ok((CommandResult::Upload(UploadProgress::Stored(position)), refs))
         }
         other => Ok(other),
+    }
+}
+
+impl ShardView {
+    /// The evidence leaf and accept time of the message an upload in progress becomes when
+    /// committed (`None` when there is no such upload).
+    pub fn upload_leaf(&self, mailbox: MailboxId, id: &str) -> Result<Option<(crate::evidence::Hash, i64)>> {
+        let record: Option<UploadRecord> = self.store.get(CF_STATE, &keys::upload_key(self.group, mailbox, id))?;
+        Ok(record.map(|r| {
+            let message = committed_message(&r.state);
+            (message.leaf(), message.accepted_unix_ms)
+        }))
     }
 }
 
