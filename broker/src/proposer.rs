@@ -229,6 +229,7 @@ async fn resync(group: GroupId, raft: &Raft<TypeConfig>, view: &ShardView) -> Re
         (m.last_log_index.unwrap_or(0), m.current_term)
     };
     let head = view.chain_head();
+    tracing::debug!(group, batch = head.batch + 1, log_index = last_index + 1, term, "evidence chain cursor (re)read");
     Ok(ChainCursor { next_batch: head.batch + 1, prev: head.link, next_index: last_index + 1, term })
 }
 
@@ -307,6 +308,7 @@ fn answer_entry(
     let response = match outcome {
         Ok(r) => r,
         Err(e) => {
+            tracing::debug!(group, error = %e, "entry failed; the chain cursor is re-read");
             stale.store(true, Ordering::SeqCst);
             return answer_all(replies, &e);
         }
@@ -320,6 +322,7 @@ fn answer_entry(
         }
         // A sealed entry refused as a whole: its batch no longer extends the chain there.
         (CommandResult::Rejected(e), Some(_)) => {
+            tracing::debug!(group, error = %e, "sealed entry refused; the chain cursor is re-read");
             stale.store(true, Ordering::SeqCst);
             answer_all(replies, &e);
         }

@@ -37,12 +37,34 @@ pub fn to_proto_batch(b: &SignedBatch) -> pb::SignedBatch {
 }
 
 pub fn to_proto(r: &Receipt) -> pb::Receipt {
-    pb::Receipt {
-        leaf: r.leaf.to_vec().into(),
-        index: r.proof.index,
-        leaf_count: r.proof.leaf_count,
-        path: r.proof.path.iter().map(|h| h.to_vec().into()).collect(),
-        batch: Some(to_proto_batch(&r.batch)),
+    ReceiptEncoder::default().encode(r)
+}
+
+/// Converts receipts to protobuf, the signed batch once per batch: the receipts of one
+/// response or stream mostly share it, and on the hot path every copy counts.
+#[derive(Default)]
+pub struct ReceiptEncoder {
+    last: Option<((u32, u64), pb::SignedBatch)>,
+}
+
+impl ReceiptEncoder {
+    pub fn encode(&mut self, r: &Receipt) -> pb::Receipt {
+        let id = (r.batch.header.shard, r.batch.header.batch);
+        let batch = match &self.last {
+            Some((last, batch)) if *last == id => batch.clone(),
+            _ => {
+                let batch = to_proto_batch(&r.batch);
+                self.last = Some((id, batch.clone()));
+                batch
+            }
+        };
+        pb::Receipt {
+            leaf: r.leaf.to_vec().into(),
+            index: r.proof.index,
+            leaf_count: r.proof.leaf_count,
+            path: r.proof.path.concat().into(),
+            batch: Some(batch),
+        }
     }
 }
 
@@ -60,7 +82,10 @@ pub fn from_proto(r: &pb::Receipt) -> Result<Receipt, ReceiptError> {
         prev: bytes("batch.prev", &b.prev)?,
         key_id: b.key_id.clone(),
     };
-    let path = r.path.iter().map(|h| bytes::<32>("path", h)).collect::<Result<Vec<Hash>, _>>()?;
+    if r.path.len() % 32 != 0 {
+        return Err(ReceiptError::Length { field: "path (a multiple of)", expected: 32, got: r.path.len() });
+    }
+    let path = r.path.chunks_exact(32).map(|h| bytes::<32>("path", h)).collect::<Result<Vec<Hash>, _>>()?;
     Ok(Receipt {
         leaf: bytes("leaf", &r.leaf)?,
         proof: InclusionProof { index: r.index, leaf_count: r.leaf_count, path },
@@ -68,7 +93,7 @@ pub fn from_proto(r: &pb::Receipt) -> Result<Receipt, ReceiptError> {
     })
 }
 
-pub fn to_proto_ack(position: Position, d: &ArchivedDelivery) -> pb::AckReceipt {
+pub fn to_proto_ack(encoder: &mut ReceiptEncoder, position: Position, d: &ArchivedDelivery) -> pb::AckReceipt {
     pb::AckReceipt {
         position: Some(pb::Position { partition: position.partition, sequence: position.sequence }),
         recipient: d.facts.recipient.clone(),
@@ -76,7 +101,7 @@ pub fn to_proto_ack(position: Position, d: &ArchivedDelivery) -> pb::AckReceipt 
         message_leaf: d.facts.message_leaf.to_vec().into(),
         acked_unix_ms: d.facts.acked_unix_ms,
         attempt: d.facts.attempt,
-        receipt: Some(to_proto(&d.receipt)),
+        receipt: Some(encoder.encode(&d.receipt)),
     }
 }
 

@@ -171,13 +171,13 @@ pub(crate) fn to_proto_dead_letter(d: &DeadLetter) -> pb::DeadLetterInfo {
     }
 }
 
-fn to_delivery(l: Leased) -> pb::SubscribeResponse {
+fn to_delivery(l: Leased, encoder: &mut receipts::ReceiptEncoder) -> pb::SubscribeResponse {
     let dead_letter = l.message.dead_letter.as_ref().map(to_proto_dead_letter);
     let accepted_unix_ms = l.message.accepted_unix_ms;
     let expires_unix_ms = l.message.expires_unix_ms.unwrap_or(0);
     let large_payload =
         l.message.large.map(|p| pb::LargePayloadInfo { total_bytes: p.total_bytes, sha256: p.sha256.to_vec().into() });
-    let receipt = l.receipt.as_ref().map(receipts::to_proto);
+    let receipt = l.receipt.as_ref().map(|r| encoder.encode(r));
     pb::SubscribeResponse {
         event: Some(subscribe_response::Event::Delivery(pb::Delivery {
             message: Some(to_proto_message(l.message)),
@@ -261,6 +261,7 @@ impl Exchange for ExchangeService {
         for outcome in futures::future::join_all(writes).await {
             let (shard, index, indices, facts, positions, receipts) = outcome.map_err(to_status)?;
             let mut receipts = receipts.into_iter();
+            let mut encoder = receipts::ReceiptEncoder::default();
             for ((i, (id, payload_sha256)), pos) in indices.into_iter().zip(facts).zip(positions) {
                 let receipt = receipts.next().flatten();
                 results[i] = Some(pb::PublishResult {
@@ -270,7 +271,7 @@ impl Exchange for ExchangeService {
                     commit_index: index,
                     // A duplicate answers with its first copy's receipt and accept time.
                     accepted_unix_ms: receipt.as_ref().and_then(|r| r.first_accepted_unix_ms).unwrap_or(accepted_unix_ms),
-                    receipt: receipt.as_ref().map(|r| receipts::to_proto(&r.receipt)),
+                    receipt: receipt.as_ref().map(|r| encoder.encode(&r.receipt)),
                     sender: sender.clone(),
                     payload_sha256: payload_sha256.to_vec().into(),
                 });
@@ -372,7 +373,10 @@ impl Exchange for ExchangeService {
                                             positions: positions.into_iter().map(to_proto_position).collect(),
                                             delay_ms: None,
                                             attempts: Vec::new(),
-                                            receipts: result.split_receipts().2.iter().map(|(p, d)| receipts::to_proto_ack(*p, d)).collect(),
+                                            receipts: {
+                                                let mut encoder = receipts::ReceiptEncoder::default();
+                                                result.split_receipts().2.iter().map(|(p, d)| receipts::to_proto_ack(&mut encoder, *p, d)).collect()
+                                            },
                                         })),
                                     }),
                                     Err(e) => Err(to_status(e)),
@@ -495,6 +499,7 @@ impl Pump {
     /// shard has nothing, the credits go back at once (another shard's pump may use them) and
     /// the pump long-polls the leader for new messages without holding any.
     async fn run(self) {
+        let mut encoder = receipts::ReceiptEncoder::default();
         loop {
             let Ok(first) = self.credits.acquire().await else { return };
             first.forget();
@@ -513,7 +518,7 @@ impl Pump {
                 Ok(leased) if !leased.is_empty() => {
                     self.credits.add_permits(taken as usize - leased.len().min(taken as usize));
                     for l in leased {
-                        if self.out.send(Ok(to_delivery(l))).await.is_err() {
+                        if self.out.send(Ok(to_delivery(l, &mut encoder))).await.is_err() {
                             return;
                         }
                     }
