@@ -1,5 +1,6 @@
 //! Storage tests: openraft's own compliance suite against the RocksDB log store and state
-//! machine, and the shard state machine's message semantics (publish, fetch, ack, snapshot).
+//! machine, the shard state machine's message semantics (publish, fetch, ack, snapshot), and
+//! encryption at rest (no payload byte readable in the database files).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use kerwen_broker::model::{
     Command, CommandResult, DeadLetterReason, Leased, NewMessage, Position, RedeliveryPolicy, SettleAction, ShardLimits,
     StoredMessage, TypeConfig, UploadProgress, DEAD_LETTER_BIT,
 };
+use kerwen_broker::storage::cipher::{Algorithm, AtRestCipher, DataKey};
 use kerwen_broker::storage::{LogStore, ShardView, StateMachine, Store};
 use openraft::storage::{RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
@@ -61,8 +63,23 @@ fn message(id: &str, partition: u32, payload: &str) -> NewMessage {
     }
 }
 
+/// The data key of the tests' stores: fixed, so a test can reopen what it wrote.
+const TEST_KEY: [u8; 32] = [42; 32];
+
+fn open_store_with(dir: &std::path::Path, algorithm: Algorithm, key: [u8; 32]) -> Arc<Store> {
+    let cipher = AtRestCipher::new(algorithm, &DataKey::from_bytes(key)).expect("cipher");
+    Store::open_with(dir, cipher).expect("open store")
+}
+
+fn open_store(dir: &std::path::Path) -> Arc<Store> {
+    open_store_with(dir, Algorithm::Aes256Gcm, TEST_KEY)
+}
+
 fn open_shard(dir: &std::path::Path) -> (Arc<Store>, StateMachine, Arc<ShardView>) {
-    let store = Store::open(dir).expect("open store");
+    shard_of(open_store(dir))
+}
+
+fn shard_of(store: Arc<Store>) -> (Arc<Store>, StateMachine, Arc<ShardView>) {
     let (sm, view) = StateMachine::open_shard(store.clone(), 1).expect("open shard");
     (store, sm, view)
 }
@@ -204,8 +221,9 @@ async fn state_survives_reopen_and_travels_in_snapshots() {
     let snapshot = builder.build_snapshot().await.unwrap();
     assert_eq!(snapshot.meta.last_log_id, Some(log_id(2)));
 
+    // The follower has a data key of its own: the snapshot travels in plaintext records.
     let other = tempfile::tempdir().unwrap();
-    let (_s2, mut follower, follower_view) = open_shard(other.path());
+    let (_s2, mut follower, follower_view) = shard_of(open_store_with(other.path(), Algorithm::ChaCha20Poly1305, [43; 32]));
     follower.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
     assert_eq!(follower.applied_state().await.unwrap().0, Some(log_id(2)));
     let leased = fetch(&mut follower, &follower_view, 1, &[0], 10).await;
@@ -219,7 +237,7 @@ async fn log_survives_reopen_and_truncate_purge_leave_no_holes() {
     let dir = tempfile::tempdir().unwrap();
     let blank = |i| Entry::<TypeConfig> { log_id: log_id(i), payload: EntryPayload::Blank };
     {
-        let store = Store::open(dir.path()).unwrap();
+        let store = open_store(dir.path());
         let mut log = store.log_store(3);
         // Another group's entries share the column family and must not leak into group 3.
         let mut other = store.log_store(4);
@@ -229,7 +247,7 @@ async fn log_survives_reopen_and_truncate_purge_leave_no_holes() {
         }
         store.sync().await.unwrap();
     }
-    let store = Store::open(dir.path()).unwrap();
+    let store = open_store(dir.path());
     let mut log = store.log_store(3);
     let state = log.get_log_state().await.unwrap();
     assert_eq!(state.last_log_id, Some(log_id(5)));
@@ -779,4 +797,136 @@ async fn an_ack_of_an_attempt_that_was_redelivered_since_is_ignored() {
     let current = Command::Ack { mailbox: 1, positions: vec![pos], consumer: Some(1), attempts: vec![2] };
     assert_eq!(apply_one(&mut sm, current).await, CommandResult::Acked(1));
     assert_eq!(ids(&fetch_with(&mut sm, &view, ordered(3, later)).await), ["k1-2"]);
+}
+
+// ---- Encryption at rest --------------------------------------------------------------------
+
+/// Whether `needle` occurs in any file under `dir` (RocksDB's WAL, SST files, manifest, ...).
+fn found_in_files(dir: &std::path::Path, needle: &[u8]) -> bool {
+    let mut pending = vec![dir.to_path_buf()];
+    let mut files = 0;
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            pending.extend(std::fs::read_dir(&path).expect("list dir").map(|e| e.expect("dir entry").path()));
+        } else {
+            files += 1;
+            let bytes = std::fs::read(&path).expect("read file");
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                return true;
+            }
+        }
+    }
+    assert!(files > 0, "nothing to scan under {}", dir.display());
+    false
+}
+
+/// Writes `canary` every way a payload reaches RocksDB: in Raft log entries (a publish, an
+/// upload chunk), as a stored message (`m`), an upload chunk (`c`) and a snapshot kept in
+/// `raft_meta`; part of it flushed to SST files, the rest left in the WAL. Installs the
+/// snapshot on a second store (`follower_dir`, another key). Then checks that it all reads
+/// back after a reopen.
+async fn write_canaries(dir: &std::path::Path, follower_dir: &std::path::Path, algorithm: Algorithm, canary: &str) {
+    let first = format!("{canary} in a published message");
+    let chunk = format!("{canary} in an upload chunk");
+    {
+        let store = open_store_with(dir, algorithm, TEST_KEY);
+        let (_, mut sm, _view) = shard_of(store.clone());
+        let mut log = store.log_store(1);
+        let new_upload = message("upload", 0, "");
+        let upload_limits = limits(60_000, 100, 1_000).remove(0);
+        let commands = [
+            Command::publish(vec![message("m1", 0, &first)]),
+            Command::UploadBegin { new: new_upload, total_bytes: chunk.len() as u64, sha256: [0; 32], limits: upload_limits },
+            Command::UploadChunk { mailbox: 1, id: "upload".into(), offset: 0, data: chunk.clone().into_bytes().into() },
+            Command::UploadCommit { mailbox: 1, id: "upload".into() },
+        ];
+        for (i, cmd) in commands.into_iter().enumerate() {
+            let e = entry(i as u64 + 1, cmd);
+            {
+                use openraft::storage::RaftLogStorageExt;
+                log.blocking_append(vec![e.clone()]).await.expect("append");
+            }
+            let result = sm.apply(vec![e]).await.expect("apply").remove(0);
+            assert!(!matches!(result, CommandResult::Rejected(_)), "{result:?}");
+        }
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.expect("snapshot");
+        for cf in [kerwen_broker::storage::CF_RAFT_LOG, kerwen_broker::storage::CF_RAFT_META, kerwen_broker::storage::CF_STATE] {
+            store.db().flush_cf(&store.db().cf_handle(cf).expect("column family")).expect("flush");
+        }
+        // After the flush: in the WAL (and memtable) only.
+        let later = entry(5, Command::publish(vec![message("m2", 1, &first)]));
+        {
+            use openraft::storage::RaftLogStorageExt;
+            log.blocking_append(vec![later.clone()]).await.expect("append");
+        }
+        sm.apply(vec![later]).await.expect("apply");
+        store.sync().await.expect("sync");
+
+        let (follower_store, mut follower, _) = shard_of(open_store_with(follower_dir, algorithm, [43; 32]));
+        follower.install_snapshot(&snapshot.meta, snapshot.snapshot).await.expect("install snapshot");
+        follower_store.sync().await.expect("sync");
+    }
+    // Everything reads back under the same key.
+    let (store, mut sm, view) = open_shard_with(dir, algorithm);
+    let leased = fetch(&mut sm, &view, 1, &[0, 1], 10).await;
+    let payloads: Vec<&[u8]> = leased.iter().filter(|l| l.message.large.is_none()).map(|l| &l.message.payload[..]).collect();
+    assert_eq!(payloads, [first.as_bytes(), first.as_bytes()]);
+    assert_eq!(view.read_chunk(1, 0).expect("read chunk").map(|(_, data)| data.to_vec()), Some(chunk.into_bytes()));
+    use openraft::storage::RaftLogReader;
+    assert_eq!(store.log_store(1).try_get_log_entries(1..6).await.expect("log").len(), 5);
+    let (_, mut follower, follower_view) = shard_of(open_store_with(follower_dir, algorithm, [43; 32]));
+    assert_eq!(follower.applied_state().await.expect("applied").0, Some(log_id(4)));
+    assert_eq!(fetch(&mut follower, &follower_view, 1, &[0, 1], 10).await.len(), 2, "the message and the upload");
+}
+
+fn open_shard_with(dir: &std::path::Path, algorithm: Algorithm) -> (Arc<Store>, StateMachine, Arc<ShardView>) {
+    shard_of(open_store_with(dir, algorithm, TEST_KEY))
+}
+
+fn canary() -> String {
+    format!("KERWEN-AT-REST-CANARY-{:016x}", rand::random::<u64>())
+}
+
+#[tokio::test]
+async fn no_payload_byte_is_readable_in_the_database_files() {
+    for algorithm in [Algorithm::Aes256Gcm, Algorithm::ChaCha20Poly1305] {
+        let (dir, follower_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let canary = canary();
+        write_canaries(dir.path(), follower_dir.path(), algorithm, &canary).await;
+        for d in [dir.path(), follower_dir.path()] {
+            assert!(!found_in_files(d, canary.as_bytes()), "{algorithm}: the canary is readable under {}", d.display());
+            // Not even its random part on its own.
+            assert!(!found_in_files(d, &canary.as_bytes()[canary.len() - 16..]), "{algorithm}: {}", d.display());
+        }
+    }
+}
+
+/// The same scan finds the canary when values are not encrypted: it can fail.
+#[tokio::test]
+async fn without_encryption_the_canary_is_found_in_the_files() {
+    let (dir, follower_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let canary = canary();
+    write_canaries(dir.path(), follower_dir.path(), Algorithm::None, &canary).await;
+    assert!(found_in_files(dir.path(), canary.as_bytes()));
+    assert!(found_in_files(follower_dir.path(), canary.as_bytes()));
+}
+
+/// Switching the setting on an existing data dir keeps what was written before readable; a
+/// different data key does not read it, and says so.
+#[tokio::test]
+async fn values_stay_readable_across_algorithm_changes_but_not_under_another_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut index = 1;
+    for (algorithm, id) in [(Algorithm::Aes256Gcm, "a"), (Algorithm::None, "b"), (Algorithm::ChaCha20Poly1305, "c")] {
+        let (store, mut sm, _) = open_shard_with(dir.path(), algorithm);
+        sm.apply(vec![entry(index, Command::publish(vec![message(id, 0, id)]))]).await.expect("apply");
+        store.sync().await.expect("sync");
+        index += 1;
+    }
+    let (_store, mut sm, view) = open_shard_with(dir.path(), Algorithm::Aes256Gcm);
+    assert_eq!(ids(&fetch(&mut sm, &view, 1, &[0], 10).await), ["a", "b", "c"]);
+    drop((sm, view, _store));
+    let wrong = open_store_with(dir.path(), Algorithm::Aes256Gcm, [1; 32]);
+    let e = StateMachine::open_shard(wrong, 1).err().expect("another key cannot read the store").to_string();
+    assert!(e.contains("data key"), "{e}");
 }

@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use clap::Args;
 use kerwen_broker::model::NodeId;
+use kerwen_broker::storage::cipher::Algorithm;
 use serde::Deserialize;
 
 pub use crate::tls::TlsFiles;
@@ -53,6 +54,10 @@ pub struct ServeArgs {
     /// Directory of the node's RocksDB.
     #[arg(long, env = "KERWEN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// How stored values are encrypted with the node's data key (`DATA_DIR/data-key`, made on
+    /// first start) [default: aes-256-gcm]. Changing it later keeps what was written readable.
+    #[arg(long, env = "KERWEN_ENCRYPTION_AT_REST", value_parser = clap::builder::PossibleValuesParser::new(Algorithm::ALL.map(Algorithm::name)))]
+    pub encryption_at_rest: Option<String>,
     /// Number of data shards (Raft groups besides the metadata group). Same on every node.
     #[arg(long, env = "KERWEN_SHARDS")]
     pub shards: Option<u32>,
@@ -104,6 +109,7 @@ pub struct NodeConfig {
     pub security: Security,
     pub peers: BTreeMap<NodeId, String>,
     pub data_dir: PathBuf,
+    pub encryption_at_rest: Algorithm,
     pub shards: u32,
     pub default_partitions: u32,
     pub lease: Duration,
@@ -201,6 +207,11 @@ impl ServeArgs {
             bail!("--peers must include this node ({node_id})");
         }
         let data_dir = self.data_dir.or(file.data_dir).context("--data-dir is required")?;
+        // The flag is checked by clap; the config file's value only here.
+        let encryption_at_rest = match self.encryption_at_rest.or(file.encryption_at_rest) {
+            Some(name) => name.parse::<Algorithm>().context("--encryption-at-rest")?,
+            None => Algorithm::default(),
+        };
         let shards = self.shards.or(file.shards).unwrap_or(DEFAULT_SHARDS);
         if shards == 0 || shards > 1024 {
             bail!("--shards must be 1..=1024");
@@ -225,6 +236,7 @@ impl ServeArgs {
             security,
             peers,
             data_dir,
+            encryption_at_rest,
             shards,
             default_partitions,
             lease: Duration::from_millis(self.lease_ms.or(file.lease_ms).unwrap_or(DEFAULT_LEASE_MS)),
@@ -292,6 +304,22 @@ mod tests {
         assert_eq!(cfg.default_partitions, DEFAULT_PARTITIONS);
         assert_eq!(cfg.peer_listen, "127.0.0.1:7102".parse().unwrap());
         assert_eq!(cfg.peers[&2], "127.0.0.1:7102");
+        assert_eq!(cfg.encryption_at_rest, Algorithm::Aes256Gcm, "encrypted unless told otherwise");
+    }
+
+    #[test]
+    fn encryption_at_rest_comes_from_the_flag_or_the_file_and_bad_names_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        let file = "node_id = 1\nlisten = \"127.0.0.1:7001\"\ndata_dir = \"/tmp/x\"\ninsecure = true\n";
+        std::fs::write(&path, format!("{file}encryption_at_rest = \"chacha20-poly1305\"\n")).unwrap();
+        let from_file = ServeArgs { config: Some(path.clone()), ..Default::default() };
+        assert_eq!(from_file.clone().resolve().unwrap().encryption_at_rest, Algorithm::ChaCha20Poly1305);
+        let flag = ServeArgs { encryption_at_rest: Some("none".into()), ..from_file };
+        assert_eq!(flag.resolve().unwrap().encryption_at_rest, Algorithm::None);
+        std::fs::write(&path, format!("{file}encryption_at_rest = \"rot13\"\n")).unwrap();
+        let e = format!("{:#}", ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err());
+        assert!(e.contains("--encryption-at-rest") && e.contains("aes-256-gcm"), "{e}");
     }
 
     fn args(listen: &str) -> ServeArgs {

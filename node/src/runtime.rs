@@ -16,6 +16,7 @@ use kerwen_broker::model::{
 };
 use kerwen_broker::evidence::{Archive, EvidenceSigner};
 use kerwen_broker::proposer::{Proposer, ProposerConfig, Sealing, WriteOutcome};
+use kerwen_broker::storage::cipher::{AtRestCipher, DataKey, DATA_KEY_FILE};
 use kerwen_broker::storage::state_machine::DeadLetterSummary;
 use kerwen_broker::storage::{MetaView, ShardView, StateMachine, Store};
 use kerwen_broker::BrokerError;
@@ -170,6 +171,29 @@ fn raft_config(node: &NodeConfig) -> anyhow::Result<Arc<Config>> {
     Ok(Arc::new(config.validate()?))
 }
 
+/// The node's store, every value sealed with its data key (`DATA_DIR/data-key`, made on first
+/// start next to the database, never inside it: a copy of `db/` alone does not read).
+fn open_store(config: &NodeConfig) -> anyhow::Result<Arc<Store>> {
+    let key_path = config.data_dir.join(DATA_KEY_FILE);
+    let db_dir = config.data_dir.join("db");
+    // A new key would not read an existing database: refuse rather than fail on the first
+    // record, and say what to do.
+    if db_dir.join("CURRENT").exists() && !key_path.exists() {
+        anyhow::bail!(
+            "{} holds a database but {} is missing: without the data key it was written with, this \
+             node's data cannot be read. Restore the file, or move {} away to rebuild this replica \
+             from its peers",
+            config.data_dir.display(),
+            key_path.display(),
+            db_dir.display()
+        );
+    }
+    let key = DataKey::load_or_create(&key_path)?;
+    let cipher = AtRestCipher::new(config.encryption_at_rest, &key)?;
+    tracing::info!(encryption_at_rest = %config.encryption_at_rest, "opening the store");
+    Ok(Store::open_with(&db_dir, cipher)?)
+}
+
 pub fn now_unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -179,7 +203,7 @@ impl NodeRuntime {
     /// fresh node (every node does it with the same membership, which openraft allows).
     pub async fn start(config: NodeConfig, tls: Option<Arc<NodeTls>>) -> anyhow::Result<Arc<Self>> {
         std::fs::create_dir_all(&config.data_dir)?;
-        let store = Store::open(&config.data_dir.join("db"))?;
+        let store = open_store(&config)?;
         let peers = Peers::new(config.node_id, config.peers.clone(), config.enable_fault_injection, tls);
         let raft_config = raft_config(&config)?;
         let transport = |group| RaftTransport { group, peers: peers.clone() };
@@ -671,5 +695,33 @@ impl NodeRuntime {
             }
         }
         Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(data_dir: &std::path::Path) -> NodeConfig {
+        let args = crate::config::ServeArgs {
+            node_id: Some(1),
+            listen: Some("127.0.0.1:7001".parse().expect("address")),
+            data_dir: Some(data_dir.to_path_buf()),
+            insecure: true,
+            ..Default::default()
+        };
+        args.resolve().expect("config")
+    }
+
+    #[test]
+    fn a_database_without_its_data_key_is_refused_not_given_a_new_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        drop(open_store(&config(dir.path())).expect("first start"));
+        assert!(dir.path().join(DATA_KEY_FILE).exists());
+        drop(open_store(&config(dir.path())).expect("restart with the same key"));
+        std::fs::remove_file(dir.path().join(DATA_KEY_FILE)).expect("remove the key");
+        let e = open_store(&config(dir.path())).err().expect("refused").to_string();
+        assert!(e.contains("data-key is missing") && e.contains("rebuild this replica"), "{e}");
+        assert!(!dir.path().join(DATA_KEY_FILE).exists(), "no new key was made");
     }
 }

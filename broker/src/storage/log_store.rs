@@ -14,7 +14,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch};
 
 use super::keys::{self, TAG_PURGED, TAG_VOTE};
 use super::syncer::SyncWaiter;
-use super::{decode, encode, Store, CF_RAFT_LOG, CF_RAFT_META};
+use super::{Store, CF_RAFT_LOG, CF_RAFT_META};
 use crate::model::{GroupId, NodeId, TypeConfig};
 
 type StorageResult<T> = Result<T, StorageError<NodeId>>;
@@ -42,7 +42,7 @@ impl LogStore {
         match iter.next() {
             Some(Ok((key, value))) => match keys::parse_log_key(&key) {
                 Some((group, _)) if group == self.group => {
-                    let entry: Entry<TypeConfig> = decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
+                    let entry: Entry<TypeConfig> = self.store.decode(&value).map_err(|e| StorageIOError::read_logs(&e))?;
                     Ok(Some(entry.log_id))
                 }
                 _ => Ok(None),
@@ -72,7 +72,7 @@ impl LogStore {
                 break;
             }
             bytes += value.len();
-            entries.push(decode(&value).map_err(|e| StorageIOError::read_logs(&e))?);
+            entries.push(self.store.decode(&value).map_err(|e| StorageIOError::read_logs(&e))?);
         }
         Ok(entries)
     }
@@ -110,7 +110,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
         let cf = self.store.cf(CF_RAFT_META).map_err(|e| StorageIOError::write_vote(&e))?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(&cf, keys::meta_key(self.group, TAG_VOTE), encode(vote).map_err(|e| StorageIOError::write_vote(&e))?);
+        batch.put_cf(&cf, keys::meta_key(self.group, TAG_VOTE), self.store.encode(vote).map_err(|e| StorageIOError::write_vote(&e))?);
         self.store.write_unsynced(batch).map_err(|e| StorageIOError::write_vote(&e))?;
         self.store.sync().await.map_err(|e| StorageIOError::write_vote(&e))?;
         Ok(())
@@ -131,7 +131,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let cf = self.store.cf(CF_RAFT_LOG).map_err(|e| StorageIOError::write_logs(&e))?;
         let mut batch = WriteBatch::default();
         for entry in entries {
-            let value = encode(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
+            let value = self.store.encode(&entry).map_err(|e| StorageIOError::write_logs(&e))?;
             batch.put_cf(&cf, keys::log_key(self.group, entry.log_id.index), value);
         }
         self.store.write_unsynced(batch).map_err(|e| StorageIOError::write_logs(&e))?;
@@ -156,7 +156,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         batch.put_cf(
             &meta_cf,
             keys::meta_key(self.group, TAG_PURGED),
-            encode(&log_id).map_err(|e| StorageIOError::write_logs(&e))?,
+            self.store.encode(&log_id).map_err(|e| StorageIOError::write_logs(&e))?,
         );
         batch.delete_range_cf(&log_cf, keys::log_key(self.group, 0), keys::log_key(self.group, log_id.index + 1));
         self.store.write_unsynced(batch).map_err(|e| StorageIOError::write_logs(&e))?;

@@ -6,12 +6,16 @@
 //! - [`state_machine`]: openraft state machine for one group (metadata or data shard),
 //!   snapshots included.
 //! - [`keys`]: the key layout.
+//! - [`cipher`]: encryption at rest; every value goes through `Store::encode` / `seal_bytes`
+//!   on the way in and `Store::decode` / `open_bytes` on the way out.
 
+pub mod cipher;
 pub mod keys;
 pub mod log_store;
 pub mod state_machine;
 pub mod syncer;
 
+use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,6 +25,7 @@ use serde::Serialize;
 
 use crate::error::{BrokerError, Result};
 use crate::model::GroupId;
+use cipher::{Algorithm, AtRestCipher};
 pub use log_store::LogStore;
 pub use state_machine::{MetaView, ShardView, StateMachine};
 use syncer::{SyncStats, SyncWaiter, Syncer};
@@ -42,11 +47,19 @@ pub struct Store {
     // thread, which holds the last reference, so the database is closed when `Store` is gone.
     db: Arc<DB>,
     syncer: Syncer,
+    cipher: AtRestCipher,
 }
 
 impl Store {
-    /// Opens (or creates) the database under `dir`.
+    /// Opens (or creates) the database under `dir` with a fresh random data key (AES-256-GCM):
+    /// for tests and benchmarks whose store is never reopened, since nothing it wrote can be
+    /// read under another key. A node uses [`Store::open_with`] and its data key file.
     pub fn open(dir: &Path) -> Result<Arc<Self>> {
+        Self::open_with(dir, AtRestCipher::ephemeral(Algorithm::Aes256Gcm)?)
+    }
+
+    /// Opens (or creates) the database under `dir`; every value is sealed with `cipher`.
+    pub fn open_with(dir: &Path, cipher: AtRestCipher) -> Result<Arc<Self>> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -74,9 +87,10 @@ impl Store {
             .map_err(|e| BrokerError::Storage(format!("opening RocksDB at {}: {e}", dir.display())))?;
         let db = Arc::new(db);
         let syncer = Syncer::start(db.clone()).map_err(BrokerError::storage)?;
-        Ok(Arc::new(Self { db, syncer }))
+        Ok(Arc::new(Self { db, syncer, cipher }))
     }
 
+    /// The database itself. Its values are sealed: read them through the store, not raw.
     pub fn db(&self) -> &DB {
         &self.db
     }
@@ -124,16 +138,50 @@ impl Store {
     pub(crate) fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>> {
         let cf = self.cf(cf)?;
         match self.db.get_pinned_cf(&cf, key).map_err(BrokerError::storage)? {
-            Some(bytes) => decode(&bytes).map(Some),
+            Some(bytes) => self.decode(&bytes).map(Some),
             None => Ok(None),
         }
     }
+
+    /// How this store seals new values.
+    pub fn cipher(&self) -> &AtRestCipher {
+        &self.cipher
+    }
+
+    /// A value as it is written to RocksDB: serialized straight into the sealing buffer.
+    pub(crate) fn encode<T: Serialize>(&self, value: &T) -> Result<Vec<u8>> {
+        let len = bincode::serialized_size(value).map_err(encoding_error)?;
+        let len = usize::try_from(len).map_err(encoding_error)?;
+        self.cipher.seal_with(len, |out| bincode::serialize_into(out, value).map_err(encoding_error))
+    }
+
+    /// A value read from RocksDB, opened and deserialized.
+    pub(crate) fn decode<T: DeserializeOwned>(&self, sealed: &[u8]) -> Result<T> {
+        decode_plain(&self.cipher.open(sealed)?)
+    }
+
+    /// Raw bytes (an upload chunk, a snapshot record) as they are written to RocksDB.
+    pub(crate) fn seal_bytes(&self, plaintext: &[u8]) -> Result<Vec<u8>> {
+        self.cipher.seal(plaintext)
+    }
+
+    /// Raw bytes read from RocksDB, opened.
+    pub(crate) fn open_bytes<'a>(&self, sealed: &'a [u8]) -> Result<Cow<'a, [u8]>> {
+        self.cipher.open(sealed)
+    }
 }
 
-pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    bincode::serialize(value).map_err(|e| BrokerError::Internal(format!("encoding: {e}")))
+fn encoding_error(e: impl std::fmt::Display) -> BrokerError {
+    BrokerError::Internal(format!("encoding: {e}"))
 }
 
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+/// Serializes without sealing: only for what never lands in RocksDB as such (the snapshot
+/// payload sent to other nodes, which re-seal each record with their own key).
+pub(crate) fn encode_plain<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    bincode::serialize(value).map_err(encoding_error)
+}
+
+/// The counterpart of [`encode_plain`], also used on opened values.
+pub(crate) fn decode_plain<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     bincode::deserialize(bytes).map_err(|e| BrokerError::Storage(format!("corrupt record: {e}")))
 }

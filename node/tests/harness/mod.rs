@@ -274,6 +274,11 @@ impl ProcessCluster {
         self.node(node).log_path.clone()
     }
 
+    /// The node's `--data-dir` (its RocksDB, data key and signing key).
+    pub fn data_dir(&self, node: NodeId) -> PathBuf {
+        self.node(node).data_dir.clone()
+    }
+
     fn new(config: ClusterConfig) -> Result<Self> {
         anyhow::ensure!(config.nodes >= 1, "a cluster needs at least one node");
         let tmp = tempfile::Builder::new().prefix("kerwen-test-").tempdir().context("creating the cluster temp dir")?;

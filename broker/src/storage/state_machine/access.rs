@@ -4,13 +4,13 @@
 
 use rocksdb::WriteBatch;
 
-use super::{encode, for_each_in_prefix, read, write, MetaView};
+use super::{for_each_in_prefix, read, write, MetaView};
 use crate::access::{AccessCommand, AccessControl, Grantee, MemberRecord};
 use crate::error::{BrokerError, Result};
 use crate::model::{CommandResult, METADATA_GROUP};
 use crate::evidence::PublicKeyRecord;
 use crate::storage::keys::{self, KIND_GRANT, KIND_GROUP, KIND_MEMBER, KIND_SIGNING_KEY};
-use crate::storage::{decode, Store, CF_STATE};
+use crate::storage::{Store, CF_STATE};
 
 fn member_key(subsystem: &str) -> Vec<u8> {
     keys::state_key(METADATA_GROUP, KIND_MEMBER, subsystem.as_bytes())
@@ -20,11 +20,11 @@ fn member_key(subsystem: &str) -> Vec<u8> {
 pub(super) fn load(store: &Store) -> Result<AccessControl> {
     let mut acl = AccessControl::default();
     for_each_in_prefix(store, &keys::state_key(METADATA_GROUP, KIND_MEMBER, &[]), |_, value| {
-        acl.put_member(decode::<MemberRecord>(value)?);
+        acl.put_member(store.decode::<MemberRecord>(value)?);
         Ok(true)
     })?;
     for_each_in_prefix(store, &keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, &[]), |_, value| {
-        acl.register_signing_key(decode::<PublicKeyRecord>(value)?);
+        acl.register_signing_key(store.decode::<PublicKeyRecord>(value)?);
         Ok(true)
     })?;
     let pairs = |kind: u8| -> Result<Vec<(String, String)>> {
@@ -59,7 +59,7 @@ pub(super) fn apply(store: &Store, view: &MetaView, batch: &mut WriteBatch, cmd:
             if acl.member(&record.subsystem).is_some() {
                 return rejected(BrokerError::AlreadyExists(format!("subsystem {} is already registered", record.subsystem)));
             }
-            batch.put_cf(&cf, member_key(&record.subsystem.to_string()), encode(&record)?);
+            batch.put_cf(&cf, member_key(&record.subsystem.to_string()), store.encode(&record)?);
             acl.put_member(record);
         }
         AccessCommand::SetQuota { subsystem, quota } => {
@@ -67,7 +67,7 @@ pub(super) fn apply(store: &Store, view: &MetaView, batch: &mut WriteBatch, cmd:
                 return rejected(not_registered(&subsystem.to_string()));
             };
             let record = MemberRecord { quota, ..existing.clone() };
-            batch.put_cf(&cf, member_key(&subsystem.to_string()), encode(&record)?);
+            batch.put_cf(&cf, member_key(&subsystem.to_string()), store.encode(&record)?);
             acl.put_member(record);
         }
         AccessCommand::Grant { service, grantee } => {
@@ -96,7 +96,7 @@ pub(super) fn apply(store: &Store, view: &MetaView, batch: &mut WriteBatch, cmd:
             if existing.is_some_and(|e| e.public_key != record.public_key) {
                 return rejected(BrokerError::AlreadyExists(format!("signing key id {} is taken by another key", record.key_id)));
             }
-            batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, record.key_id.as_bytes()), encode(&record)?);
+            batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, record.key_id.as_bytes()), store.encode(&record)?);
             return Ok(CommandResult::Changed(u64::from(acl.register_signing_key(record))));
         }
         AccessCommand::RetireSigningKey { key_id, valid_until_unix_ms } => {
@@ -104,7 +104,7 @@ pub(super) fn apply(store: &Store, view: &MetaView, batch: &mut WriteBatch, cmd:
                 return rejected(BrokerError::NotFound(format!("signing key {key_id} is not published")));
             }
             let Some(record) = acl.retire_signing_key(&key_id, valid_until_unix_ms) else { return Ok(CommandResult::Changed(0)) };
-            batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, key_id.as_bytes()), encode(&record)?);
+            batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, key_id.as_bytes()), store.encode(&record)?);
             return Ok(CommandResult::Changed(1));
         }
         AccessCommand::RemoveFromGroup { group, subsystem } => {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use rocksdb::WriteBatch;
 
-use super::{encode, keys, lock, ApplyScratch, PartitionState, ShardView, CF_STATE};
+use super::{keys, lock, ApplyScratch, PartitionState, ShardView, CF_STATE};
 use crate::error::Result;
 use crate::model::{
     dead_letter_partition, is_dead_letter, AttemptOutcome, CommandResult, DeadLetter, DeadLetterReason,
@@ -39,7 +39,7 @@ pub(super) fn insert_message(
     scratch.dirty_partitions.insert((mailbox, partition), ps);
     scratch.account_sender(view, &message.sender, message.payload_len(), true)?;
     let key = keys::message_key(view.group, mailbox, partition, position.sequence);
-    batch.put_cf(&cf, &key, encode(&message)?);
+    batch.put_cf(&cf, &key, view.store.encode(&message)?);
     if let (Some(expires), None) = (message.expires_unix_ms, &message.dead_letter) {
         batch.put_cf(&cf, keys::ttl_key(view.group, expires, mailbox, partition, position.sequence), []);
     }
@@ -106,7 +106,7 @@ fn set_delivery_state(
     let cf = view.store.cf(CF_STATE)?;
     let key = keys::delivery_key(view.group, mailbox, position.partition, position.sequence);
     match &state {
-        Some(s) => batch.put_cf(&cf, key, encode(s)?),
+        Some(s) => batch.put_cf(&cf, key, view.store.encode(s)?),
         None => batch.delete_cf(&cf, key),
     }
     scratch.delivery.insert((mailbox, position), state);

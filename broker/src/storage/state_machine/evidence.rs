@@ -21,7 +21,7 @@ use crate::error::{BrokerError, Result};
 use crate::evidence::{AckFacts, Archive, ArchivedDelivery, ArchivedMessage, Hash, KeyRing, MerkleTree, MessageFacts, Receipt, SignedBatch};
 use crate::model::{MailboxId, NodeId, Position, SealedAck, StoredMessage};
 use crate::storage::keys::{self, KIND_CHAIN_HEAD, KIND_EVIDENCE_BYTES};
-use crate::storage::{encode, CF_STATE};
+use crate::storage::CF_STATE;
 
 /// The evidence of one message, kept after its payload is gone.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,7 +100,7 @@ pub(super) fn begin_seal(
     }
     let cf = view.store.cf(CF_STATE)?;
     let next = ChainHead { batch: h.batch, link: signed.link() };
-    let record = encode(&BatchRecord { batch: signed, leaves })?;
+    let record = view.store.encode(&BatchRecord { batch: signed, leaves })?;
     grow(view, scratch, record.len() as i64);
     batch.put_cf(&cf, keys::batch_key(view.group, next.batch), record);
     scratch.chain = Some(next);
@@ -117,11 +117,11 @@ fn grow(view: &ShardView, scratch: &mut ApplyScratch, delta: i64) {
 pub(super) fn finish(view: &ShardView, batch: &mut WriteBatch, scratch: &mut ApplyScratch) -> Result<()> {
     let cf = view.store.cf(CF_STATE)?;
     if let Some(head) = scratch.chain.take() {
-        batch.put_cf(&cf, keys::state_key(view.group, KIND_CHAIN_HEAD, &[]), encode(&head)?);
+        batch.put_cf(&cf, keys::state_key(view.group, KIND_CHAIN_HEAD, &[]), view.store.encode(&head)?);
         *lock(&view.chain) = head;
     }
     if let Some(bytes) = scratch.evidence_bytes.take() {
-        batch.put_cf(&cf, keys::state_key(view.group, KIND_EVIDENCE_BYTES, &[]), encode(&bytes)?);
+        batch.put_cf(&cf, keys::state_key(view.group, KIND_EVIDENCE_BYTES, &[]), view.store.encode(&bytes)?);
         view.evidence_bytes.store(bytes, Ordering::Relaxed);
     }
     Ok(())
@@ -138,7 +138,7 @@ pub(super) fn record_message(
 ) -> Result<()> {
     let key = keys::evidence_key(view.group, mailbox, message.accepted_unix_ms, &message.id);
     let record = EvidenceRecord { facts: message.facts(), batch: batch_no, index, ack: None };
-    let value = encode(&record)?;
+    let value = view.store.encode(&record)?;
     grow(view, scratch, value.len() as i64);
     batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
     scratch.evidence.insert(key, record);
@@ -162,9 +162,9 @@ pub(super) fn record_ack(
         None => view.store.get::<EvidenceRecord>(CF_STATE, &key)?,
     };
     let Some(mut record) = record.filter(|r| r.ack.is_none()) else { return Ok(()) };
-    let before = encode(&record)?.len();
+    let before = view.store.encode(&record)?.len();
     record.ack = Some(AckEvidence { facts: ack.facts.clone(), batch: batch_no, index });
-    let value = encode(&record)?;
+    let value = view.store.encode(&record)?;
     grow(view, scratch, value.len() as i64 - before as i64);
     batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
     scratch.evidence.insert(key, record);
@@ -192,7 +192,7 @@ pub(super) fn purge_expired(
         }
         if scratch.deleted.insert(key.to_vec()) {
             batch.delete_cf(&cf, key);
-            let written = scratch.evidence.remove(key).map(|r| encode(&r).map(|v| v.len())).transpose()?;
+            let written = scratch.evidence.remove(key).map(|r| view.store.encode(&r).map(|v| v.len())).transpose()?;
             grow(view, scratch, -(written.unwrap_or(value.len()) as i64));
             removed += 1;
         }
@@ -290,7 +290,7 @@ impl ShardView {
                 too_many = true;
                 return Ok(false);
             }
-            records.push(crate::storage::decode::<EvidenceRecord>(value)?);
+            records.push(self.store.decode::<EvidenceRecord>(value)?);
             Ok(true)
         })?;
         if too_many {

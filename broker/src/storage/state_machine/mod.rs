@@ -30,7 +30,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use super::keys::{self, KIND_APPLIED, KIND_DELIVERY, KIND_MAILBOX, KIND_NEXT_MAILBOX_ID, KIND_SENDER, KIND_TTL, TAG_SNAPSHOT};
-use super::{decode, encode, Store, CF_RAFT_META, CF_STATE};
+use super::{decode_plain, encode_plain, Store, CF_RAFT_META, CF_STATE};
 use self::delivery::{LeaseRequest, PartitionCache, SettleRequest};
 use crate::access::{AccessControl, Action, Denied, MemberRecord, Principal};
 use crate::delivery::{DeliveryTracker, PartitionDelivery};
@@ -61,7 +61,9 @@ struct PartitionState {
     stats: PartitionStats,
 }
 
-/// A snapshot: every key/value of the group's range, keys without the group prefix.
+/// A snapshot: every key/value of the group's range, keys without the group prefix, values
+/// opened (plaintext): it goes to other nodes, which seal each value with their own data key.
+/// Stored in `raft_meta`, the whole snapshot is sealed with this node's key.
 #[derive(Serialize, Deserialize)]
 struct SnapshotPayload {
     records: Vec<(Vec<u8>, Vec<u8>)>,
@@ -105,7 +107,7 @@ impl MetaView {
     fn reload(&self, store: &Store) -> Result<()> {
         let mut map = BTreeMap::new();
         for_each_in_prefix(store, &keys::state_key(METADATA_GROUP, KIND_MAILBOX, &[]), |_, value| {
-            let info: MailboxInfo = decode(value)?;
+            let info: MailboxInfo = store.decode(value)?;
             map.insert(info.service.clone(), info);
             Ok(true)
         })?;
@@ -251,7 +253,7 @@ impl ShardView {
         for_each_in_prefix(&self.store, &prefix, |key, value| {
             scanned += 1;
             let seq = keys::message_seq(key).ok_or_else(|| BrokerError::Storage("bad message key".into()))?;
-            let message: StoredMessage = decode(value)?;
+            let message: StoredMessage = self.store.decode(value)?;
             let oldest_of_key = message.ordering_key.is_none_or(|k| seen_keys.insert(k));
             if oldest_of_key && cursor.may_lease(seq, now_unix_ms) {
                 picked.push(seq);
@@ -300,7 +302,7 @@ impl ShardView {
                     return Ok(false);
                 }
                 let sequence = keys::message_seq(key).ok_or_else(|| BrokerError::Storage("bad message key".into()))?;
-                let message: StoredMessage = decode(value)?;
+                let message: StoredMessage = self.store.decode(value)?;
                 if let Some(letter) = message.dead_letter {
                     out.push(DeadLetterSummary {
                         position: Position { partition, sequence },
@@ -332,10 +334,12 @@ impl ShardView {
             return Ok(None);
         }
         let start = keys::message_seq(found).ok_or_else(|| BrokerError::Storage("bad chunk key".into()))?;
+        let data = self.store.open_bytes(data)?;
         if offset >= start + data.len() as u64 {
             return Ok(None);
         }
-        Ok(Some((start, bytes::Bytes::copy_from_slice(data))))
+        // A sealed chunk was opened into a buffer of its own, which becomes the `Bytes`.
+        Ok(Some((start, bytes::Bytes::from(data.into_owned()))))
     }
 
     /// Uploads started before `started_before` (Unix ms) and never committed: `(mailbox, id)`.
@@ -343,7 +347,7 @@ impl ShardView {
         let prefix = keys::state_key(self.group, keys::KIND_UPLOAD, &[]);
         let mut out = Vec::new();
         for_each_in_prefix(&self.store, &prefix, |_, value| {
-            let record: upload::UploadRecord = decode(value)?;
+            let record: upload::UploadRecord = self.store.decode(value)?;
             let message = &record.state.message;
             if message.accepted_unix_ms < started_before {
                 out.push((record.limits.mailbox, message.id.clone()));
@@ -367,7 +371,7 @@ impl ShardView {
         for_each_in_prefix(&self.store, &prefix, |key, value| {
             let (mailbox, partition, sequence) = keys::parse_position_rest(&key[prefix.len()..])
                 .ok_or_else(|| BrokerError::Storage("bad delivery key".into()))?;
-            tracker.set_state(mailbox, Position { partition, sequence }, Some(decode::<DeliveryState>(value)?));
+            tracker.set_state(mailbox, Position { partition, sequence }, Some(self.store.decode::<DeliveryState>(value)?));
             Ok(true)
         })
     }
@@ -783,8 +787,8 @@ fn apply_create_mailbox(
         .map(|p| 1 + ((id + u64::from(p)) % u64::from(shard_count)) as GroupId)
         .collect();
     let info = MailboxInfo { id, service: service.clone(), partitions, partition_shards, created_unix_ms, limits, policy };
-    batch.put_cf(&cf, &counter_key, encode(&(id + 1))?);
-    batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_MAILBOX, service.as_bytes()), encode(&info)?);
+    batch.put_cf(&cf, &counter_key, store.encode(&(id + 1))?);
+    batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_MAILBOX, service.as_bytes()), store.encode(&info)?);
     write(&view.mailboxes).insert(service, info.clone());
     Ok(CommandResult::MailboxCreated(info))
 }
@@ -930,7 +934,7 @@ fn apply_publish(
                 });
                 let position = delivery::insert_message(view, batch, scratch, cache, m.mailbox, m.partition, m.message)?;
                 let record = DedupRecord { position, accepted_unix_ms, evidence: signed };
-                batch.put_cf(&cf, &dedup_key, encode(&record)?);
+                batch.put_cf(&cf, &dedup_key, view.store.encode(&record)?);
                 scratch.dedup.insert(dedup_key, record);
                 batch.put_cf(&cf, keys::dedup_expiry_key(view.group, m.mailbox, accepted_unix_ms, &id), []);
                 let t = newest.entry(m.mailbox).or_insert(accepted_unix_ms);
@@ -1068,7 +1072,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             evidence::finish(view, &mut batch, &mut scratch).map_err(io)?;
             let mut cache = lock(&view.partitions);
             for ((mailbox, partition), ps) in scratch.dirty_partitions.drain() {
-                batch.put_cf(&cf, keys::partition_key(self.group, mailbox, partition), encode(&ps).map_err(io)?);
+                batch.put_cf(&cf, keys::partition_key(self.group, mailbox, partition), self.store.encode(&ps).map_err(io)?);
                 cache.insert((mailbox, partition), ps);
             }
             let mut senders = lock(&view.senders);
@@ -1077,12 +1081,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 if bytes == 0 {
                     batch.delete_cf(&cf, key);
                 } else {
-                    batch.put_cf(&cf, key, encode(&bytes).map_err(io)?);
+                    batch.put_cf(&cf, key, self.store.encode(&bytes).map_err(io)?);
                 }
                 senders.insert(sender, bytes);
             }
         }
-        batch.put_cf(&cf, keys::state_key(self.group, KIND_APPLIED, &[]), encode(&self.applied).map_err(io)?);
+        batch.put_cf(&cf, keys::state_key(self.group, KIND_APPLIED, &[]), self.store.encode(&self.applied).map_err(io)?);
         self.store.write_unsynced(batch).map_err(io)?;
         if let GroupKind::Shard(view) = &self.kind {
             if !scratch.delivery.is_empty() {
@@ -1110,7 +1114,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
         let io = |e: BrokerError| StorageError::from(StorageIOError::write_snapshot(Some(meta.signature()), &e));
-        let payload: SnapshotPayload = decode(snapshot.get_ref()).map_err(io)?;
+        let payload: SnapshotPayload = decode_plain(snapshot.get_ref()).map_err(io)?;
         let cf = self.store.cf(CF_STATE).map_err(io)?;
         let prefix = keys::group_prefix(self.group);
         let mut batch = WriteBatch::default();
@@ -1118,10 +1122,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         for (key, value) in payload.records {
             let mut full = prefix.to_vec();
             full.extend_from_slice(&key);
-            batch.put_cf(&cf, full, value);
+            // Snapshots carry plaintext records (every node has its own data key): sealed with ours.
+            batch.put_cf(&cf, full, self.store.seal_bytes(&value).map_err(io)?);
         }
         self.applied = AppliedRecord { last_applied: meta.last_log_id, membership: meta.last_membership.clone() };
-        batch.put_cf(&cf, keys::state_key(self.group, KIND_APPLIED, &[]), encode(&self.applied).map_err(io)?);
+        batch.put_cf(&cf, keys::state_key(self.group, KIND_APPLIED, &[]), self.store.encode(&self.applied).map_err(io)?);
         drop(cf);
         self.store.write_unsynced(batch).map_err(io)?;
         save_snapshot(&self.store, self.group, meta, snapshot.get_ref()).map_err(io)?;
@@ -1173,10 +1178,12 @@ fn build_snapshot(store: &Store, group: GroupId) -> Result<Snapshot<TypeConfig>>
         if !key.starts_with(&prefix) {
             break;
         }
+        // Opened: the receiving node seals each record with its own data key.
+        let value = store.open_bytes(&value)?.into_owned();
         if *key == *applied_key {
-            applied = decode(&value)?;
+            applied = decode_plain(&value)?;
         }
-        records.push((key[prefix.len()..].to_vec(), value.to_vec()));
+        records.push((key[prefix.len()..].to_vec(), value));
     }
     let last = applied.last_applied;
     let meta = SnapshotMeta {
@@ -1187,7 +1194,7 @@ fn build_snapshot(store: &Store, group: GroupId) -> Result<Snapshot<TypeConfig>>
             None => format!("g{}-empty", group),
         },
     };
-    let data = encode(&SnapshotPayload { records })?;
+    let data = encode_plain(&SnapshotPayload { records })?;
     Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
 }
 
@@ -1195,7 +1202,7 @@ fn build_snapshot(store: &Store, group: GroupId) -> Result<Snapshot<TypeConfig>>
 fn save_snapshot(store: &Store, group: GroupId, meta: &SnapshotMeta<NodeId, BasicNode>, data: &[u8]) -> Result<()> {
     let cf = store.cf(CF_RAFT_META)?;
     let mut batch = WriteBatch::default();
-    batch.put_cf(&cf, keys::meta_key(group, TAG_SNAPSHOT), encode(&(meta, data))?);
+    batch.put_cf(&cf, keys::meta_key(group, TAG_SNAPSHOT), store.encode(&(meta, data))?);
     store.write_unsynced(batch)
 }
 

@@ -6,7 +6,7 @@
 use rocksdb::WriteBatch;
 
 use super::delivery::PartitionCache;
-use super::{apply_publish, encode, keys, within_window, ApplyScratch, ShardView, CF_STATE};
+use super::{apply_publish, keys, within_window, ApplyScratch, ShardView, CF_STATE};
 use crate::error::{BrokerError, Result};
 use crate::model::{
     CommandResult, EvidenceRef, LargePayload, MailboxId, NewMessage, ShardLimits, StoredMessage, UploadProgress,
@@ -38,7 +38,7 @@ fn record(view: &ShardView, scratch: &ApplyScratch, key: &[u8]) -> Result<Option
 fn save(view: &ShardView, batch: &mut WriteBatch, scratch: &mut ApplyScratch, key: Vec<u8>, r: Option<UploadRecord>) -> Result<()> {
     let cf = view.store.cf(CF_STATE)?;
     match &r {
-        Some(r) => batch.put_cf(&cf, &key, encode(r)?),
+        Some(r) => batch.put_cf(&cf, &key, view.store.encode(r)?),
         None => batch.delete_cf(&cf, &key),
     }
     scratch.uploads.insert(key, r);
@@ -93,7 +93,7 @@ pub(super) fn apply_begin(
         None => view.store.get::<u64>(CF_STATE, &counter)?.unwrap_or(1),
     };
     scratch.next_upload = Some(upload + 1);
-    batch.put_cf(&cf, &counter, encode(&(upload + 1))?);
+    batch.put_cf(&cf, &counter, view.store.encode(&(upload + 1))?);
     let state = UploadState { upload, partition: new.partition, message: new.message, total_bytes, sha256, received: 0 };
     save(view, batch, scratch, key, Some(UploadRecord { state, limits }))?;
     Ok(CommandResult::Upload(UploadProgress::Receiving { upload, received: 0 }))
@@ -125,7 +125,7 @@ pub(super) fn apply_chunk(
         ))));
     }
     let cf = view.store.cf(CF_STATE)?;
-    batch.put_cf(&cf, keys::chunk_key(view.group, s.upload, offset), &data);
+    batch.put_cf(&cf, keys::chunk_key(view.group, s.upload, offset), view.store.seal_bytes(&data)?);
     s.received += data.len() as u64;
     let progress = UploadProgress::Receiving { upload: s.upload, received: s.received };
     save(view, batch, scratch, key, Some(r))?;
