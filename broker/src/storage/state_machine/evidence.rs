@@ -162,10 +162,11 @@ pub(super) fn record_ack(
         None => view.store.get::<EvidenceRecord>(CF_STATE, &key)?,
     };
     let Some(mut record) = record.filter(|r| r.ack.is_none()) else { return Ok(()) };
-    let before = view.store.encode(&record)?.len();
-    record.ack = Some(AckEvidence { facts: ack.facts.clone(), batch: batch_no, index });
+    let added = AckEvidence { facts: ack.facts.clone(), batch: batch_no, index };
+    // The record grows by the ack's encoding (the option's tag is there either way).
+    grow(view, scratch, bincode::serialized_size(&added).map_or(0, |n| n as i64));
+    record.ack = Some(added);
     let value = view.store.encode(&record)?;
-    grow(view, scratch, value.len() as i64 - before as i64);
     batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
     scratch.evidence.insert(key, record);
     Ok(())
