@@ -116,27 +116,10 @@ async fn scenario_sealed(cluster: &ProcessCluster) -> Result<()> {
     }
     drop(consumer);
 
-    // A node that lost its data key is rebuilt from its peers: it catches up by a snapshot of
-    // plaintext records over mutual TLS and seals them with its new key.
-    cluster.stop(3).await?;
-    let dir = cluster.data_dir(3);
-    let old_key = std::fs::read(dir.join("data-key"))?;
-    std::fs::remove_file(dir.join("data-key"))?;
-    std::fs::remove_dir_all(dir.join("db"))?;
-    cluster.start(3).await?;
-    cluster.wait_converged(&[1, 2, 3], Duration::from_secs(60)).await?;
-    let status = cluster.status(3).await?;
-    ensure!(
-        status.groups.iter().any(|g| g.group == 1 && g.snapshot_index > 0),
-        "node 3 did not install a snapshot: {:?}",
-        status.groups
-    );
+    // Not tested: rebuilding a node that lost its data key by wiping its data dir. The node
+    // would forget its Raft vote, which Raft forbids; openraft 0.9 panicked in one run of
+    // three (`handle_apply_result`). Replacing a node needs membership changes (issue 7).
     cluster.stop_all().await?;
-    ensure!(std::fs::read(dir.join("data-key"))? != old_key, "node 3 kept its old key");
-    for node in cluster.node_ids() {
-        let found = files_containing(&cluster.data_dir(node), canary.as_bytes())?;
-        ensure!(found.is_empty(), "node {node}, after node 3 was rebuilt: the canary is readable in {found:?}");
-    }
     Ok(())
 }
 
