@@ -1,8 +1,9 @@
 //! A data shard's evidence log: the signed batches of its chain (`B` keys, with their leaves,
 //! so receipts can be rebuilt at any time), the chain head (`H`), and one evidence record per
-//! stored message (`E` keys): its facts, where its leaf was signed and, once acked, where the
-//! ack was. Records outlive the payload (purge deletes the message, not its evidence) and are
-//! removed after the mailbox's evidence retention.
+//! stored message (`E` keys): its facts and where its leaf was signed; once acked, the signed
+//! ack is filed beside it (`A` keys, a blind write). Records outlive the payload (purge
+//! deletes the message, not its evidence) and are removed after the mailbox's evidence
+//! retention.
 //!
 //! Applying a sealed entry checks that its batch extends the chain exactly at the entry's own
 //! log position; a leader that raced a leadership change or mispredicted its log index gets a
@@ -30,6 +31,7 @@ pub struct EvidenceRecord {
     /// Batch and leaf index of the message's leaf.
     pub batch: u64,
     pub index: u64,
+    /// The message's signed ack: stored under its own `A` key, filled in when exported.
     pub ack: Option<AckEvidence>,
 }
 
@@ -145,9 +147,11 @@ pub(super) fn record_message(
     Ok(())
 }
 
-/// Adds a signed ack (leaf `index` of `batch_no`) to its message's evidence record. The first
-/// ack counts; a message without a record (stored before evidence, or purged by retention)
-/// keeps none, though its ack stays signed in the batch.
+/// Files a signed ack (leaf `index` of `batch_no`) next to its message's evidence record, under
+/// its own key: a blind write, so an ack costs no read and no rewrite of the message's record
+/// on every replica. Should a message be acked twice, the later signed ack is kept (both are
+/// in signed batches). An ack of a message without a record (stored before evidence existed)
+/// stays signed in its batch but is not exported.
 pub(super) fn record_ack(
     view: &ShardView,
     batch: &mut WriteBatch,
@@ -156,19 +160,10 @@ pub(super) fn record_ack(
     ack: &SealedAck,
     (batch_no, index): (u64, u64),
 ) -> Result<()> {
-    let key = keys::evidence_key(view.group, mailbox, ack.accepted_unix_ms, &ack.facts.message_id);
-    let record = match scratch.evidence.get(&key) {
-        Some(r) => Some(r.clone()),
-        None => view.store.get::<EvidenceRecord>(CF_STATE, &key)?,
-    };
-    let Some(mut record) = record.filter(|r| r.ack.is_none()) else { return Ok(()) };
-    let added = AckEvidence { facts: ack.facts.clone(), batch: batch_no, index };
-    // The record grows by the ack's encoding (the option's tag is there either way).
-    grow(view, scratch, bincode::serialized_size(&added).map_or(0, |n| n as i64));
-    record.ack = Some(added);
-    let value = view.store.encode(&record)?;
+    let key = keys::ack_evidence_key(view.group, mailbox, ack.accepted_unix_ms, &ack.facts.message_id);
+    let value = view.store.encode(&AckEvidence { facts: ack.facts.clone(), batch: batch_no, index })?;
+    grow(view, scratch, value.len() as i64);
     batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
-    scratch.evidence.insert(key, record);
     Ok(())
 }
 
@@ -195,6 +190,12 @@ pub(super) fn purge_expired(
             batch.delete_cf(&cf, key);
             let written = scratch.evidence.remove(key).map(|r| view.store.encode(&r).map(|v| v.len())).transpose()?;
             grow(view, scratch, -(written.unwrap_or(value.len()) as i64));
+            // Its ack, if any, goes with it (purges are rare: reading its size is fine).
+            let ack_key = [&keys::ack_evidence_prefix(view.group, mailbox)[..], &key[prefix.len()..]].concat();
+            if let Some(ack) = view.store.db().get_pinned_cf(&cf, &ack_key).map_err(BrokerError::storage)? {
+                grow(view, scratch, -(ack.len() as i64));
+                batch.delete_cf(&cf, &ack_key);
+            }
             removed += 1;
         }
         Ok(true)
@@ -291,7 +292,10 @@ impl ShardView {
                 too_many = true;
                 return Ok(false);
             }
-            records.push(self.store.decode::<EvidenceRecord>(value)?);
+            let mut record = self.store.decode::<EvidenceRecord>(value)?;
+            let ack_key = [&keys::ack_evidence_prefix(self.group, mailbox)[..], &key[prefix.len()..]].concat();
+            record.ack = self.store.get::<AckEvidence>(CF_STATE, &ack_key)?;
+            records.push(record);
             Ok(true)
         })?;
         if too_many {
