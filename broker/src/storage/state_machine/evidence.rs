@@ -143,7 +143,6 @@ pub(super) fn record_message(
     let value = view.store.encode(&record)?;
     grow(view, scratch, value.len() as i64);
     batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
-    scratch.evidence.insert(key, record);
     Ok(())
 }
 
@@ -182,16 +181,15 @@ pub(super) fn purge_expired(
     let prefix = keys::evidence_prefix(view.group, mailbox);
     let mut removed = 0;
     for_each_in_prefix(&view.store, &prefix, |key, value| {
-        let Some((accepted, _)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
+        let Some((accepted, id)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
         if accepted >= cutoff_unix_ms || removed >= budget {
             return Ok(false);
         }
         if scratch.deleted.insert(key.to_vec()) {
             batch.delete_cf(&cf, key);
-            let written = scratch.evidence.remove(key).map(|r| view.store.encode(&r).map(|v| v.len())).transpose()?;
-            grow(view, scratch, -(written.unwrap_or(value.len()) as i64));
+            grow(view, scratch, -(value.len() as i64));
             // Its ack, if any, goes with it (purges are rare: reading its size is fine).
-            let ack_key = [&keys::ack_evidence_prefix(view.group, mailbox)[..], &key[prefix.len()..]].concat();
+            let ack_key = keys::ack_evidence_key(view.group, mailbox, accepted, id);
             if let Some(ack) = view.store.db().get_pinned_cf(&cf, &ack_key).map_err(BrokerError::storage)? {
                 grow(view, scratch, -(ack.len() as i64));
                 batch.delete_cf(&cf, &ack_key);
@@ -284,7 +282,7 @@ impl ShardView {
         let mut records = Vec::new();
         let mut too_many = false;
         super::for_each_from(&self.store, &prefix, &start, |key, value| {
-            let Some((accepted, _)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
+            let Some((accepted, id)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
             if accepted > to_unix_ms {
                 return Ok(false);
             }
@@ -293,8 +291,7 @@ impl ShardView {
                 return Ok(false);
             }
             let mut record = self.store.decode::<EvidenceRecord>(value)?;
-            let ack_key = [&keys::ack_evidence_prefix(self.group, mailbox)[..], &key[prefix.len()..]].concat();
-            record.ack = self.store.get::<AckEvidence>(CF_STATE, &ack_key)?;
+            record.ack = self.store.get::<AckEvidence>(CF_STATE, &keys::ack_evidence_key(self.group, mailbox, accepted, id))?;
             records.push(record);
             Ok(true)
         })?;

@@ -608,8 +608,6 @@ struct ApplyScratch {
     log_id: Option<LogId<NodeId>>,
     /// The evidence chain's head as this batch left it (`None`: unchanged).
     chain: Option<ChainHead>,
-    /// Evidence records written by this batch (not in RocksDB yet).
-    evidence: HashMap<Vec<u8>, EvidenceRecord>,
     /// The shard's evidence bytes as this batch left them (`None`: unchanged).
     evidence_bytes: Option<u64>,
 }
