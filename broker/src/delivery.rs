@@ -84,6 +84,15 @@ impl DeliveryTracker {
         }
     }
 
+    /// Messages under an unexpired lease at `now`, per mailbox (for metrics).
+    pub fn in_flight_by_mailbox(&self, now_unix_ms: i64) -> HashMap<MailboxId, usize> {
+        let mut by_mailbox = HashMap::new();
+        for ((mailbox, _), p) in &self.partitions {
+            *by_mailbox.entry(*mailbox).or_default() += p.in_flight(now_unix_ms);
+        }
+        by_mailbox
+    }
+
     pub fn partition(&mut self, mailbox: MailboxId, partition: u32) -> &mut PartitionDelivery {
         self.partitions.entry((mailbox, partition)).or_default()
     }

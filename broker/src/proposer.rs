@@ -288,6 +288,12 @@ fn seal(group: GroupId, sealing: &Sealing, cursor: &mut ChainCursor, commands: V
     });
     cursor.next_batch += 1;
     cursor.prev = batch.link();
+    metrics::counter!("kerwen_evidence_batches_total").increment(1);
+    metrics::histogram!("kerwen_evidence_messages_per_signature").record(tree.leaves().len() as f64);
+    for ack in &acks {
+        // Publish to ack, as the evidence states both times.
+        metrics::histogram!("kerwen_end_to_end_seconds").record((ack.facts.acked_unix_ms - ack.accepted_unix_ms).max(0) as f64 / 1000.0);
+    }
     let seal = Seal { batch: batch.clone(), leaves: tree.leaves().to_vec(), acks: acks.clone(), commits: commits.iter().map(|c| c.0).collect() };
     let info = SealedInfo { tree, batch, acks, commits, view: sealing.view.clone() };
     (Command::Sealed { seal, commands }, Some(info))

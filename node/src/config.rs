@@ -26,6 +26,10 @@ pub struct ServeArgs {
     /// This node's id (unique, > 0).
     #[arg(long, env = "KERWEN_NODE_ID")]
     pub node_id: Option<NodeId>,
+    /// This node's ordinal in a StatefulSet (0, 1, ...): the node id becomes ordinal + 1.
+    /// Only when `--node-id` is not given.
+    #[arg(long, env = "KERWEN_NODE_ORDINAL")]
+    pub node_ordinal: Option<u64>,
     /// Address of the client API (Exchange, Admin).
     #[arg(long, env = "KERWEN_LISTEN")]
     pub listen: Option<SocketAddr>,
@@ -36,6 +40,10 @@ pub struct ServeArgs {
     /// `1=host:port,2=host:port,3=host:port`.
     #[arg(long, env = "KERWEN_PEERS")]
     pub peers: Option<String>,
+    /// Address of the plain-HTTP operations port: `/livez`, `/readyz`, `/metrics`
+    /// (Prometheus). It serves no data. Off unless given.
+    #[arg(long, env = "KERWEN_HTTP_LISTEN")]
+    pub http_listen: Option<SocketAddr>,
     /// PEM bundle of the cluster CA: clients and nodes must present certificates it issued.
     #[arg(long, env = "KERWEN_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -106,6 +114,8 @@ pub struct NodeConfig {
     pub node_id: NodeId,
     pub listen: SocketAddr,
     pub peer_listen: SocketAddr,
+    /// The operations port (probes, metrics), if enabled.
+    pub http_listen: Option<SocketAddr>,
     pub security: Security,
     pub peers: BTreeMap<NodeId, String>,
     pub data_dir: PathBuf,
@@ -169,7 +179,11 @@ impl ServeArgs {
             }
             None => ServeArgs::default(),
         };
-        let node_id = self.node_id.or(file.node_id).context("--node-id is required")?;
+        let node_id = match (self.node_id.or(file.node_id), self.node_ordinal.or(file.node_ordinal)) {
+            (Some(id), _) => id,
+            (None, Some(ordinal)) => ordinal.checked_add(1).context("--node-ordinal is too large")?,
+            (None, None) => bail!("--node-id (or --node-ordinal) is required"),
+        };
         if node_id == 0 {
             bail!("--node-id must be greater than 0");
         }
@@ -183,6 +197,10 @@ impl ServeArgs {
         };
         if peer_listen == listen {
             bail!("--peer-listen must differ from --listen: clients and nodes use separate ports");
+        }
+        let http_listen = self.http_listen.or(file.http_listen);
+        if http_listen.is_some_and(|h| h == listen || h == peer_listen) {
+            bail!("--http-listen must differ from --listen and --peer-listen");
         }
         let peers = match self.peers.or(file.peers) {
             Some(p) => parse_peers(&p)?,
@@ -233,6 +251,7 @@ impl ServeArgs {
             node_id,
             listen,
             peer_listen,
+            http_listen,
             security,
             peers,
             data_dir,
@@ -344,5 +363,18 @@ mod tests {
             ..args("0.0.0.0:7001")
         };
         assert!(matches!(tls.resolve().unwrap().security, Security::Tls(_)));
+    }
+
+    #[test]
+    fn a_statefulset_ordinal_names_the_node_and_the_operations_port_is_separate() {
+        let ordinal = ServeArgs { node_id: None, node_ordinal: Some(2), insecure: true, peers: Some("3=127.0.0.1:7101".into()), ..args("127.0.0.1:7001") };
+        assert_eq!(ordinal.clone().resolve().unwrap().node_id, 3, "ordinal 2 is node 3");
+        assert_eq!(ordinal.clone().resolve().unwrap().http_listen, None, "off unless given");
+        let explicit = ServeArgs { node_id: Some(3), node_ordinal: Some(7), ..ordinal.clone() };
+        assert_eq!(explicit.resolve().unwrap().node_id, 3, "--node-id wins");
+        let clash = ServeArgs { http_listen: Some("127.0.0.1:7101".parse().unwrap()), ..ordinal.clone() };
+        assert!(clash.resolve().is_err(), "the operations port may not share a gRPC port");
+        let neither = ServeArgs { node_id: None, node_ordinal: None, ..ordinal };
+        assert!(neither.resolve().unwrap_err().to_string().contains("--node-ordinal"));
     }
 }

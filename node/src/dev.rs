@@ -64,10 +64,15 @@ pub struct DevArgs {
     pub profile: Option<PathBuf>,
 }
 
+/// The dev nodes' operations ports: the client port plus this (7201-7203 by default).
+const HTTP_PORT_OFFSET: u16 = 200;
+
 struct DevNode {
     id: u16,
     address: String,
     peer_address: String,
+    /// The operations port: probes and `/metrics`.
+    http_address: String,
     log: PathBuf,
     child: Option<Child>,
 }
@@ -146,6 +151,7 @@ fn spawn_node(exe: &Path, dir: &Path, node: &DevNode, peers: &str, shards: u32) 
         .args(["--node-id", &node.id.to_string()])
         .args(["--listen", &node.address])
         .args(["--peer-listen", &node.peer_address])
+        .args(["--http-listen", &node.http_address])
         .args(["--peers", peers])
         .arg("--tls-ca")
         .arg(pki.join(pki::CA_CERT))
@@ -171,14 +177,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     let dir = prepare_dir(&args)?;
     let exe = std::env::current_exe().context("locating the kerwen binary")?;
-    if args.base_port.checked_add(args.nodes + crate::config::PEER_PORT_OFFSET).is_none() {
-        bail!("--base-port {} leaves no room for {} nodes and their peer ports", args.base_port, args.nodes);
+    if args.base_port.checked_add(args.nodes + HTTP_PORT_OFFSET).is_none() {
+        bail!("--base-port {} leaves no room for {} nodes and their peer and operations ports", args.base_port, args.nodes);
     }
     let mut nodes: Vec<DevNode> = (1..=args.nodes)
         .map(|id| DevNode {
             id,
             address: format!("127.0.0.1:{}", args.base_port + id - 1),
             peer_address: format!("127.0.0.1:{}", args.base_port + crate::config::PEER_PORT_OFFSET + id - 1),
+            http_address: format!("127.0.0.1:{}", args.base_port + HTTP_PORT_OFFSET + id - 1),
             log: dir.join(format!("node-{id}.log")),
             child: None,
         })
@@ -206,7 +213,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("Kerwen dev cluster is up: {} nodes, {} data shards, data in {}", args.nodes, args.shards, dir.display());
     for n in &nodes {
         let pid = n.child.as_ref().map(|c| c.id()).unwrap_or(0);
-        println!("  node {}  {}  pid {}  log {}", n.id, n.address, pid, n.log.display());
+        println!("  node {}  {}  pid {}  log {}  metrics http://{}/metrics", n.id, n.address, pid, n.log.display(), n.http_address);
     }
     println!("Client profile (admin certificate): {}", profile_path.display());
     if args.profile.is_some() && std::env::var_os("KERWEN_PROFILE").is_none() {

@@ -12,6 +12,7 @@
 //!   rate limits per subsystem.
 //! - [`signing`]: the node's evidence signing key, its publication and rotation;
 //!   [`receipts`]: evidence receipts to and from their protobuf form.
+//! - [`ops`]: the plain-HTTP operations port: probes and Prometheus metrics.
 //! - [`status`]: broker errors → gRPC status codes.
 //! - [`testing`]: test hooks (fault injection).
 
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod ops;
 pub mod pki;
 pub mod profile;
 pub mod quota;

@@ -529,6 +529,11 @@ impl NodeRuntime {
     }
 
     /// The data shards this node leads right now.
+    /// Whether this node leads `group` right now.
+    pub fn leads(&self, group: GroupId) -> bool {
+        self.leading_term(group).is_ok()
+    }
+
     fn led_shards(&self) -> impl Iterator<Item = (&GroupId, &Group<ShardView>)> {
         self.shards.iter().filter(|(group, _)| self.leading_term(**group).is_ok())
     }
@@ -635,6 +640,7 @@ impl NodeRuntime {
         let Some(who) = publisher.who else { return Ok(()) };
         self.rate_limiter.admit(who, &publisher.quota, messages, bytes).map_err(|t| {
             tracing::debug!(target: "kerwen::audit", caller = %who, limit = t.limit, "publish throttled");
+            metrics::counter!("kerwen_quota_rejections_total", "sender" => who.to_string()).increment(1);
             BrokerError::RateLimited {
                 message: format!("subsystem {who} is over its quota of {}", t.limit),
                 retry_after_ms: u64::try_from(t.retry_after.as_millis()).unwrap_or(u64::MAX),

@@ -27,6 +27,10 @@ use crate::transport::MAX_INTERNAL_MESSAGE_BYTES;
 pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let client_listener = bind(config.listen).await?;
     let peer_listener = bind(config.peer_listen).await?;
+    let ops_listener = match config.http_listen {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let tls = match &config.security {
         Security::Tls(files) => Some(NodeTls::load(files.clone())?),
@@ -36,6 +40,14 @@ pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send
         }
     };
     let runtime = NodeRuntime::start(config, tls.clone()).await?;
+    if let Some(listener) = ops_listener {
+        let (runtime, stop) = (runtime.clone(), stop_rx.clone());
+        tokio::spawn(async move {
+            if let Err(e) = crate::ops::serve(listener, runtime, stop).await {
+                tracing::error!(error = %e, "the operations port stopped");
+            }
+        });
+    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ExchangeServer<ExchangeService>>().await;

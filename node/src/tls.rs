@@ -121,6 +121,13 @@ impl ClientTls {
     }
 }
 
+/// The expiry (Unix seconds) of the first certificate of a PEM chain.
+fn certificate_not_after(chain_pem: &[u8]) -> Option<i64> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(chain_pem).ok()?;
+    let cert = pem.parse_x509().ok()?;
+    Some(cert.validity().not_after.timestamp())
+}
+
 /// The identity a certificate carries (its one kerwen URI SAN).
 pub fn identity_of(cert: &CertificateDer<'_>) -> anyhow::Result<Principal> {
     let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).context("unparseable certificate")?;
@@ -227,6 +234,8 @@ fn server_configs(pem: &PemBundle) -> anyhow::Result<(Arc<ServerConfig>, Arc<Ser
 /// One loaded generation of the node's TLS material.
 struct Loaded {
     fingerprint: [u8; 32],
+    /// When the node's own certificate expires (Unix seconds), for monitoring.
+    not_after: Option<i64>,
     client_port: Arc<ServerConfig>,
     peer_port: Arc<ServerConfig>,
     outgoing: ClientTls,
@@ -235,7 +244,8 @@ struct Loaded {
 impl Loaded {
     fn build(pem: PemBundle, fingerprint: [u8; 32]) -> anyhow::Result<Self> {
         let (client_port, peer_port) = server_configs(&pem)?;
-        Ok(Self { fingerprint, client_port, peer_port, outgoing: ClientTls(pem) })
+        let not_after = certificate_not_after(&pem.cert);
+        Ok(Self { fingerprint, not_after, client_port, peer_port, outgoing: ClientTls(pem) })
     }
 }
 
@@ -266,6 +276,11 @@ impl NodeTls {
             Port::Client => c.client_port.clone(),
             Port::Peer => c.peer_port.clone(),
         }
+    }
+
+    /// When the certificate in use expires (Unix seconds).
+    pub fn certificate_not_after(&self) -> Option<i64> {
+        self.current().not_after
     }
 
     /// What this node presents when it connects to its peers.
@@ -355,8 +370,8 @@ pub fn tls_incoming(listener: TcpListener, tls: Arc<NodeTls>, port: Port) -> Rec
                     Ok(Ok(stream)) => {
                         let _ = tx.send(Ok(stream)).await;
                     }
-                    Ok(Err(e)) => handshake_failed(port, peer, &e.to_string()),
-                    Err(_) => handshake_failed(port, peer, "timed out"),
+                    Ok(Err(e)) => handshake_failed(port, peer, failure_reason(&e), &e.to_string()),
+                    Err(_) => handshake_failed(port, peer, "timeout", "timed out"),
                 }
             });
         }
@@ -364,6 +379,26 @@ pub fn tls_incoming(listener: TcpListener, tls: Arc<NodeTls>, port: Port) -> Rec
     ReceiverStream::new(rx)
 }
 
-fn handshake_failed(port: Port, peer: SocketAddr, reason: &str) {
-    tracing::info!(target: "kerwen::audit", %port, %peer, "TLS handshake failed: {reason}");
+fn handshake_failed(port: Port, peer: SocketAddr, reason: &'static str, detail: &str) {
+    metrics::counter!("kerwen_tls_handshake_failures_total", "port" => port.to_string(), "reason" => reason).increment(1);
+    tracing::info!(target: "kerwen::audit", %port, %peer, reason, "TLS handshake failed: {detail}");
+}
+
+/// A failed handshake's reason as a metric label: a few fixed values, never the message.
+fn failure_reason(e: &std::io::Error) -> &'static str {
+    use tokio_rustls::rustls::{CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) else {
+        return "io";
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::InvalidCertificate(CertificateError::Expired | CertificateError::ExpiredContext { .. }) => "expired_certificate",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure | CertificateError::Other(_)) => "identity_refused",
+        Error::InvalidCertificate(_) => "bad_certificate",
+        Error::AlertReceived(_) => "alert_received",
+        Error::PeerIncompatible(_) => "incompatible",
+        Error::General(_) => "identity_refused",
+        _ => "protocol",
+    }
 }

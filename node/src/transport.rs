@@ -96,6 +96,11 @@ impl Peers {
         peers
     }
 
+    /// The node's TLS material (`None` with `--insecure`).
+    pub fn tls(&self) -> Option<&Arc<NodeTls>> {
+        self.tls.as_ref()
+    }
+
     pub fn me(&self) -> NodeId {
         self.me
     }

@@ -96,7 +96,11 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<SyncWaiter>, stats: Arc<SyncStats>) {
                 Err(_) => break,
             }
         }
+        let started = std::time::Instant::now();
         let result = db.flush_wal(true).map_err(|e| e.to_string());
+        metrics::histogram!("kerwen_storage_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
+        metrics::counter!("kerwen_storage_fsyncs_total").increment(1);
+        metrics::histogram!("kerwen_storage_entries_per_fsync").record(waiters.len() as f64);
         if let Err(e) = &result {
             tracing::error!(error = %e, "WAL sync failed");
         }

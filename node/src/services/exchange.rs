@@ -227,7 +227,14 @@ impl Exchange for ExchangeService {
         self.runtime.admit_publish(&publisher, messages.len() as u64, batch_bytes as u64).map_err(to_status)?;
         self.runtime.admit_evidence().map_err(to_status)?;
         let accepted_unix_ms = now_unix_ms();
+        let started = std::time::Instant::now();
         let count = messages.len();
+        let mut per_mailbox: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        for m in &messages {
+            let tally = per_mailbox.entry(m.recipient.clone()).or_default();
+            tally.0 += 1;
+            tally.1 += m.payload.len() as u64;
+        }
         let sender = caller.sender();
         let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<NewMessage>)> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
@@ -278,6 +285,7 @@ impl Exchange for ExchangeService {
             }
         }
         let results = results.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Status::internal("missing result"))?;
+        record_published(&sender, per_mailbox, started);
         Ok(Response::new(pb::PublishResponse { results }))
     }
 
@@ -325,6 +333,7 @@ impl Exchange for ExchangeService {
         for (shard, partitions) in &shards {
             let pump = Pump {
                 runtime: self.runtime.clone(),
+                mailbox: info.service.clone(),
                 shard: *shard,
                 args: FetchArgs {
                     consumer,
@@ -364,21 +373,28 @@ impl Exchange for ExchangeService {
                             let Ok(slot) = ack_slots.clone().acquire_owned().await else { break };
                             let runtime = runtime.clone();
                             let out = out_tx.clone();
+                            let mailbox_name = info.service.clone();
                             tokio::spawn(async move {
                                 let _slot = slot;
                                 let cmd = Command::Ack { mailbox, positions: positions.clone(), consumer: Some(consumer), attempts };
                                 let event = match runtime.write(shard, cmd).await {
-                                    Ok((_, result)) => Ok(pb::SubscribeResponse {
-                                        event: Some(subscribe_response::Event::Acked(pb::Settle {
-                                            positions: positions.into_iter().map(to_proto_position).collect(),
-                                            delay_ms: None,
-                                            attempts: Vec::new(),
-                                            receipts: {
-                                                let mut encoder = receipts::ReceiptEncoder::default();
-                                                result.split_receipts().2.iter().map(|(p, d)| receipts::to_proto_ack(&mut encoder, *p, d)).collect()
-                                            },
-                                        })),
-                                    }),
+                                    Ok((_, result)) => {
+                                        let (result, _, deliveries) = result.split_receipts();
+                                        let acked = match result {
+                                            CommandResult::Acked(removed) => removed,
+                                            _ => positions.len() as u64,
+                                        };
+                                        metrics::counter!("kerwen_acked_messages_total", "mailbox" => mailbox_name).increment(acked);
+                                        let mut encoder = receipts::ReceiptEncoder::default();
+                                        Ok(pb::SubscribeResponse {
+                                            event: Some(subscribe_response::Event::Acked(pb::Settle {
+                                                positions: positions.into_iter().map(to_proto_position).collect(),
+                                                delay_ms: None,
+                                                attempts: Vec::new(),
+                                                receipts: deliveries.iter().map(|(p, d)| receipts::to_proto_ack(&mut encoder, *p, d)).collect(),
+                                            })),
+                                        })
+                                    }
                                     Err(e) => Err(to_status(e)),
                                 };
                                 let _ = out.send(event).await;
@@ -485,9 +501,21 @@ fn group_acks(info: &MailboxInfo, settle: pb::Settle) -> BTreeMap<GroupId, (Vec<
     by_shard
 }
 
+/// Counts an accepted publish (duplicates included: the publisher sent them).
+fn record_published(sender: &str, per_mailbox: BTreeMap<String, (u64, u64)>, started: std::time::Instant) {
+    metrics::histogram!("kerwen_publish_duration_seconds").record(started.elapsed().as_secs_f64());
+    for (mailbox, (messages, bytes)) in per_mailbox {
+        let labels = [("mailbox", mailbox), ("sender", sender.to_owned())];
+        metrics::counter!("kerwen_publish_messages_total", &labels).increment(messages);
+        metrics::counter!("kerwen_publish_bytes_total", &labels).increment(bytes);
+    }
+}
+
 /// Moves messages of one shard to one consumer stream as credits allow.
 struct Pump {
     runtime: Arc<NodeRuntime>,
+    /// The mailbox's service id, for metrics.
+    mailbox: String,
     shard: GroupId,
     args: FetchArgs,
     credits: Arc<Semaphore>,
@@ -517,6 +545,7 @@ impl Pump {
             match self.runtime.fetch(self.shard, lease).await {
                 Ok(leased) if !leased.is_empty() => {
                     self.credits.add_permits(taken as usize - leased.len().min(taken as usize));
+                    metrics::counter!("kerwen_delivered_messages_total", "mailbox" => self.mailbox.clone()).increment(leased.len() as u64);
                     for l in leased {
                         if self.out.send(Ok(to_delivery(l, &mut encoder))).await.is_err() {
                             return;

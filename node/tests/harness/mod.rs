@@ -226,6 +226,8 @@ struct NodeProcess {
     id: NodeId,
     port: u16,
     peer_port: u16,
+    /// The plain-HTTP operations port (probes, metrics).
+    http_port: u16,
     dir: PathBuf,
     data_dir: PathBuf,
     log_path: PathBuf,
@@ -284,21 +286,21 @@ impl ProcessCluster {
         let tmp = tempfile::Builder::new().prefix("kerwen-test-").tempdir().context("creating the cluster temp dir")?;
         // Reserve all ports at once (held together so they are distinct), then release them
         // just before the nodes bind them. Each node keeps its port across restarts.
-        let listeners: Vec<TcpListener> = (0..config.nodes * 2)
+        let listeners: Vec<TcpListener> = (0..config.nodes * 3)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<io::Result<_>>()
             .context("reserving ports")?;
         let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<io::Result<_>>()?;
         drop(listeners);
         let mut nodes = BTreeMap::new();
-        for (i, pair) in ports.chunks(2).enumerate() {
-            let (port, peer_port) = (pair[0], pair[1]);
+        for (i, triple) in ports.chunks(3).enumerate() {
+            let (port, peer_port, http_port) = (triple[0], triple[1], triple[2]);
             let id = i as NodeId + 1;
             let dir = tmp.path().join(format!("node-{id}"));
             let data_dir = dir.join("data");
             std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
             let log_path = dir.join(format!("node-{id}.log"));
-            nodes.insert(id, NodeProcess { id, port, peer_port, dir, data_dir, log_path, child: Mutex::new(None) });
+            nodes.insert(id, NodeProcess { id, port, peer_port, http_port, dir, data_dir, log_path, child: Mutex::new(None) });
         }
         let pki_dir = tmp.path().join("pki");
         let ids: Vec<NodeId> = nodes.keys().copied().collect();
@@ -334,6 +336,12 @@ impl ProcessCluster {
     pub fn subsystem_tls(&self, subsystem: &str) -> Result<ClientTls> {
         let files = pki::subsystem_identity(&self.pki_dir, &subsystem.parse()?)?;
         self.tls_for(&files)
+    }
+
+    /// The plain-HTTP operations address of `node` (`/livez`, `/readyz`, `/metrics`).
+    #[allow(dead_code)]
+    pub fn http_endpoint(&self, node: NodeId) -> String {
+        format!("127.0.0.1:{}", self.node(node).http_port)
     }
 
     /// The peer (node-to-node) address of `node`.
@@ -398,6 +406,8 @@ impl ProcessCluster {
             .arg(format!("127.0.0.1:{}", node.port))
             .arg("--peer-listen")
             .arg(format!("127.0.0.1:{}", node.peer_port))
+            .arg("--http-listen")
+            .arg(format!("127.0.0.1:{}", node.http_port))
             .arg("--peers")
             .arg(self.peers_arg())
             .arg("--tls-ca")

@@ -166,6 +166,11 @@ impl ShardView {
         Ok(total)
     }
 
+    /// Messages under an unexpired lease at `now`, per mailbox.
+    pub fn in_flight_by_mailbox(&self, now_unix_ms: i64) -> HashMap<MailboxId, usize> {
+        lock(&self.tracker).in_flight_by_mailbox(now_unix_ms)
+    }
+
     /// Picks up to `max` messages of `mailbox` in `partitions` that may be leased at `now`,
     /// for the leader to propose in a `Lease` command: first redeliveries that are due, then
     /// messages never delivered, in sequence order per partition. In an ordered mailbox only

@@ -1,0 +1,206 @@
+//! The operations port of real `kerwen serve` processes: every metric family an SRE relies on
+//! shows on a loaded node with sane values and Prometheus names, and `/readyz` follows the
+//! node's quorum while `/livez` stays up.
+
+mod harness;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use harness::{ack_all, consume_all_of, create_mailbox, eventually, message, publish_retry, Cluster, Consumer, ProcessCluster};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const MAILBOX: &str = "TM/GOV/MINCOM/registry/ops";
+const MESSAGES: usize = 40;
+
+/// Families every node shows once it has served a publish, a delivery and an ack (on the
+/// cluster as a whole: per-mailbox counters show on the node that did the work).
+const FAMILIES: &[&str] = &[
+    "kerwen_publish_messages_total",
+    "kerwen_publish_bytes_total",
+    "kerwen_delivered_messages_total",
+    "kerwen_acked_messages_total",
+    "kerwen_publish_duration_seconds",
+    "kerwen_end_to_end_seconds",
+    "kerwen_consumer_lag_messages",
+    "kerwen_leases_in_flight",
+    "kerwen_dead_letters",
+    "kerwen_raft_term",
+    "kerwen_raft_is_leader",
+    "kerwen_raft_has_leader",
+    "kerwen_raft_commit_lag_entries",
+    "kerwen_raft_apply_lag_entries",
+    "kerwen_raft_log_entries",
+    "kerwen_raft_replicas_under_quorum",
+    "kerwen_shard_moves_in_progress",
+    "kerwen_storage_fsyncs_total",
+    "kerwen_storage_entries_per_fsync",
+    "kerwen_storage_fsync_duration_seconds",
+    "kerwen_storage_disk_bytes",
+    "kerwen_storage_disk_free_bytes",
+    "kerwen_storage_disk_capacity_bytes",
+    "kerwen_rocksdb_stalls_total",
+    "kerwen_evidence_batches_total",
+    "kerwen_evidence_messages_per_signature",
+    "kerwen_evidence_bytes",
+    "kerwen_evidence_budget_bytes",
+    "kerwen_tls_handshake_failures_total",
+    "kerwen_tls_certificate_expiry_timestamp_seconds",
+];
+
+/// A plain HTTP/1.0 GET: the status code and the body.
+async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
+    let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await.context("connect timed out")??;
+    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await.context("response timed out")??;
+    let (head, body) = response.split_once("\r\n\r\n").context("no end of headers")?;
+    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
+    Ok((status, body.to_owned()))
+}
+
+/// Sample lines of a Prometheus text page: `name{labels}` → value.
+fn samples(page: &str) -> BTreeMap<String, f64> {
+    page.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            Some((series.to_owned(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// Sum of the samples of one family (all label sets), excluding histogram buckets.
+fn family_sum(samples: &BTreeMap<String, f64>, name: &str) -> f64 {
+    samples.iter().filter(|(s, _)| s.as_str() == name || s.starts_with(&format!("{name}{{"))).map(|(_, v)| v).sum()
+}
+
+/// Every `# TYPE` line follows Prometheus naming: counters end in `_total`, and every family
+/// is Kerwen's own.
+fn check_naming(page: &str) -> Result<()> {
+    for line in page.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let mut parts = line.split_whitespace().skip(2);
+        let (name, kind) = (parts.next().context("TYPE name")?, parts.next().context("TYPE kind")?);
+        ensure!(name.starts_with("kerwen_"), "{name} is not in the kerwen_ namespace");
+        ensure!((kind == "counter") == name.ends_with("_total"), "{name} is a {kind}: only counters end in _total");
+        if kind == "histogram" {
+            ensure!(name.ends_with("_seconds") || name.ends_with("_fsync") || name.ends_with("_signature"), "histogram {name} has no unit");
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loaded_node_shows_every_metric_family_with_sane_values() {
+    let cluster = ProcessCluster::builder().start().await.expect("cluster start");
+    scenario_metrics(&cluster).await.expect("scenario failed");
+}
+
+async fn scenario_metrics(cluster: &ProcessCluster) -> Result<()> {
+    create_mailbox(cluster, 1, MAILBOX, 4).await?;
+    let mut client = cluster.client(1).await?;
+    let mut ids = HashSet::new();
+    for chunk in 0..4 {
+        let batch: Vec<_> = (0..MESSAGES / 4)
+            .map(|i| message(format!("m-{chunk}-{i}"), MAILBOX, None, format!("payload {chunk} {i}").into_bytes()))
+            .collect();
+        ids.extend(batch.iter().map(|m| m.id.clone()));
+        publish_retry(&mut client, &batch, Duration::from_secs(10), Duration::from_secs(30)).await?;
+    }
+    let mut consumer = Consumer::open(&mut cluster.client(2).await?, MAILBOX, 64).await?;
+    let delivered = consume_all_of(&mut consumer, &ids, Duration::from_secs(30), Duration::from_millis(300)).await?;
+    ack_all(&mut consumer, &delivered).await?;
+    // A client without a certificate: one refused handshake on node 3's client port.
+    let mut plain = tokio::net::TcpStream::connect(cluster.endpoint(3)).await?;
+    plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await?;
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), plain.read_to_end(&mut sink)).await;
+
+    let now_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs_f64();
+    let pages = eventually("every family on the cluster's /metrics", Duration::from_secs(30), || async {
+        let mut pages = BTreeMap::new();
+        for node in cluster.node_ids() {
+            let (status, page) = http_get(&cluster.http_endpoint(node), "/metrics").await?;
+            ensure!(status == 200, "node {node}: /metrics answered {status}");
+            pages.insert(node, page);
+        }
+        let all: String = pages.values().cloned().collect();
+        let missing: Vec<_> = FAMILIES.iter().filter(|f| !all.contains(&format!("# TYPE {f} "))).collect();
+        ensure!(missing.is_empty(), "missing families: {missing:?}");
+        let acked: f64 = pages.values().map(|p| family_sum(&samples(p), "kerwen_acked_messages_total")).sum();
+        ensure!(acked >= MESSAGES as f64, "acks counted so far: {acked}");
+        Ok(Some(pages))
+    })
+    .await?;
+
+    for (node, page) in &pages {
+        check_naming(page).with_context(|| format!("node {node}"))?;
+        let s = samples(page);
+        for group in cluster.groups() {
+            let has_leader = s.get(&format!("kerwen_raft_has_leader{{group=\"{group}\"}}")).copied();
+            ensure!(has_leader == Some(1.0), "node {node}, group {group}: has_leader {has_leader:?}");
+        }
+        ensure!(family_sum(&s, "kerwen_storage_fsyncs_total") > 0.0, "node {node}: no fsync counted");
+        ensure!(family_sum(&s, "kerwen_raft_replicas_under_quorum") == 0.0, "node {node}: groups under quorum on a healthy cluster");
+        let expiry = family_sum(&s, "kerwen_tls_certificate_expiry_timestamp_seconds");
+        ensure!(expiry > now_s, "node {node}: certificate expiry {expiry} is not in the future");
+        let (free, capacity) = (family_sum(&s, "kerwen_storage_disk_free_bytes"), family_sum(&s, "kerwen_storage_disk_capacity_bytes"));
+        ensure!(free > 0.0 && free <= capacity, "node {node}: disk free {free} of {capacity}");
+        ensure!(family_sum(&s, "kerwen_storage_disk_bytes") > 0.0, "node {node}: empty data dir");
+    }
+    let sum = |family: &str| -> f64 { pages.values().map(|p| family_sum(&samples(p), family)).sum() };
+    ensure!(sum("kerwen_publish_messages_total") == MESSAGES as f64, "published {}", sum("kerwen_publish_messages_total"));
+    ensure!(sum("kerwen_delivered_messages_total") >= MESSAGES as f64, "delivered {}", sum("kerwen_delivered_messages_total"));
+    ensure!(sum("kerwen_end_to_end_seconds_count") >= MESSAGES as f64, "end-to-end samples {}", sum("kerwen_end_to_end_seconds_count"));
+    ensure!(sum("kerwen_evidence_batches_total") >= 1.0, "no signed batch counted");
+    let handshakes = pages[&3].lines().any(|l| l.starts_with("kerwen_tls_handshake_failures_total{") && l.contains("port=\"client\""));
+    ensure!(handshakes, "node 3 did not count the refused handshake");
+    let lag = eventually("consumer lag back to zero", Duration::from_secs(30), || async {
+        let mut lag = 0.0;
+        for node in cluster.node_ids() {
+            lag += family_sum(&samples(&http_get(&cluster.http_endpoint(node), "/metrics").await?.1), "kerwen_consumer_lag_messages");
+        }
+        Ok((lag == 0.0).then_some(lag))
+    })
+    .await?;
+    ensure!(lag == 0.0);
+    cluster.check_no_crash()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_follows_the_quorum_and_livez_stays_up() {
+    let cluster = ProcessCluster::builder().start().await.expect("cluster start");
+    scenario_readiness(&cluster).await.expect("scenario failed");
+}
+
+async fn wait_ready(cluster: &ProcessCluster, node: u64, ready: bool) -> Result<String> {
+    let what = format!("node {node} /readyz {}", if ready { "200" } else { "503" });
+    eventually(&what, Duration::from_secs(45), || async {
+        let (status, body) = http_get(&cluster.http_endpoint(node), "/readyz").await?;
+        Ok(((status == 200) == ready && (status == 200 || status == 503)).then_some(body))
+    })
+    .await
+}
+
+async fn scenario_readiness(cluster: &ProcessCluster) -> Result<()> {
+    for node in cluster.node_ids() {
+        wait_ready(cluster, node, true).await?;
+    }
+    cluster.stop(2).await?;
+    cluster.stop(3).await?;
+    let why = wait_ready(cluster, 1, false).await?;
+    ensure!(why.contains("not ready"), "{why}");
+    let (live, _) = http_get(&cluster.http_endpoint(1), "/livez").await?;
+    ensure!(live == 200, "/livez answered {live} while the node runs without a quorum");
+    cluster.start(2).await?;
+    cluster.start(3).await?;
+    for node in cluster.node_ids() {
+        wait_ready(cluster, node, true).await?;
+    }
+    match http_get(&cluster.http_endpoint(1), "/no-such-page").await? {
+        (404, _) => {}
+        (status, _) => bail!("an unknown path answered {status}"),
+    }
+    cluster.check_no_crash()
+}
