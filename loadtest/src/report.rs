@@ -29,8 +29,14 @@ use crate::workload::Outcome;
 pub const FSYNC_POLICY: &str = "fsync before ack (group commit)";
 /// Replication factor of every Raft group.
 pub const REPLICATION_FACTOR: u64 = 3;
-/// Evidence signing on the hot path.
-pub const SIGNING: &str = "off (not implemented yet)";
+/// Evidence signing on the hot path, as far as the load generator knows it.
+fn signing(target: &Target) -> &'static str {
+    match target {
+        Target::Embedded { evidence: true, .. } => "on (one Ed25519 signature per Raft entry)",
+        Target::Embedded { evidence: false, .. } => "off (--no-evidence)",
+        Target::Cluster { .. } => "as the cluster runs (on unless its nodes run --no-evidence)",
+    }
+}
 
 /// Histograms in the report, with their JSON/log names.
 fn histograms(w: &Window) -> [(&'static str, &Histogram<u64>); 3] {
@@ -107,7 +113,8 @@ pub fn summary(config: &Config, outcome: &Outcome) -> String {
         if config.ordering_keys > 0 { format!("; {} ordering keys", config.ordering_keys) } else { String::new() }
     ));
     out.push_str(&format!(
-        "cluster     replication factor {REPLICATION_FACTOR}, {FSYNC_POLICY}, signing {SIGNING}; {} cores\n",
+        "cluster     replication factor {REPLICATION_FACTOR}, {FSYNC_POLICY}, signing {}; {} cores\n",
+        signing(&config.target),
         cores()
     ));
     out.push_str(&format!(
@@ -221,7 +228,7 @@ pub fn environment(config: &Config) -> serde_json::Value {
         "arch": std::env::consts::ARCH,
         "fsync_policy": FSYNC_POLICY,
         "replication_factor": REPLICATION_FACTOR,
-        "signing": SIGNING,
+        "signing": signing(&config.target),
         "cluster": cluster,
         "tool_version": env!("CARGO_PKG_VERSION"),
     })
