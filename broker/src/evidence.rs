@@ -350,7 +350,7 @@ pub struct SignedBatch {
 /// Fixed-size byte arrays as lowercase hex in JSON (raw bytes in bincode). Decoding accepts
 /// only lowercase: with uppercase also accepted, flipping a letter's case would change an
 /// archive's bytes and not its meaning, and a verifier promises that any change is caught.
-mod hex_bytes {
+pub(crate) mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer, const N: usize>(bytes: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
@@ -366,14 +366,14 @@ mod hex_bytes {
             let text = String::deserialize(d)?;
             super::parse_hex(&text).ok_or_else(|| serde::de::Error::custom(format!("expected {N} bytes of lowercase hex")))
         } else {
-            let bytes: Vec<u8> = Deserialize::deserialize(d)?;
-            bytes.try_into().map_err(|_| serde::de::Error::custom(format!("expected {N} bytes")))
+            d.deserialize_bytes(super::BytesVisitor(|bytes: &[u8]| bytes.try_into().ok(), "the hash's length"))
         }
     }
 }
 
-/// A list of hashes, each as [`hex_bytes`].
-mod hex_list {
+/// A list of hashes, each as [`hex_bytes`] in JSON; in binary formats one byte string of
+/// the hashes concatenated, which decodes in one copy rather than hash by hash, byte by byte.
+pub(crate) mod hex_list {
     use serde::ser::SerializeSeq;
     use serde::{Deserialize, Deserializer, Serializer};
 
@@ -381,7 +381,7 @@ mod hex_list {
 
     pub fn serialize<S: Serializer>(list: &[Hash], s: S) -> Result<S::Ok, S::Error> {
         if !s.is_human_readable() {
-            return serde::Serialize::serialize(list, s);
+            return s.serialize_bytes(list.as_flattened());
         }
         let mut seq = s.serialize_seq(Some(list.len()))?;
         for h in list {
@@ -392,13 +392,33 @@ mod hex_list {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Hash>, D::Error> {
         if !d.is_human_readable() {
-            return Deserialize::deserialize(d);
+            let split = |bytes: &[u8]| -> Option<Vec<Hash>> {
+                let hashes = bytes.chunks_exact(32);
+                hashes.remainder().is_empty().then(|| hashes.filter_map(|h| h.try_into().ok()).collect())
+            };
+            return d.deserialize_bytes(super::BytesVisitor(split, "a multiple of 32 bytes"));
         }
         let texts: Vec<String> = Deserialize::deserialize(d)?;
         texts
             .iter()
             .map(|t| super::parse_hex(t).ok_or_else(|| serde::de::Error::custom("expected 32 bytes of lowercase hex")))
             .collect()
+    }
+}
+
+/// Takes a byte string from a binary format (borrowed or owned alike) and converts it.
+struct BytesVisitor<F>(F, &'static str);
+
+impl<'de, T, F: FnOnce(&[u8]) -> Option<T>> serde::de::Visitor<'de> for BytesVisitor<F> {
+    type Value = T;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "a byte string of {}", self.1)
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<T, E> {
+        let len = bytes.len();
+        (self.0)(bytes).ok_or_else(|| E::invalid_length(len, &self.1))
     }
 }
 

@@ -68,6 +68,7 @@ pub struct StoredMessage {
     pub payload: bytes::Bytes,
     /// SHA-256 of the payload (inline or chunked), computed by the accepting node: the
     /// message's evidence commits to it and outlives the payload.
+    #[serde(with = "crate::evidence::hex_bytes")]
     pub payload_sha256: [u8; 32],
     pub ordering_key: Option<String>,
     /// When the accepting node received it (Unix ms), decided by the proposer.
@@ -90,6 +91,7 @@ pub struct LargePayload {
     /// The shard-local upload number its chunks are stored under.
     pub upload: u64,
     pub total_bytes: u64,
+    #[serde(with = "crate::evidence::hex_bytes")]
     pub sha256: [u8; 32],
 }
 
@@ -101,6 +103,7 @@ pub struct UploadState {
     /// The message as it will be stored, without its payload.
     pub message: StoredMessage,
     pub total_bytes: u64,
+    #[serde(with = "crate::evidence::hex_bytes")]
     pub sha256: [u8; 32],
     /// Bytes stored so far (chunks are appended in order).
     pub received: u64,
@@ -575,6 +578,7 @@ pub enum Command {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Seal {
     pub batch: crate::evidence::SignedBatch,
+    #[serde(with = "crate::evidence::hex_list")]
     pub leaves: Vec<crate::evidence::Hash>,
     pub acks: Vec<SealedAck>,
     /// Indexes of the `UploadCommit` commands signed (an upload the leader did not find, e.g.
@@ -582,15 +586,20 @@ pub struct Seal {
     pub commits: Vec<u32>,
 }
 
-/// One ack the leader signed: which command of the entry acked which message.
+/// One ack the leader signed: which command of the entry acked which message. The signed
+/// facts are not repeated here: the recipient and the message's leaf are in the message's
+/// evidence record, the ack time is the batch's, so every replica stores only what names
+/// the record and the attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedAck {
     /// Index of the `Ack` command in the entry.
     pub command: u32,
     pub position: Position,
-    /// The acked message's accept time, which (with its id) names its evidence record.
+    /// The acked message's accept time and id, which name its evidence record.
     pub accepted_unix_ms: i64,
-    pub facts: crate::evidence::AckFacts,
+    pub message_id: String,
+    /// The delivery attempt acked.
+    pub attempt: u32,
 }
 
 /// Where the evidence of one message or ack of a sealed entry is.
@@ -642,7 +651,7 @@ impl Command {
             Command::Access(_) => OVERHEAD * 4,
             Command::Batch(commands) => commands.iter().map(Command::approximate_size).sum::<usize>() + OVERHEAD,
             Command::Sealed { seal, commands } => {
-                commands.iter().map(Command::approximate_size).sum::<usize>() + seal.leaves.len() * 32 + seal.acks.len() * 128 + 4 * OVERHEAD
+                commands.iter().map(Command::approximate_size).sum::<usize>() + seal.leaves.len() * 32 + seal.acks.len() * 64 + 4 * OVERHEAD
             }
         }
     }

@@ -30,7 +30,7 @@ use openraft::{Raft, ServerState};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::error::BrokerError;
-use crate::evidence::{ack_leaf, ArchivedDelivery, BatchHeader, Hash, MerkleTree, Receipt, SignedBatch, EvidenceSigner, EVIDENCE_VERSION};
+use crate::evidence::{ack_leaf, AckFacts, ArchivedDelivery, BatchHeader, Hash, MerkleTree, Receipt, SignedBatch, EvidenceSigner, EVIDENCE_VERSION};
 use crate::model::{Command, CommandResult, EvidenceRef, GroupId, MessageReceipt, Position, Seal, SealedAck, TypeConfig, UploadProgress};
 use crate::storage::ShardView;
 
@@ -114,7 +114,8 @@ struct ChainCursor {
 struct SealedInfo {
     tree: MerkleTree,
     batch: SignedBatch,
-    acks: Vec<SealedAck>,
+    /// The acks signed, with the facts their leaves commit to.
+    acks: Vec<(SealedAck, AckFacts)>,
     /// Signed upload commits: command index and the accept time their leaf commits to.
     commits: Vec<(u32, i64)>,
     view: Arc<ShardView>,
@@ -256,7 +257,14 @@ fn seal(group: GroupId, sealing: &Sealing, cursor: &mut ChainCursor, commands: V
                 for (j, position) in positions.iter().enumerate() {
                     // A message gone meanwhile (acked twice) has nothing to sign.
                     if let Ok(Some((accepted_unix_ms, facts))) = sealing.view.ack_claim(*mailbox, *position, attempts.get(j).copied()) {
-                        acks.push(SealedAck { command: i as u32, position: *position, accepted_unix_ms, facts });
+                        let ack = SealedAck {
+                            command: i as u32,
+                            position: *position,
+                            accepted_unix_ms,
+                            message_id: facts.message_id.clone(),
+                            attempt: facts.attempt,
+                        };
+                        acks.push((ack, facts));
                     }
                 }
             }
@@ -280,9 +288,9 @@ fn seal(group: GroupId, sealing: &Sealing, cursor: &mut ChainCursor, commands: V
     };
     let (batch, tree) = sealing.signer.seal(now_unix_ms, |now| {
         let mut leaves = message_leaves;
-        for ack in &mut acks {
-            ack.facts.acked_unix_ms = now;
-            leaves.push(ack_leaf(&ack.facts));
+        for (_, facts) in &mut acks {
+            facts.acked_unix_ms = now;
+            leaves.push(ack_leaf(facts));
         }
         (leaves, header)
     });
@@ -290,11 +298,16 @@ fn seal(group: GroupId, sealing: &Sealing, cursor: &mut ChainCursor, commands: V
     cursor.prev = batch.link();
     metrics::counter!("kerwen_evidence_batches_total").increment(1);
     metrics::histogram!("kerwen_evidence_messages_per_signature").record(tree.leaves().len() as f64);
-    for ack in &acks {
+    for (ack, facts) in &acks {
         // Publish to ack, as the evidence states both times.
-        metrics::histogram!("kerwen_end_to_end_seconds").record((ack.facts.acked_unix_ms - ack.accepted_unix_ms).max(0) as f64 / 1000.0);
+        metrics::histogram!("kerwen_end_to_end_seconds").record((facts.acked_unix_ms - ack.accepted_unix_ms).max(0) as f64 / 1000.0);
     }
-    let seal = Seal { batch: batch.clone(), leaves: tree.leaves().to_vec(), acks: acks.clone(), commits: commits.iter().map(|c| c.0).collect() };
+    let seal = Seal {
+        batch: batch.clone(),
+        leaves: tree.leaves().to_vec(),
+        acks: acks.iter().map(|(ack, _)| ack.clone()).collect(),
+        commits: commits.iter().map(|c| c.0).collect(),
+    };
     let info = SealedInfo { tree, batch, acks, commits, view: sealing.view.clone() };
     (Command::Sealed { seal, commands }, Some(info))
 }
@@ -378,10 +391,10 @@ fn with_receipts(info: &SealedInfo, k: usize, result: CommandResult, refs: Vec<E
             CommandResult::Receipted { result: Box::new(result), receipts, deliveries: Vec::new() }
         }
         CommandResult::Acked(_) => {
-            let acks = info.acks.iter().filter(|a| a.command as usize == k);
+            let acks = info.acks.iter().filter(|(a, _)| a.command as usize == k);
             let deliveries: Vec<(Position, ArchivedDelivery)> = acks
                 .zip(&refs)
-                .filter_map(|(a, r)| Some((a.position, ArchivedDelivery { facts: a.facts.clone(), receipt: receipt(r)? })))
+                .filter_map(|((a, facts), r)| Some((a.position, ArchivedDelivery { facts: facts.clone(), receipt: receipt(r)? })))
                 .collect();
             CommandResult::Receipted { result: Box::new(result), receipts: Vec::new(), deliveries }
         }

@@ -60,10 +60,17 @@ impl Store {
 
     /// Opens (or creates) the database under `dir`; every value is sealed with `cipher`.
     pub fn open_with(dir: &Path, cipher: AtRestCipher) -> Result<Arc<Self>> {
+        // Sealed values are random bytes to a compressor: LZ4 would spend CPU on every flush
+        // and compaction to save nothing but some key bytes. Blocks written earlier under
+        // another setting stay readable.
+        let compression = match cipher.algorithm() {
+            Algorithm::None => rocksdb::DBCompressionType::Lz4,
+            _ => rocksdb::DBCompressionType::None,
+        };
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
-        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_compression_type(compression);
         opts.increase_parallelism(2);
         opts.set_max_background_jobs(2);
         // The raft_meta column family is written rarely, so its memtable would pin old WAL
@@ -75,7 +82,7 @@ impl Store {
         opts.set_manual_wal_flush(false);
         let cfs = [CF_RAFT_LOG, CF_RAFT_META, CF_STATE].map(|name| {
             let mut cf_opts = Options::default();
-            cf_opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            cf_opts.set_compression_type(compression);
             // Every publish looks up each message id (dedup), nearly always a miss: a bloom
             // filter answers those without reading SST blocks.
             let mut table = rocksdb::BlockBasedOptions::default();

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{for_each_in_prefix, lock, ApplyScratch, ShardView};
 use crate::error::{BrokerError, Result};
-use crate::evidence::{AckFacts, Archive, ArchivedDelivery, ArchivedMessage, Hash, KeyRing, MerkleTree, MessageFacts, Receipt, SignedBatch};
+use crate::evidence::{message_leaf, AckFacts, Archive, ArchivedDelivery, ArchivedMessage, Hash, KeyRing, MerkleTree, MessageFacts, Receipt, SignedBatch};
 use crate::model::{MailboxId, NodeId, Position, SealedAck, StoredMessage};
 use crate::storage::keys::{self, KIND_CHAIN_HEAD, KIND_EVIDENCE_BYTES};
 use crate::storage::CF_STATE;
@@ -35,18 +35,21 @@ pub struct EvidenceRecord {
     pub ack: Option<AckEvidence>,
 }
 
-/// Where the ack of a message was signed.
+/// Where the ack of a message was signed, and its attempt. The rest of the signed
+/// [`AckFacts`] is rebuilt on export: recipient, message id and leaf from the message's
+/// record, the ack time from the batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckEvidence {
-    pub facts: AckFacts,
     pub batch: u64,
     pub index: u64,
+    pub attempt: u32,
 }
 
 /// A signed batch of the shard's chain with its leaves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchRecord {
     pub batch: SignedBatch,
+    #[serde(with = "crate::evidence::hex_list")]
     pub leaves: Vec<Hash>,
 }
 
@@ -56,6 +59,7 @@ pub struct ChainHead {
     /// 0 before the first batch.
     pub batch: u64,
     /// [`SignedBatch::link`] of that batch (zeros before the first).
+    #[serde(with = "crate::evidence::hex_bytes")]
     pub link: Hash,
 }
 
@@ -159,8 +163,8 @@ pub(super) fn record_ack(
     ack: &SealedAck,
     (batch_no, index): (u64, u64),
 ) -> Result<()> {
-    let key = keys::ack_evidence_key(view.group, mailbox, ack.accepted_unix_ms, &ack.facts.message_id);
-    let value = view.store.encode(&AckEvidence { facts: ack.facts.clone(), batch: batch_no, index })?;
+    let key = keys::ack_evidence_key(view.group, mailbox, ack.accepted_unix_ms, &ack.message_id);
+    let value = view.store.encode(&AckEvidence { batch: batch_no, index, attempt: ack.attempt })?;
     grow(view, scratch, value.len() as i64);
     batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
     Ok(())
@@ -317,7 +321,17 @@ impl ShardView {
         let mut messages = Vec::with_capacity(records.len());
         for r in records {
             let delivery = match &r.ack {
-                Some(a) => Some(ArchivedDelivery { facts: a.facts.clone(), receipt: receipt(a.batch, a.index)? }),
+                Some(a) => {
+                    let acked_unix_ms = batches.get((a.batch - first) as usize).map_or(0, |b| b.header.timestamp_unix_ms);
+                    let facts = AckFacts {
+                        recipient: r.facts.recipient.clone(),
+                        message_id: r.facts.message_id.clone(),
+                        message_leaf: message_leaf(&r.facts),
+                        acked_unix_ms,
+                        attempt: a.attempt,
+                    };
+                    Some(ArchivedDelivery { facts, receipt: receipt(a.batch, a.index)? })
+                }
                 None => None,
             };
             messages.push(ArchivedMessage { receipt: receipt(r.batch, r.index)?, facts: r.facts, delivery });
