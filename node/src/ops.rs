@@ -5,6 +5,9 @@
 //! - `GET /livez`: 200 while the process serves.
 //! - `GET /readyz`: 200 once the node has joined the cluster and every group it hosts has a
 //!   leader and has applied what it holds; 503 with the reason otherwise.
+//! - `GET|POST /drain-leadership`: hands every group this node leads to the others and stops
+//!   campaigning (a preStop hook before SIGTERM); 200 once it leads none, 503 if some are
+//!   still led after [`DRAIN_TIMEOUT`].
 //! - `GET /metrics`: Prometheus text. Counters and histograms of the hot paths are recorded
 //!   where they happen (`metrics` macros, also in the broker library); gauges of Raft, storage,
 //!   mailboxes and certificates are sampled here every [`SAMPLE_INTERVAL`].
@@ -76,6 +79,7 @@ pub async fn serve(listener: tokio::net::TcpListener, runtime: Arc<NodeRuntime>,
         .route("/livez", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route("/drain-leadership", get(drain).post(drain))
         .with_state(OpsState { runtime, handle });
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
@@ -98,6 +102,16 @@ async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
     }
 }
 
+/// How long `/drain-leadership` waits for successors (within a preStop hook's grace period).
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(15);
+
+async fn drain(State(state): State<OpsState>) -> (StatusCode, String) {
+    match state.runtime.drain_leadership(DRAIN_TIMEOUT).await.as_slice() {
+        [] => (StatusCode::OK, "drained: this node leads no group\n".into()),
+        led => (StatusCode::SERVICE_UNAVAILABLE, format!("still leading groups {led:?} after {DRAIN_TIMEOUT:?}\n")),
+    }
+}
+
 async fn render_metrics(State(state): State<OpsState>) -> ([(axum::http::header::HeaderName, &'static str); 1], String) {
     (
         [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
@@ -109,6 +123,9 @@ async fn render_metrics(State(state): State<OpsState>) -> ([(axum::http::header:
 /// the cluster, or a group it hosts has no leader or has not applied what it holds.
 pub fn readiness(runtime: &NodeRuntime) -> Result<(), String> {
     let node = runtime.node_id();
+    if runtime.is_draining() {
+        return Err("draining: this node is handing its groups over before it stops".into());
+    }
     for (group, raft) in runtime.all_rafts() {
         let metrics = raft.metrics();
         let m = metrics.borrow();

@@ -137,6 +137,8 @@ pub struct NodeRuntime {
     /// The sweep round of the last warning that the evidence log nears its budget.
     evidence_warned: std::sync::atomic::AtomicU64,
     pub shards: BTreeMap<GroupId, Group<ShardView>>,
+    /// Set by [`Self::drain_leadership`]: this node hands its groups over and leads none.
+    draining: std::sync::atomic::AtomicBool,
     /// Subscriptions served here that have not yet released their leases. Leases are
     /// replicated, so one not released before the node stops would hold its messages until
     /// it expires: shutdown waits for these (bounded) before stopping the Raft groups.
@@ -236,6 +238,7 @@ impl NodeRuntime {
             signer,
             key_rotation: tokio::sync::Mutex::new(()),
             evidence_warned: std::sync::atomic::AtomicU64::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
         };
         let members: BTreeMap<NodeId, BasicNode> =
             runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
@@ -303,7 +306,48 @@ impl NodeRuntime {
     }
 
     fn leader_of(&self, group: GroupId) -> Result<Option<NodeId>, BrokerError> {
-        Ok(self.raft(group)?.metrics().borrow().current_leader)
+        let leader = self.raft(group)?.metrics().borrow().current_leader;
+        // A draining leader is on its way out: wait for its successor rather than use it.
+        Ok(leader.filter(|l| *l != self.node_id() || !self.is_draining()))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Refuses work that only a leader does while this node drains: the caller retries and
+    /// finds the successor.
+    fn refuse_if_draining(&self, group: GroupId) -> Result<(), BrokerError> {
+        if self.is_draining() {
+            return Err(BrokerError::NotLeader { group, leader: None });
+        }
+        Ok(())
+    }
+
+    /// Hands every group this node leads to another node before it stops (a rolling restart's
+    /// preStop): from now on it never campaigns, stops heartbeats and refuses leader work, so
+    /// the followers elect a successor within an election timeout (openraft 0.9 has no
+    /// leadership transfer). Waits at most `timeout`; returns the groups still led then.
+    pub async fn drain_leadership(&self, timeout: Duration) -> Vec<GroupId> {
+        if !self.draining.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::info!(node = self.node_id(), "draining: handing leadership of every group to the other nodes");
+        }
+        for (_, raft) in self.all_rafts() {
+            raft.runtime_config().elect(false);
+            raft.runtime_config().heartbeat(false);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let led: Vec<GroupId> = self
+                .all_rafts()
+                .filter(|(_, raft)| raft.metrics().borrow().state == ServerState::Leader)
+                .map(|(group, _)| group)
+                .collect();
+            if led.is_empty() || Instant::now() >= deadline {
+                return led;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// This node's term if it currently leads `group`, else a `NotLeader` error.
@@ -369,6 +413,7 @@ impl NodeRuntime {
 
     /// `write` on this node, which must lead `group`.
     pub async fn write_local(&self, group: GroupId, cmd: Command) -> WriteOutcome {
+        self.refuse_if_draining(group)?;
         self.proposer(group)?.write(cmd).await
     }
 
@@ -383,6 +428,7 @@ impl NodeRuntime {
     /// The leader picks the messages; the lease itself is a command through the shard's log,
     /// so attempt counts, lease ends and back-off survive a leader change.
     pub async fn fetch_local(&self, group: GroupId, args: FetchArgs) -> Result<Vec<Leased>, BrokerError> {
+        self.refuse_if_draining(group)?;
         let shard = self.shard(group)?;
         let mut applied = shard.view.applied();
         let deadline = Instant::now() + Duration::from_millis(args.wait_ms);
@@ -579,6 +625,7 @@ impl NodeRuntime {
     }
 
     pub async fn read_local(&self, group: GroupId, query: ReadQuery) -> Result<ReadAnswer, BrokerError> {
+        self.refuse_if_draining(group)?;
         let raft = self.raft(group)?;
         raft.ensure_linearizable().await.map_err(|e| match e {
             RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {

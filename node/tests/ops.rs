@@ -204,3 +204,36 @@ async fn scenario_readiness(cluster: &ProcessCluster) -> Result<()> {
     }
     cluster.check_no_crash()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_leadership_hands_every_group_over_and_the_node_keeps_serving_clients() {
+    let cluster = ProcessCluster::builder().start().await.expect("cluster start");
+    scenario_drain(&cluster).await.expect("scenario failed");
+}
+
+async fn scenario_drain(cluster: &ProcessCluster) -> Result<()> {
+    create_mailbox(cluster, 1, MAILBOX, 4).await?;
+    let leaders = cluster.wait_leaders(&[1, 2, 3], &[], Duration::from_secs(30)).await?;
+    // Drain the node leading the metadata group (it leads at least that one).
+    let node = leaders[&0];
+    let started = std::time::Instant::now();
+    let (status, body) = http_get(&cluster.http_endpoint(node), "/drain-leadership").await?;
+    ensure!(status == 200, "drain answered {status}: {body}");
+    harness::trace(format!("node {node} drained in {:?}", started.elapsed()));
+    let after = cluster.wait_leaders(&[1, 2, 3], &[node], Duration::from_secs(30)).await?;
+    ensure!(after.values().all(|l| *l != node), "node {node} still leads: {after:?}");
+    let (ready, why) = http_get(&cluster.http_endpoint(node), "/readyz").await?;
+    ensure!(ready == 503 && why.contains("draining"), "a draining node must not be ready: {ready} {why}");
+    // Its client port still works: requests are forwarded to the new leaders.
+    let mut client = cluster.client(node).await?;
+    let batch: Vec<_> = (0..8).map(|i| message(format!("after-drain-{i}"), MAILBOX, None, b"x".to_vec())).collect();
+    let ids: HashSet<String> = batch.iter().map(|m| m.id.clone()).collect();
+    publish_retry(&mut client, &batch, Duration::from_secs(10), Duration::from_secs(30)).await?;
+    let mut consumer = Consumer::open(&mut cluster.client(node).await?, MAILBOX, 64).await?;
+    let delivered = consume_all_of(&mut consumer, &ids, Duration::from_secs(30), Duration::from_millis(300)).await?;
+    ack_all(&mut consumer, &delivered).await?;
+    // Draining again is harmless and answers at once.
+    let (again, _) = http_get(&cluster.http_endpoint(node), "/drain-leadership").await?;
+    ensure!(again == 200, "a second drain answered {again}");
+    cluster.check_no_crash()
+}
