@@ -574,12 +574,12 @@ impl NodeRuntime {
         Ok(archives)
     }
 
-    /// The data shards this node leads right now.
     /// Whether this node leads `group` right now.
     pub fn leads(&self, group: GroupId) -> bool {
         self.leading_term(group).is_ok()
     }
 
+    /// The data shards this node leads right now.
     fn led_shards(&self) -> impl Iterator<Item = (&GroupId, &Group<ShardView>)> {
         self.shards.iter().filter(|(group, _)| self.leading_term(**group).is_ok())
     }
