@@ -23,10 +23,9 @@ use axum::routing::get;
 use axum::Router;
 use kerwen_broker::model::{GroupId, NodeId};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use openraft::ServerState;
 use tokio::sync::watch;
 
-use crate::runtime::{now_unix_ms, NodeRuntime};
+use crate::runtime::{leads_per, now_unix_ms, NodeRuntime};
 
 /// How often gauges are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -140,7 +139,7 @@ pub fn readiness(runtime: &NodeRuntime) -> Result<(), String> {
         }
         // openraft 0.9 keeps a leader that lost its quorum leading: ask when a quorum last
         // answered it.
-        let leading = m.state == ServerState::Leader && m.current_leader == Some(node);
+        let leading = leads_per(&m, node);
         let alone = m.membership_config.membership().voter_ids().count() <= 1;
         if leading && !alone && m.millis_since_quorum_ack.is_none_or(|ms| ms > READY_MAX_QUORUM_SILENCE_MS) {
             return Err(format!("group {group}: this node leads it but no quorum has answered recently"));
@@ -194,7 +193,7 @@ fn sample_raft(runtime: &NodeRuntime, sampled: &mut Sampled) {
         let metrics = raft.metrics();
         let m = metrics.borrow();
         let label = group.to_string();
-        let leading = m.state == ServerState::Leader && m.current_leader == Some(node);
+        let leading = leads_per(&m, node);
         metrics::gauge!("kerwen_raft_term", "group" => label.clone()).set(m.current_term as f64);
         metrics::gauge!("kerwen_raft_is_leader", "group" => label.clone()).set(if leading { 1.0 } else { 0.0 });
         metrics::gauge!("kerwen_raft_has_leader", "group" => label.clone()).set(if m.current_leader.is_some() { 1.0 } else { 0.0 });
@@ -268,25 +267,23 @@ fn sample_storage(runtime: &NodeRuntime, sampled: &mut Sampled, walk_disk: bool)
 /// cluster counts each message once): pending messages, leases in flight, dead letters.
 fn sample_mailboxes(runtime: &NodeRuntime) {
     let now = now_unix_ms();
-    let in_flight: Vec<_> = runtime
+    // The shards led now, each with its leases in flight per mailbox.
+    let led: HashMap<GroupId, _> = runtime
         .shards
         .iter()
         .filter(|(group, _)| runtime.leads(**group))
-        .map(|(group, shard)| (*group, shard.view.in_flight_by_mailbox(now)))
+        .map(|(group, shard)| (*group, (shard, shard.view.in_flight_by_mailbox(now))))
         .collect();
     for info in runtime.meta_view().mailboxes() {
         let (mut pending, mut leased, mut dead) = (0u64, 0u64, 0u64);
         for (group, partitions) in info.partitions_by_shard() {
-            let Some((_, shard_in_flight)) = in_flight.iter().find(|(g, _)| *g == group) else { continue };
-            let Ok(shard) = runtime.shard(group) else { continue };
+            let Some((shard, in_flight)) = led.get(&group) else { continue };
             pending += shard.view.stats(info.id, &partitions).map_or(0, |s| s.messages);
-            leased += shard_in_flight.get(&info.id).copied().unwrap_or(0) as u64;
+            leased += in_flight.get(&info.id).copied().unwrap_or(0) as u64;
         }
         for (group, partitions) in info.dead_letter_partitions_by_shard() {
-            if runtime.leads(group) {
-                if let Ok(shard) = runtime.shard(group) {
-                    dead += shard.view.stats(info.id, &partitions).map_or(0, |s| s.messages);
-                }
+            if let Some((shard, _)) = led.get(&group) {
+                dead += shard.view.stats(info.id, &partitions).map_or(0, |s| s.messages);
             }
         }
         let mailbox = info.service.clone();

@@ -21,7 +21,7 @@ use kerwen_broker::storage::state_machine::DeadLetterSummary;
 use kerwen_broker::storage::{MetaView, ShardView, StateMachine, Store};
 use kerwen_broker::BrokerError;
 use openraft::error::{InitializeError, RaftError};
-use openraft::{BasicNode, Config, Raft, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, Config, Raft, RaftMetrics, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
@@ -196,6 +196,11 @@ fn open_store(config: &NodeConfig) -> anyhow::Result<Arc<Store>> {
     Ok(Store::open_with(&db_dir, cipher)?)
 }
 
+/// Whether these metrics, read on `node`, say that `node` leads the group.
+pub fn leads_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
+    m.state == ServerState::Leader && m.current_leader == Some(node)
+}
+
 pub fn now_unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -356,7 +361,7 @@ impl NodeRuntime {
         // (membership and replication maps included).
         let metrics = self.raft(group)?.metrics();
         let m = metrics.borrow();
-        if m.state == ServerState::Leader && m.current_leader == Some(self.node_id()) {
+        if leads_per(&m, self.node_id()) {
             Ok(m.current_term)
         } else {
             Err(BrokerError::NotLeader { group, leader: m.current_leader })

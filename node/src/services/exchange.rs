@@ -215,11 +215,21 @@ impl Exchange for ExchangeService {
             )));
         }
         let mut mailboxes: BTreeMap<String, MailboxInfo> = BTreeMap::new();
+        // Messages and payload bytes per recipient, for the publish metrics.
+        let mut per_mailbox: BTreeMap<String, (u64, u64)> = BTreeMap::new();
         for m in &messages {
-            if !mailboxes.contains_key(&m.recipient) {
-                auth::authorize(&self.runtime, &caller, Action::Send(auth::service_id("recipient", &m.recipient)?)).await?;
-                let info = self.runtime.mailbox(&m.recipient).await.map_err(to_status)?;
-                mailboxes.insert(m.recipient.clone(), info);
+            let bytes = m.payload.len() as u64;
+            match per_mailbox.get_mut(&m.recipient) {
+                Some(tally) => {
+                    tally.0 += 1;
+                    tally.1 += bytes;
+                }
+                None => {
+                    auth::authorize(&self.runtime, &caller, Action::Send(auth::service_id("recipient", &m.recipient)?)).await?;
+                    let info = self.runtime.mailbox(&m.recipient).await.map_err(to_status)?;
+                    mailboxes.insert(m.recipient.clone(), info);
+                    per_mailbox.insert(m.recipient.clone(), (1, bytes));
+                }
             }
         }
 
@@ -229,12 +239,6 @@ impl Exchange for ExchangeService {
         let accepted_unix_ms = now_unix_ms();
         let started = std::time::Instant::now();
         let count = messages.len();
-        let mut per_mailbox: BTreeMap<String, (u64, u64)> = BTreeMap::new();
-        for m in &messages {
-            let tally = per_mailbox.entry(m.recipient.clone()).or_default();
-            tally.0 += 1;
-            tally.1 += m.payload.len() as u64;
-        }
         let sender = caller.sender();
         let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<NewMessage>)> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
@@ -380,11 +384,9 @@ impl Exchange for ExchangeService {
                                 let event = match runtime.write(shard, cmd).await {
                                     Ok((_, result)) => {
                                         let (result, _, deliveries) = result.split_receipts();
-                                        let acked = match result {
-                                            CommandResult::Acked(removed) => removed,
-                                            _ => positions.len() as u64,
-                                        };
-                                        metrics::counter!("kerwen_acked_messages_total", "mailbox" => mailbox_name).increment(acked);
+                                        if let CommandResult::Acked(removed) = result {
+                                            metrics::counter!("kerwen_acked_messages_total", "mailbox" => mailbox_name).increment(removed);
+                                        }
                                         let mut encoder = receipts::ReceiptEncoder::default();
                                         Ok(pb::SubscribeResponse {
                                             event: Some(subscribe_response::Event::Acked(pb::Settle {
