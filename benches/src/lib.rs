@@ -53,6 +53,7 @@ pub fn publish_entry(index: u64, count: usize, size: usize) -> Entry<TypeConfig>
                 expires_unix_ms: None,
                 dead_letter: None,
                 large: None,
+                signed_as: None,
             },
         })
         .collect();

@@ -83,6 +83,10 @@ pub struct StoredMessage {
     /// Set for a payload uploaded in chunks: `payload` is empty and the bytes are stored as
     /// the upload's chunks, streamed on download.
     pub large: Option<LargePayload>,
+    /// Batch number and leaf index its evidence leaf was signed as, set when a sealed entry
+    /// stores it (`None` when published without evidence): a delivery builds the receipt
+    /// from it without reading the message's evidence record.
+    pub signed_as: Option<(u64, u64)>,
 }
 
 /// Where a chunked payload's bytes are and what they must hash to.

@@ -70,6 +70,7 @@ fn publish(id: usize) -> Command {
         expires_unix_ms: None,
         dead_letter: None,
         large: None,
+        signed_as: None,
     };
     Command::publish(vec![NewMessage { mailbox: 1, partition: (id % 2) as u32, message }])
 }

@@ -59,6 +59,7 @@ fn message(id: &str, partition: u32, payload: &str) -> NewMessage {
             expires_unix_ms: None,
             dead_letter: None,
             large: None,
+            signed_as: None,
         },
     }
 }

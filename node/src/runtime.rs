@@ -451,7 +451,7 @@ impl NodeRuntime {
                 } else {
                     let mut got = self.lease(group, &args, picked, now).await?;
                     for leased in &mut got {
-                        leased.receipt = shard.view.message_receipt(args.mailbox, &leased.message)?;
+                        leased.receipt = shard.view.message_receipt(&leased.message)?;
                     }
                     (!got.is_empty()).then_some(got)
                 }

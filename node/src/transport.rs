@@ -309,6 +309,7 @@ mod tests {
             expires_unix_ms: None,
             dead_letter: None,
             large: None,
+            signed_as: None,
         };
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),

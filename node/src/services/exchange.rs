@@ -127,6 +127,7 @@ pub(crate) fn routed_message(
         expires_unix_ms,
         dead_letter: None,
         large: None,
+        signed_as: None,
     };
     Ok((shard, NewMessage { mailbox: info.id, partition, message }))
 }

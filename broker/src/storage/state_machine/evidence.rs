@@ -253,10 +253,10 @@ impl ShardView {
         self.store.get(CF_STATE, &keys::evidence_key(self.group, mailbox, accepted_unix_ms, id))
     }
 
-    /// The receipt of a stored message, from its evidence record.
-    pub fn message_receipt(&self, mailbox: MailboxId, message: &StoredMessage) -> Result<Option<Receipt>> {
-        match self.message_evidence(mailbox, message.accepted_unix_ms, &message.id)? {
-            Some(r) => self.receipt(r.batch, r.index),
+    /// The receipt of a stored message (`None` when it was stored without evidence).
+    pub fn message_receipt(&self, message: &StoredMessage) -> Result<Option<Receipt>> {
+        match message.signed_as {
+            Some((batch_no, index)) => self.receipt(batch_no, index),
             None => Ok(None),
         }
     }

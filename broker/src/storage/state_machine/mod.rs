@@ -925,12 +925,14 @@ fn apply_publish(
                 positions[first]
             }
             Slot::New(dedup_key) => {
+                let mut m = m;
                 let accepted_unix_ms = m.message.accepted_unix_ms;
                 let id = m.message.id.clone();
                 let signed = seal.map(|(batch_no, first_leaf)| (batch_no, first_leaf + i as u64));
                 if let Some(signed) = signed {
                     evidence::record_message(view, batch, scratch, m.mailbox, &m.message, signed)?;
                 }
+                m.message.signed_as = signed;
                 refs.push(match signed {
                     Some((_, leaf)) => EvidenceRef::Leaf(leaf),
                     None => EvidenceRef::None,
