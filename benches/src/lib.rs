@@ -54,6 +54,7 @@ pub fn publish_entry(index: u64, count: usize, size: usize) -> Entry<TypeConfig>
                 dead_letter: None,
                 large: None,
                 signed_as: None,
+                trace_context: None,
             },
         })
         .collect();

@@ -87,6 +87,10 @@ pub struct StoredMessage {
     /// stores it (`None` when published without evidence): a delivery builds the receipt
     /// from it without reading the message's evidence record.
     pub signed_as: Option<(u64, u64)>,
+    /// W3C `traceparent` of the publish, when the publisher sent one with the request or the
+    /// accepting node traced it (a message's own `traceparent` header takes precedence):
+    /// deliveries continue that trace. Not evidence, like every transport detail.
+    pub trace_context: Option<String>,
 }
 
 /// Where a chunked payload's bytes are and what they must hash to.

@@ -71,6 +71,7 @@ fn publish(id: usize) -> Command {
         dead_letter: None,
         large: None,
         signed_as: None,
+        trace_context: None,
     };
     Command::publish(vec![NewMessage { mailbox: 1, partition: (id % 2) as u32, message }])
 }

@@ -60,6 +60,7 @@ fn message(id: &str, partition: u32, payload: &str) -> NewMessage {
             dead_letter: None,
             large: None,
             signed_as: None,
+            trace_context: None,
         },
     }
 }

@@ -585,6 +585,21 @@ def test_image_defaults():
     assert r.container["imagePullPolicy"] == "IfNotPresent"
 
 
+def test_traces_are_exported_only_when_an_endpoint_is_given():
+    assert not any(name.startswith("OTEL_") for name in rendered("default.yaml").env())
+    r = rendered("monitoring.yaml")
+    by = r.env()
+    names = [e["name"] for e in r.container["env"]]
+    assert by["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == "http://otel-collector.monitoring:4317"
+    assert by["OTEL_TRACES_SAMPLER"]["value"] == "parentbased_traceidratio"
+    assert by["OTEL_TRACES_SAMPLER_ARG"]["value"] == "0.05"
+    assert by["OTEL_SERVICE_NAME"]["value"]
+    # $(VAR) only expands variables defined earlier in the list.
+    assert "$(KERWEN_POD_NAME)" in by["OTEL_RESOURCE_ATTRIBUTES"]["value"]
+    assert names.index("KERWEN_POD_NAME") < names.index("OTEL_RESOURCE_ATTRIBUTES")
+    assert by["KERWEN_POD_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+
+
 def test_optional_objects_off_by_default():
     kinds = {o["kind"] for o in rendered("default.yaml").objects}
     assert not kinds & {"ServiceMonitor", "PrometheusRule", "ConfigMap", "Certificate"}

@@ -17,6 +17,7 @@ use kerwen_proto::v1::{
 };
 use kerwen_proto::v1::{upload_request, upload_response, DownloadChunk, DownloadRequest, UploadChunk, UploadRequest, UploadStart};
 use tokio::sync::mpsc;
+use tracing::Instrument;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
@@ -215,18 +216,37 @@ impl Client {
     }
 
     /// Publishes one batch; the response holds one result per message, in order.
+    /// When the process exports traces, this is a producer span whose context travels with
+    /// the request (`traceparent`), so deliveries of these messages join its trace.
     pub async fn publish(&mut self, messages: Vec<Message>) -> Result<PublishResponse, Status> {
+        let destination = if crate::telemetry::enabled() {
+            crate::telemetry::single_destination(messages.iter().map(|m| m.recipient.as_str()))
+        } else {
+            ""
+        };
+        let span = tracing::info_span!(
+            "send",
+            otel.name = crate::telemetry::operation_name("send", destination).as_ref(),
+            otel.kind = "producer",
+            messaging.system = crate::telemetry::MESSAGING_SYSTEM,
+            messaging.operation.type = "send",
+            messaging.operation.name = "send",
+            messaging.destination.name = destination,
+            messaging.batch.message_count = messages.len(),
+        );
         let req = PublishRequest { messages };
         self.with_failover(|ch| {
-            let req = req.clone();
+            let mut request = tonic::Request::new(req.clone());
+            crate::telemetry::inject_current(request.metadata_mut());
             async move {
                 ExchangeClient::new(ch)
                     .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
-                    .publish(req)
+                    .publish(request)
                     .await
                     .map(|r| r.into_inner())
             }
         })
+        .instrument(span)
         .await
     }
 

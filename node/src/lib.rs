@@ -31,6 +31,7 @@ pub mod server;
 pub mod signing;
 pub mod services;
 pub mod status;
+pub mod telemetry;
 pub mod testing;
 pub mod tls;
 pub mod transport;

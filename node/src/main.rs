@@ -5,7 +5,7 @@ use kerwen_node::cli::access::{AclCommand, CertsCommand, EvidenceCommand, GroupC
 use kerwen_node::cli::{self, ClientOpts, ConsumeArgs, DlqCommand, DownloadArgs, MailboxCommand, PublishArgs};
 use kerwen_node::config::ServeArgs;
 use kerwen_node::dev::{self, DevArgs};
-use tracing_subscriber::EnvFilter;
+use kerwen_node::telemetry;
 
 /// Kerwen: a Raft-replicated store-and-forward message broker for interagency data exchange.
 #[derive(Debug, Parser)]
@@ -78,16 +78,10 @@ enum Command {
     },
 }
 
-fn init_logging(default: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi).init();
-}
-
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    init_logging(match &cli.command {
+    let telemetry = telemetry::init(match &cli.command {
         Command::Serve(_) => "info,openraft=warn",
         _ => "warn",
     });
@@ -114,6 +108,7 @@ async fn main() {
         Command::Certs { command } => cli::access::certs(&cli.client, command),
         Command::Evidence { command } => cli::access::evidence(&cli.client, command).await,
     };
+    telemetry.shutdown().await;
     if let Err(e) = result {
         eprintln!("error: {e:#}");
         std::process::exit(1);

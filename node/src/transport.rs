@@ -310,6 +310,7 @@ mod tests {
             dead_letter: None,
             large: None,
             signed_as: None,
+            trace_context: None,
         };
         Entry {
             log_id: LogId::new(CommittedLeaderId::new(1, 1), index),

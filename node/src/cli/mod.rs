@@ -12,6 +12,7 @@ use clap::{Args, Subcommand};
 use kerwen_broker::model::{dead_letter_partition, is_dead_letter, DEAD_LETTER_BIT};
 use kerwen_proto::v1 as pb;
 use serde_json::json;
+use tracing::Instrument;
 
 use crate::client::{Client, ClientTls, Event};
 use crate::profile::Profile;
@@ -592,19 +593,36 @@ pub async fn consume(opts: &ClientOpts, args: ConsumeArgs) -> anyhow::Result<()>
         match event {
             Ok(Some(Event::Delivery(d))) => {
                 received += 1;
-                print_delivery(opts.json, &d);
-                if let Some(dir) = &args.save_dir {
-                    save_large(&mut client, dir, &d).await?;
-                }
-                if !args.no_ack {
-                    if let Some(pos) = d.position {
-                        sub.ack(vec![pos]).await.map_err(status_error)?;
-                        acks_sent += 1;
+                // Continues the message's trace when this process exports traces.
+                let span = tracing::info_span!(
+                    "process",
+                    otel.name = crate::telemetry::operation_name("process", &args.from).as_ref(),
+                    otel.kind = "consumer",
+                    messaging.system = crate::telemetry::MESSAGING_SYSTEM,
+                    messaging.operation.type = "process",
+                    messaging.operation.name = "process",
+                    messaging.destination.name = args.from.as_str(),
+                    messaging.message.id = d.message.as_ref().map_or("", |m| m.id.as_str()),
+                );
+                crate::telemetry::set_parent(&span, d.traceparent.as_deref().and_then(|tp| crate::telemetry::from_traceparent(tp, None)));
+                async {
+                    print_delivery(opts.json, &d);
+                    if let Some(dir) = &args.save_dir {
+                        save_large(&mut client, dir, &d).await?;
                     }
+                    if !args.no_ack {
+                        if let Some(pos) = d.position {
+                            sub.ack(vec![pos]).await.map_err(status_error)?;
+                            acks_sent += 1;
+                        }
+                    }
+                    if args.count.is_none() || args.count.is_some_and(|c| received + u64::from(credits) <= c) {
+                        sub.credit(1).await.map_err(status_error)?;
+                    }
+                    anyhow::Ok(())
                 }
-                if args.count.is_none() || args.count.is_some_and(|c| received + u64::from(credits) <= c) {
-                    sub.credit(1).await.map_err(status_error)?;
-                }
+                .instrument(span)
+                .await?;
             }
             Ok(Some(Event::Acked(_))) => {}
             Ok(None) => bail!("the server closed the subscription"),

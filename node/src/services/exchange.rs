@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use tracing::Instrument;
 use sha2::{Digest, Sha256};
 use kerwen_broker::access::Action;
 use kerwen_broker::ids::ServiceId;
@@ -36,6 +37,7 @@ use crate::auth;
 use crate::receipts;
 use crate::runtime::{now_unix_ms, FetchArgs, NodeRuntime};
 use crate::status::to_status;
+use crate::telemetry;
 
 /// Longest accepted message id, in bytes.
 pub const MAX_MESSAGE_ID_LEN: usize = 255;
@@ -108,12 +110,15 @@ pub(crate) fn routed_message(
     m: pb::Message,
     sender: &str,
     accepted_unix_ms: i64,
+    trace_context: Option<&str>,
 ) -> Result<(GroupId, NewMessage), Status> {
     let routing_key = m.ordering_key.as_deref().unwrap_or(&m.id);
     let partition = (stable_hash(routing_key) % u64::from(info.partitions)) as u32;
     let shard = info.shard_of(partition).ok_or_else(|| Status::internal("partition without shard"))?;
     let ttl_ms = m.ttl_ms.or((info.policy.default_ttl_ms > 0).then_some(info.policy.default_ttl_ms));
     let expires_unix_ms = ttl_ms.map(|ttl| accepted_unix_ms.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)));
+    // A message that carries its own creation context keeps it in its headers.
+    let trace_context = trace_context.filter(|_| !m.headers.contains_key(telemetry::TRACEPARENT)).map(str::to_owned);
     let message = StoredMessage {
         id: m.id,
         recipient: m.recipient,
@@ -128,6 +133,7 @@ pub(crate) fn routed_message(
         dead_letter: None,
         large: None,
         signed_as: None,
+        trace_context,
     };
     Ok((shard, NewMessage { mailbox: info.id, partition, message }))
 }
@@ -179,6 +185,7 @@ fn to_delivery(l: Leased, encoder: &mut receipts::ReceiptEncoder) -> pb::Subscri
     let large_payload =
         l.message.large.map(|p| pb::LargePayloadInfo { total_bytes: p.total_bytes, sha256: p.sha256.to_vec().into() });
     let receipt = l.receipt.as_ref().map(|r| encoder.encode(r));
+    let traceparent = creation_context(&l.message).map(str::to_owned);
     pb::SubscribeResponse {
         event: Some(subscribe_response::Event::Delivery(pb::Delivery {
             message: Some(to_proto_message(l.message)),
@@ -190,15 +197,14 @@ fn to_delivery(l: Leased, encoder: &mut receipts::ReceiptEncoder) -> pb::Subscri
             expires_unix_ms,
             large_payload,
             receipt,
+            traceparent,
         })),
     }
 }
 
-type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl Exchange for ExchangeService {
-    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+impl ExchangeService {
+    /// Publish, inside its span; `trace_context` is stored with the messages.
+    async fn publish_traced(&self, request: Request<pb::PublishRequest>, trace_context: Option<String>) -> Result<Response<pb::PublishResponse>, Status> {
         let caller = auth::caller(&self.runtime, &request)?;
         let messages = request.into_inner().messages;
         if messages.is_empty() {
@@ -234,6 +240,7 @@ impl Exchange for ExchangeService {
             }
         }
 
+
         let publisher = self.runtime.publisher(&caller);
         self.runtime.admit_publish(&publisher, messages.len() as u64, batch_bytes as u64).map_err(to_status)?;
         self.runtime.admit_evidence().map_err(to_status)?;
@@ -243,7 +250,7 @@ impl Exchange for ExchangeService {
         let sender = caller.sender();
         let mut by_shard: BTreeMap<GroupId, (Vec<usize>, Vec<NewMessage>)> = BTreeMap::new();
         for (i, m) in messages.into_iter().enumerate() {
-            let (shard, new) = routed_message(&mailboxes[&m.recipient], m, &sender, accepted_unix_ms)?;
+            let (shard, new) = routed_message(&mailboxes[&m.recipient], m, &sender, accepted_unix_ms, trace_context.as_deref())?;
             let entry = by_shard.entry(shard).or_default();
             entry.0.push(i);
             entry.1.push(new);
@@ -258,7 +265,8 @@ impl Exchange for ExchangeService {
                 .collect();
             async move {
                 let facts: Vec<(String, [u8; 32])> = batch.iter().map(|m| (m.message.id.clone(), m.message.payload_sha256)).collect();
-                let (index, result) = runtime.write(shard, Command::Publish { messages: batch, limits }).await?;
+                let replicate = tracing::info_span!("replicate", shard, messaging.batch.message_count = batch.len());
+                let (index, result) = runtime.write(shard, Command::Publish { messages: batch, limits }).instrument(replicate).await?;
                 let (result, receipts, _) = result.split_receipts();
                 match result {
                     CommandResult::Published(positions) if positions.len() == facts.len() => {
@@ -292,6 +300,59 @@ impl Exchange for ExchangeService {
         let results = results.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Status::internal("missing result"))?;
         record_published(&sender, per_mailbox, started);
         Ok(Response::new(pb::PublishResponse { results }))
+    }
+}
+
+/// The W3C `traceparent` a message was created in (see [`StoredMessage::trace_context`]).
+fn creation_context(m: &StoredMessage) -> Option<&str> {
+    m.headers.iter().find(|(k, _)| k == telemetry::TRACEPARENT).map(|(_, v)| v.as_str()).or(m.trace_context.as_deref())
+}
+
+/// The span of one delivery, a child of the message's creation context (semantic
+/// conventions allow the parent for a single message).
+fn delivery_span(mailbox: &str, l: &Leased) -> tracing::Span {
+    let span = tracing::info_span!(
+        "deliver",
+        otel.name = telemetry::operation_name("receive", mailbox).as_ref(),
+        otel.kind = "server",
+        messaging.system = telemetry::MESSAGING_SYSTEM,
+        messaging.operation.type = "receive",
+        messaging.operation.name = "receive",
+        messaging.destination.name = mailbox,
+        messaging.destination.partition.id = l.position.partition,
+        messaging.message.id = l.message.id.as_str(),
+        messaging.message.body.size = l.message.payload_len(),
+        kerwen.attempt = l.attempt,
+    );
+    let tracestate = l.message.headers.iter().find(|(k, _)| k == telemetry::TRACESTATE).map(|(_, v)| v.as_str());
+    telemetry::set_parent(&span, creation_context(&l.message).and_then(|tp| telemetry::from_traceparent(tp, tracestate)));
+    span
+}
+
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<pb::SubscribeResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Exchange for ExchangeService {
+    async fn publish(&self, request: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        // Names are fixed when a span starts: work out the destination first.
+        let messages = &request.get_ref().messages;
+        let destination = if telemetry::enabled() { telemetry::single_destination(messages.iter().map(|m| m.recipient.as_str())) } else { "" };
+        let span = tracing::info_span!(
+            "publish",
+            otel.name = telemetry::operation_name("send", destination).as_ref(),
+            otel.kind = "server",
+            messaging.system = telemetry::MESSAGING_SYSTEM,
+            messaging.operation.type = "send",
+            messaging.operation.name = "send",
+            messaging.destination.name = destination,
+            messaging.batch.message_count = messages.len(),
+        );
+        // The publisher's context (its send span) is the messages' creation context; without
+        // one, this span is, when traced.
+        let sent_context = request.metadata().get(telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        telemetry::set_parent(&span, sent_context.as_deref().and_then(|tp| telemetry::from_traceparent(tp, None)));
+        let trace_context = sent_context.or_else(|| telemetry::traceparent_of(&span));
+        self.publish_traced(request, trace_context).instrument(span).await
     }
 
     type SubscribeStream = SubscribeStream;
@@ -550,7 +611,13 @@ impl Pump {
                     self.credits.add_permits(taken as usize - leased.len().min(taken as usize));
                     metrics::counter!("kerwen_delivered_messages_total", "mailbox" => self.mailbox.clone()).increment(leased.len() as u64);
                     for l in leased {
-                        if self.out.send(Ok(to_delivery(l, &mut encoder))).await.is_err() {
+                        let span = telemetry::enabled().then(|| delivery_span(&self.mailbox, &l));
+                        let send = self.out.send(Ok(to_delivery(l, &mut encoder)));
+                        let sent = match span {
+                            Some(span) => send.instrument(span).await,
+                            None => send.await,
+                        };
+                        if sent.is_err() {
                             return;
                         }
                     }

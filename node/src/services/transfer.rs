@@ -65,7 +65,7 @@ async fn run_upload(runtime: &NodeRuntime, caller: &Caller, mut inbound: Streami
     }
     let info = runtime.mailbox(&message.recipient).await.map_err(to_status)?;
     let id = message.id.clone();
-    let (shard, new) = routed_message(&info, message, &caller.sender(), crate::runtime::now_unix_ms())?;
+    let (shard, new) = routed_message(&info, message, &caller.sender(), crate::runtime::now_unix_ms(), None)?;
     let mailbox = info.id;
     let limits = runtime.shard_limits(&publisher, &info, shard);
     let begin = Command::UploadBegin { new, total_bytes: total, sha256, limits };

@@ -128,6 +128,8 @@ pub struct ClusterConfig {
     pub rust_log: String,
     /// The subsystem [`Cluster::client`] acts as; registered when the cluster starts.
     pub identity: String,
+    /// Extra environment variables of every node (OpenTelemetry's, for instance).
+    pub env: Vec<(String, String)>,
 }
 
 /// The subsystem test clients act as by default; mailboxes of the tests belong to it.
@@ -145,6 +147,7 @@ impl Default for ClusterConfig {
             extra_args: Vec::new(),
             rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".to_owned()),
             identity: TEST_SUBSYSTEM.to_owned(),
+            env: Vec::new(),
         }
     }
 }
@@ -186,6 +189,12 @@ impl ClusterBuilder {
     /// The subsystem [`Cluster::client`] acts as (default [`TEST_SUBSYSTEM`]).
     pub fn identity(mut self, subsystem: impl Into<String>) -> Self {
         self.config.identity = subsystem.into();
+        self
+    }
+
+    /// Sets an environment variable of every node.
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.config.env.push((key.into(), value.into()));
         self
     }
 
@@ -436,12 +445,15 @@ impl ProcessCluster {
             .stdin(Stdio::null())
             .stdout(Stdio::from(log))
             .stderr(Stdio::from(log_err));
-        // The node reads its settings from KERWEN_* variables too: only the flags above count.
+        // The node reads its settings from KERWEN_* variables too, and OpenTelemetry's from
+        // OTEL_*: only the flags above and the configured variables count.
         for (key, _) in std::env::vars_os() {
-            if key.to_string_lossy().starts_with("KERWEN_") {
+            let key_text = key.to_string_lossy();
+            if key_text.starts_with("KERWEN_") || key_text.starts_with("OTEL_") {
                 cmd.env_remove(key);
             }
         }
+        cmd.envs(c.env.iter().map(|(k, v)| (k, v)));
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
