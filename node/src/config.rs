@@ -106,6 +106,12 @@ pub struct ServeArgs {
     /// until retention frees space or the budget is raised [default: 100 GiB].
     #[arg(long, env = "KERWEN_EVIDENCE_BUDGET_BYTES")]
     pub evidence_budget_bytes: Option<u64>,
+    /// On SIGTERM, how long the node may spend handing its groups' leadership to the other
+    /// nodes (while still serving) before it stops; 0 stops at once, leaving the others to
+    /// notice by election timeout [default: 5000]. Keep it plus 3 s under the orchestrator's
+    /// grace period.
+    #[arg(long, env = "KERWEN_SHUTDOWN_DRAIN_MS")]
+    pub shutdown_drain_ms: Option<u64>,
 }
 
 /// A complete, validated node configuration.
@@ -132,6 +138,7 @@ pub struct NodeConfig {
     /// Sign messages and acks (off only with `--no-evidence`).
     pub evidence: bool,
     pub evidence_budget_bytes: u64,
+    pub shutdown_drain: Duration,
 }
 
 /// How a node protects its ports.
@@ -155,6 +162,7 @@ pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 10_000;
 pub const DEFAULT_SNAPSHOT_AFTER_ENTRIES: u64 = 20_000;
 pub const DEFAULT_PROPOSALS_IN_FLIGHT: usize = 2;
 pub const DEFAULT_EVIDENCE_BUDGET_BYTES: u64 = 100 * 1024 * 1024 * 1024;
+pub const DEFAULT_SHUTDOWN_DRAIN_MS: u64 = 5_000;
 
 /// Parses `1=host:port,2=host:port`.
 pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
@@ -269,6 +277,9 @@ impl ServeArgs {
             enable_fault_injection: self.enable_fault_injection || file.enable_fault_injection,
             evidence: !(self.no_evidence || file.no_evidence),
             evidence_budget_bytes: self.evidence_budget_bytes.or(file.evidence_budget_bytes).unwrap_or(DEFAULT_EVIDENCE_BUDGET_BYTES),
+            shutdown_drain: Duration::from_millis(
+                self.shutdown_drain_ms.or(file.shutdown_drain_ms).unwrap_or(DEFAULT_SHUTDOWN_DRAIN_MS),
+            ),
         })
     }
 }

@@ -143,6 +143,9 @@ pub struct NodeRuntime {
     /// replicated, so one not released before the node stops would hold its messages until
     /// it expires: shutdown waits for these (bounded) before stopping the Raft groups.
     subscriptions: tokio::sync::watch::Sender<usize>,
+    /// Set once the node is shutting down: open subscriptions end with a retryable status
+    /// (so their consumers resubscribe through another node) and release their leases.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 /// Held by a subscription until its leases are released.
@@ -244,6 +247,7 @@ impl NodeRuntime {
             key_rotation: tokio::sync::Mutex::new(()),
             evidence_warned: std::sync::atomic::AtomicU64::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            stopping: tokio::sync::watch::Sender::new(false),
         };
         let members: BTreeMap<NodeId, BasicNode> =
             runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
@@ -265,6 +269,19 @@ impl NodeRuntime {
     pub fn subscription_guard(self: &Arc<Self>) -> SubscriptionGuard {
         self.subscriptions.send_modify(|n| *n += 1);
         SubscriptionGuard(self.clone())
+    }
+
+    /// Ends every open subscription (with UNAVAILABLE: consumers resubscribe elsewhere).
+    pub fn end_subscriptions(&self) {
+        self.stopping.send_replace(true);
+    }
+
+    /// Resolves once [`Self::end_subscriptions`] was called.
+    pub fn subscriptions_ending(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut stopping = self.stopping.subscribe();
+        async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        }
     }
 
     /// Waits (at most `timeout`) until every ended subscription has released its leases.
@@ -343,16 +360,17 @@ impl NodeRuntime {
         }
         let deadline = Instant::now() + timeout;
         loop {
-            let led: Vec<GroupId> = self
-                .all_rafts()
-                .filter(|(_, raft)| raft.metrics().borrow().state == ServerState::Leader)
-                .map(|(group, _)| group)
-                .collect();
+            let led = self.led_groups();
             if led.is_empty() || Instant::now() >= deadline {
                 return led;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// The groups (metadata included) this node currently leads.
+    pub fn led_groups(&self) -> Vec<GroupId> {
+        self.all_rafts().filter(|(_, raft)| raft.metrics().borrow().state == ServerState::Leader).map(|(group, _)| group).collect()
     }
 
     /// This node's term if it currently leads `group`, else a `NotLeader` error.

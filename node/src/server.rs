@@ -98,6 +98,9 @@ pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send
         r = &mut servers => r.map(|_| ()),
         _ = shutdown => {
             tracing::info!("shutting down");
+            // Still serving: requests reaching this node are forwarded to the successors.
+            hand_over_leadership(&runtime).await;
+            runtime.end_subscriptions();
             let _ = stop_tx.send(true);
             // Open subscriptions would hold a graceful shutdown forever: bound it.
             match tokio::time::timeout(SHUTDOWN_GRACE, &mut servers).await {
@@ -114,6 +117,22 @@ pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send
     runtime.wait_subscriptions_released(SHUTDOWN_GRACE).await;
     runtime.shutdown().await;
     result
+}
+
+/// Hands the leadership of the groups this node leads to the other nodes, within the
+/// configured bound, so that clients see a leader change rather than an election timeout.
+async fn hand_over_leadership(runtime: &NodeRuntime) {
+    let bound = runtime.config.shutdown_drain;
+    if bound.is_zero() || runtime.config.peers.len() < 2 || runtime.led_groups().is_empty() {
+        return;
+    }
+    let started = std::time::Instant::now();
+    let still_led = runtime.drain_leadership(bound).await;
+    if still_led.is_empty() {
+        tracing::info!(took = ?started.elapsed(), "leadership handed over");
+    } else {
+        tracing::warn!(groups = ?still_led, "still leading after {bound:?}; stopping anyway (the others elect by timeout)");
+    }
 }
 
 async fn bind(addr: std::net::SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {

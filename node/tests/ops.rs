@@ -1,10 +1,13 @@
 //! The operations port of real `kerwen serve` processes: every metric family an SRE relies on
 //! shows on a loaded node with sane values and Prometheus names, and `/readyz` follows the
-//! node's quorum while `/livez` stays up.
+//! node's quorum while `/livez` stays up; draining and SIGTERM hand leadership over without
+//! failing a client's publish.
 
 mod harness;
 
 use std::collections::{BTreeMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
@@ -235,5 +238,68 @@ async fn scenario_drain(cluster: &ProcessCluster) -> Result<()> {
     // Draining again is harmless and answers at once.
     let (again, _) = http_get(&cluster.http_endpoint(node), "/drain-leadership").await?;
     ensure!(again == 200, "a second drain answered {again}");
+    cluster.check_no_crash()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_on_a_leader_under_load_fails_no_publish_and_exits_within_10s() {
+    let cluster = ProcessCluster::builder().shutdown_drain_ms(5_000).start().await.expect("cluster start");
+    scenario_sigterm(&cluster).await.expect("scenario failed");
+}
+
+/// Publishes batches of 10 through a client of every node until `stop`; every batch must be
+/// accepted within the client's retry budget. Returns the accepted ids and the failures.
+async fn produce_until(cluster: &ProcessCluster, producer: usize, stop: Arc<AtomicBool>) -> Result<(Vec<String>, Vec<String>)> {
+    let mut client = cluster.client_any().await?;
+    let (mut accepted, mut failures) = (Vec::new(), Vec::new());
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let batch: Vec<_> = (0..10).map(|i| message(format!("p{producer}-{n}-{i}"), MAILBOX, None, vec![b'x'; 256])).collect();
+        n += 1;
+        match publish_retry(&mut client, &batch, Duration::from_secs(5), Duration::from_secs(20)).await {
+            Ok(_) => accepted.extend(batch.into_iter().map(|m| m.id)),
+            Err(e) => failures.push(format!("{e:#}")),
+        }
+    }
+    Ok((accepted, failures))
+}
+
+async fn scenario_sigterm(cluster: &ProcessCluster) -> Result<()> {
+    create_mailbox(cluster, 1, MAILBOX, 4).await?;
+    let leaders = cluster.wait_leaders(&[1, 2, 3], &[], Duration::from_secs(30)).await?;
+    let mut led: BTreeMap<u64, usize> = BTreeMap::new();
+    for node in leaders.values() {
+        *led.entry(*node).or_default() += 1;
+    }
+    let victim = led.iter().max_by_key(|(_, n)| **n).map(|(node, _)| *node).context("no leader")?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let producers: Vec<_> = (0..2).map(|p| produce_until(cluster, p, stop.clone())).collect();
+    let chaos = async {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let started = std::time::Instant::now();
+        let stopped = cluster.stop(victim).await;
+        let took = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        stop.store(true, Ordering::Relaxed);
+        stopped.map(|()| took)
+    };
+    let (took, outcomes) = tokio::join!(chaos, futures::future::join_all(producers));
+    let took = took?;
+
+    ensure!(took < Duration::from_secs(10), "node {victim} took {took:?} to exit after SIGTERM");
+    let mut ids = HashSet::new();
+    for outcome in outcomes {
+        let (accepted, failures) = outcome?;
+        ensure!(failures.is_empty(), "{} publishes failed despite retries; first: {}", failures.len(), failures[0]);
+        ids.extend(accepted);
+    }
+    ensure!(ids.len() >= 100, "only {} messages published under load", ids.len());
+    harness::trace(format!("node {victim} (leading {} groups) exited {took:?} after SIGTERM; {} messages published", led[&victim], ids.len()));
+    // Nothing accepted is lost: every message is delivered by the remaining nodes.
+    let survivor = cluster.running()[0];
+    let mut consumer = Consumer::open(&mut cluster.client(survivor).await?, MAILBOX, 1000).await?;
+    let delivered = consume_all_of(&mut consumer, &ids, Duration::from_secs(60), Duration::from_millis(300)).await?;
+    ack_all(&mut consumer, &delivered).await?;
+    cluster.start(victim).await?;
     cluster.check_no_crash()
 }

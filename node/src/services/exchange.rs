@@ -418,11 +418,19 @@ impl Exchange for ExchangeService {
         let runtime = self.runtime.clone();
         let mailbox = info.id;
         let ack_slots = Arc::new(Semaphore::new(MAX_ACKS_IN_FLIGHT));
+        let ending = self.runtime.subscriptions_ending();
         tokio::spawn(async move {
+            tokio::pin!(ending);
             loop {
-                let request = match inbound.message().await {
-                    Ok(Some(r)) => r.request,
-                    Ok(None) | Err(_) => break,
+                let request = tokio::select! {
+                    r = inbound.message() => match r {
+                        Ok(Some(r)) => r.request,
+                        Ok(None) | Err(_) => break,
+                    },
+                    () = &mut ending => {
+                        let _ = out_tx.send(Err(Status::unavailable("this node is shutting down; subscribe again (through another node)"))).await;
+                        break;
+                    }
                 };
                 if let Err(status) = validate_settle(&request) {
                     let _ = out_tx.send(Err(status)).await;

@@ -130,6 +130,9 @@ pub struct ClusterConfig {
     pub identity: String,
     /// Extra environment variables of every node (OpenTelemetry's, for instance).
     pub env: Vec<(String, String)>,
+    /// `--shutdown-drain-ms`: 0 by default, so that stopping a node in a test is quick; tests
+    /// of graceful shutdown set the node's default (5000).
+    pub shutdown_drain_ms: u64,
 }
 
 /// The subsystem test clients act as by default; mailboxes of the tests belong to it.
@@ -148,6 +151,7 @@ impl Default for ClusterConfig {
             rust_log: std::env::var("RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".to_owned()),
             identity: TEST_SUBSYSTEM.to_owned(),
             env: Vec::new(),
+            shutdown_drain_ms: 0,
         }
     }
 }
@@ -189,6 +193,11 @@ impl ClusterBuilder {
     /// The subsystem [`Cluster::client`] acts as (default [`TEST_SUBSYSTEM`]).
     pub fn identity(mut self, subsystem: impl Into<String>) -> Self {
         self.config.identity = subsystem.into();
+        self
+    }
+
+    pub fn shutdown_drain_ms(mut self, ms: u64) -> Self {
+        self.config.shutdown_drain_ms = ms;
         self
     }
 
@@ -438,6 +447,8 @@ impl ProcessCluster {
             .arg("--request-timeout-ms")
             .arg(c.request_timeout_ms.to_string())
             .arg("--enable-fault-injection")
+            .arg("--shutdown-drain-ms")
+            .arg(c.shutdown_drain_ms.to_string())
             .args(&c.extra_args)
             .env("RUST_LOG", &c.rust_log)
             .env("NO_COLOR", "1")
