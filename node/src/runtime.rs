@@ -122,6 +122,25 @@ impl<V> Group<V> {
     }
 }
 
+/// The picks of one fetch, reserved on the leader while their lease command is in flight.
+/// Dropping it frees them however the fetch ends, also when it is cancelled mid-write (its
+/// consumer went away, or the node that forwarded it restarted): a reservation left behind
+/// would hide its messages from this leader, redeliveries included, for the rest of its term.
+/// A cancelled fetch counts as failed: should its lease still apply, the replicated delivery
+/// state keeps the messages from being leased twice.
+struct Reservation<'a> {
+    view: &'a ShardView,
+    mailbox: MailboxId,
+    picked: &'a [Position],
+    failed: bool,
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.view.unreserve(self.mailbox, self.picked, self.failed);
+    }
+}
+
 /// Everything a node runs.
 pub struct NodeRuntime {
     pub config: NodeConfig,
@@ -497,8 +516,10 @@ impl NodeRuntime {
             until_unix_ms: now.saturating_add(lease_ms),
             policy: args.policy.redelivery,
         };
+        let mut reservation = Reservation { view, mailbox: args.mailbox, picked: &picked, failed: true };
         let outcome = self.write_local(group, cmd).await;
-        view.unreserve(args.mailbox, &picked, outcome.is_err());
+        reservation.failed = outcome.is_err();
+        drop(reservation);
         match outcome?.1 {
             CommandResult::Leased(leased) => Ok(leased),
             CommandResult::Rejected(e) => Err(e),
