@@ -21,6 +21,7 @@
 //! Used as `mod harness;` from each integration test file.
 #![allow(dead_code)]
 
+pub mod docker;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Seek, SeekFrom, Write};
