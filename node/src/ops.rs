@@ -269,9 +269,7 @@ fn sample_mailboxes(runtime: &NodeRuntime) {
     let now = now_unix_ms();
     // The shards led now, each with its leases in flight per mailbox.
     let led: HashMap<GroupId, _> = runtime
-        .shards
-        .iter()
-        .filter(|(group, _)| runtime.leads(**group))
+        .led_shards()
         .map(|(group, shard)| (*group, (shard, shard.view.in_flight_by_mailbox(now))))
         .collect();
     for info in runtime.meta_view().mailboxes() {

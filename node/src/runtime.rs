@@ -389,7 +389,7 @@ impl NodeRuntime {
 
     /// The groups (metadata included) this node currently leads.
     pub fn led_groups(&self) -> Vec<GroupId> {
-        self.all_rafts().filter(|(_, raft)| raft.metrics().borrow().state == ServerState::Leader).map(|(group, _)| group).collect()
+        self.all_rafts().filter(|(_, raft)| leads_per(&raft.metrics().borrow(), self.node_id())).map(|(group, _)| group).collect()
     }
 
     /// This node's term if it currently leads `group`, else a `NotLeader` error.
@@ -618,13 +618,8 @@ impl NodeRuntime {
         Ok(archives)
     }
 
-    /// Whether this node leads `group` right now.
-    pub fn leads(&self, group: GroupId) -> bool {
-        self.leading_term(group).is_ok()
-    }
-
     /// The data shards this node leads right now.
-    fn led_shards(&self) -> impl Iterator<Item = (&GroupId, &Group<ShardView>)> {
+    pub fn led_shards(&self) -> impl Iterator<Item = (&GroupId, &Group<ShardView>)> {
         self.shards.iter().filter(|(group, _)| self.leading_term(**group).is_ok())
     }
 

@@ -205,9 +205,13 @@ pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
     fields.remove(TRACEPARENT)
 }
 
-/// Makes `span` a child of `parent` (no-op when tracing is off or there is no parent).
-pub fn set_parent(span: &tracing::Span, parent: Option<Context>) {
-    if let (true, Some(cx)) = (enabled(), parent) {
+/// Makes `span` a child of the context `parent` finds; when tracing is off, `parent` is not
+/// even called (no parsing on the hot path for nothing).
+pub fn set_parent(span: &tracing::Span, parent: impl FnOnce() -> Option<Context>) {
+    if !enabled() {
+        return;
+    }
+    if let Some(cx) = parent() {
         // Fails only when the span is disabled or already started a trace of its own.
         let _ = span.set_parent(cx);
     }

@@ -604,7 +604,7 @@ pub async fn consume(opts: &ClientOpts, args: ConsumeArgs) -> anyhow::Result<()>
                     messaging.destination.name = args.from.as_str(),
                     messaging.message.id = d.message.as_ref().map_or("", |m| m.id.as_str()),
                 );
-                crate::telemetry::set_parent(&span, d.traceparent.as_deref().and_then(|tp| crate::telemetry::from_traceparent(tp, None)));
+                crate::telemetry::set_parent(&span, || d.traceparent.as_deref().and_then(|tp| crate::telemetry::from_traceparent(tp, None)));
                 async {
                     print_delivery(opts.json, &d);
                     if let Some(dir) = &args.save_dir {

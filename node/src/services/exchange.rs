@@ -240,7 +240,6 @@ impl ExchangeService {
             }
         }
 
-
         let publisher = self.runtime.publisher(&caller);
         self.runtime.admit_publish(&publisher, messages.len() as u64, batch_bytes as u64).map_err(to_status)?;
         self.runtime.admit_evidence().map_err(to_status)?;
@@ -325,7 +324,7 @@ fn delivery_span(mailbox: &str, l: &Leased) -> tracing::Span {
         kerwen.attempt = l.attempt,
     );
     let tracestate = l.message.headers.iter().find(|(k, _)| k == telemetry::TRACESTATE).map(|(_, v)| v.as_str());
-    telemetry::set_parent(&span, creation_context(&l.message).and_then(|tp| telemetry::from_traceparent(tp, tracestate)));
+    telemetry::set_parent(&span, || creation_context(&l.message).and_then(|tp| telemetry::from_traceparent(tp, tracestate)));
     span
 }
 
@@ -350,7 +349,7 @@ impl Exchange for ExchangeService {
         // The publisher's context (its send span) is the messages' creation context; without
         // one, this span is, when traced.
         let sent_context = request.metadata().get(telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        telemetry::set_parent(&span, sent_context.as_deref().and_then(|tp| telemetry::from_traceparent(tp, None)));
+        telemetry::set_parent(&span, || telemetry::from_metadata(request.metadata()));
         let trace_context = sent_context.or_else(|| telemetry::traceparent_of(&span));
         self.publish_traced(request, trace_context).instrument(span).await
     }
@@ -619,13 +618,8 @@ impl Pump {
                     self.credits.add_permits(taken as usize - leased.len().min(taken as usize));
                     metrics::counter!("kerwen_delivered_messages_total", "mailbox" => self.mailbox.clone()).increment(leased.len() as u64);
                     for l in leased {
-                        let span = telemetry::enabled().then(|| delivery_span(&self.mailbox, &l));
-                        let send = self.out.send(Ok(to_delivery(l, &mut encoder)));
-                        let sent = match span {
-                            Some(span) => send.instrument(span).await,
-                            None => send.await,
-                        };
-                        if sent.is_err() {
+                        let span = if telemetry::enabled() { delivery_span(&self.mailbox, &l) } else { tracing::Span::none() };
+                        if self.out.send(Ok(to_delivery(l, &mut encoder))).instrument(span).await.is_err() {
                             return;
                         }
                     }

@@ -914,7 +914,7 @@ fn apply_publish(
     let mut positions: Vec<Position> = Vec::with_capacity(messages.len());
     let mut refs: Vec<EvidenceRef> = Vec::with_capacity(messages.len());
     let mut newest: BTreeMap<MailboxId, i64> = BTreeMap::new();
-    for (i, (m, slot)) in messages.into_iter().zip(slots).enumerate() {
+    for (i, (mut m, slot)) in messages.into_iter().zip(slots).enumerate() {
         let position = match slot {
             Slot::Earlier(position, earlier) => {
                 refs.push(earlier);
@@ -925,7 +925,6 @@ fn apply_publish(
                 positions[first]
             }
             Slot::New(dedup_key) => {
-                let mut m = m;
                 let accepted_unix_ms = m.message.accepted_unix_ms;
                 let id = m.message.id.clone();
                 let signed = seal.map(|(batch_no, first_leaf)| (batch_no, first_leaf + i as u64));
