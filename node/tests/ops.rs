@@ -52,15 +52,12 @@ const FAMILIES: &[&str] = &[
     "kerwen_tls_certificate_expiry_timestamp_seconds",
 ];
 
-/// A plain HTTP/1.0 GET: the status code and the body.
+/// Bound on one GET of the operations port.
+const HTTP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// A GET of the operations port: the status code and the body.
 async fn http_get(addr: &str, path: &str) -> Result<(u16, String)> {
-    let mut stream = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)).await.context("connect timed out")??;
-    stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_string(&mut response)).await.context("response timed out")??;
-    let (head, body) = response.split_once("\r\n\r\n").context("no end of headers")?;
-    let status = head.split_whitespace().nth(1).context("no status")?.parse()?;
-    Ok((status, body.to_owned()))
+    harness::http_get(addr, path, HTTP_TIMEOUT).await
 }
 
 /// Sample lines of a Prometheus text page: `name{labels}` → value.

@@ -36,7 +36,6 @@ use kerwen_node::client::{Client, ClientTls};
 use kerwen_node::pki::{self, CertificateAuthority, IdentityFiles};
 use kerwen_node::tls::TlsFiles;
 use kerwen_proto::v1::ClusterStatusResponse;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::{trace, GroupId, NodeId, TEST_SUBSYSTEM};
 
@@ -523,7 +522,7 @@ impl DockerCluster {
 
     /// `GET path` on the node's operations port: (status, body). Bounded by `timeout`.
     pub async fn http(&self, id: NodeId, path: &str, timeout: Duration) -> Result<(u16, String)> {
-        http_get(&self.http_endpoint(id)?, path, timeout).await
+        super::http_get(&self.http_endpoint(id)?, path, timeout).await
     }
 
     /// Whether `/readyz` answers 200 now.
@@ -871,25 +870,4 @@ fn docker_blocking(args: &[&str], timeout: Duration) -> Result<String> {
         bail!("docker {} failed ({status}): {}", args.join(" "), text.trim());
     }
     Ok(text)
-}
-
-/// `GET path` over HTTP/1.0 (the connection closes after the answer): (status, body).
-/// Connecting is bounded by 3 s, the whole exchange by `timeout`.
-pub async fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
-    let exchange = async {
-        let mut stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
-            .await
-            .map_err(|_| anyhow!("connecting to {addr} timed out"))?
-            .with_context(|| format!("connecting to {addr}"))?;
-        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no end of headers from {addr}"))?;
-        let status: u16 = head.split_whitespace().nth(1).ok_or_else(|| anyhow!("no status from {addr}"))?.parse()?;
-        Ok::<(u16, String), anyhow::Error>((status, body.to_owned()))
-    };
-    match tokio::time::timeout(timeout, exchange).await {
-        Ok(r) => r,
-        Err(_) => bail!("GET {path} on {addr}: no answer within {timeout:?}"),
-    }
 }

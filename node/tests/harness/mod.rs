@@ -1334,3 +1334,24 @@ pub async fn ack_all(consumer: &mut Consumer, deliveries: &[Delivery]) -> Result
     Ok(())
 }
 
+/// `GET path` over HTTP/1.0 (the connection closes after the answer): (status, body).
+/// Connecting is bounded by 3 s, the whole exchange by `timeout`.
+pub async fn http_get(addr: &str, path: &str, timeout: Duration) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let exchange = async {
+        let mut stream = tokio::time::timeout(Duration::from_secs(3), tokio::net::TcpStream::connect(addr))
+            .await
+            .map_err(|_| anyhow!("connecting to {addr} timed out"))?
+            .with_context(|| format!("connecting to {addr}"))?;
+        stream.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| anyhow!("no end of headers from {addr}"))?;
+        let status: u16 = head.split_whitespace().nth(1).ok_or_else(|| anyhow!("no status from {addr}"))?.parse()?;
+        Ok::<(u16, String), anyhow::Error>((status, body.to_owned()))
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Ok(r) => r,
+        Err(_) => bail!("GET {path} on {addr}: no answer within {timeout:?}"),
+    }
+}
