@@ -595,17 +595,13 @@ pub struct Seal {
 }
 
 /// One ack the leader signed: which command of the entry acked which message. The signed
-/// facts are not repeated here: the recipient and the message's leaf are in the message's
-/// evidence record, the ack time is the batch's, so every replica stores only what names
-/// the record and the attempt.
+/// facts are not repeated here: the recipient, message id and leaf are the stored message's,
+/// the ack time is the batch's, so every replica needs only the position and the attempt.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SealedAck {
     /// Index of the `Ack` command in the entry.
     pub command: u32,
     pub position: Position,
-    /// The acked message's accept time and id, which name its evidence record.
-    pub accepted_unix_ms: i64,
-    pub message_id: String,
     /// The delivery attempt acked.
     pub attempt: u32,
 }

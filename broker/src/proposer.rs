@@ -256,14 +256,8 @@ fn seal(group: GroupId, sealing: &Sealing, cursor: &mut ChainCursor, commands: V
             Command::Ack { mailbox, positions, attempts, .. } => {
                 for (j, position) in positions.iter().enumerate() {
                     // A message gone meanwhile (acked twice) has nothing to sign.
-                    if let Ok(Some((accepted_unix_ms, facts))) = sealing.view.ack_claim(*mailbox, *position, attempts.get(j).copied()) {
-                        let ack = SealedAck {
-                            command: i as u32,
-                            position: *position,
-                            accepted_unix_ms,
-                            message_id: facts.message_id.clone(),
-                            attempt: facts.attempt,
-                        };
+                    if let Ok(Some(facts)) = sealing.view.ack_claim(*mailbox, *position, attempts.get(j).copied()) {
+                        let ack = SealedAck { command: i as u32, position: *position, attempt: facts.attempt };
                         acks.push((ack, facts));
                     }
                 }
@@ -298,10 +292,6 @@ fn seal(group: GroupId, sealing: &Sealing, cursor: &mut ChainCursor, commands: V
     cursor.prev = batch.link();
     metrics::counter!("kerwen_evidence_batches_total").increment(1);
     metrics::histogram!("kerwen_evidence_messages_per_signature").record(tree.leaves().len() as f64);
-    for (ack, facts) in &acks {
-        // Publish to ack, as the evidence states both times.
-        metrics::histogram!("kerwen_end_to_end_seconds").record((facts.acked_unix_ms - ack.accepted_unix_ms).max(0) as f64 / 1000.0);
-    }
     let seal = Seal {
         batch: batch.clone(),
         leaves: tree.leaves().to_vec(),

@@ -214,10 +214,12 @@ async fn sealed_writes_get_verifiable_receipts_and_a_mispositioned_batch_is_refu
     raft.shutdown().await.expect("shutdown");
 }
 
-/// A mailbox's evidence retention: records older than it are purged by later publishes
-/// (oldest first), younger ones stay, and the shard's evidence total follows.
+/// A message's evidence record is written by the ack that purges it (a publish writes none,
+/// the stored message is its evidence meanwhile, and export finds it either way). Records
+/// older than the mailbox's retention are purged by later publishes (oldest first), younger
+/// ones stay, and the shard's evidence total follows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn evidence_past_its_retention_is_purged_by_later_publishes() {
+async fn evidence_is_filed_at_ack_and_purged_after_its_retention() {
     use ed25519_dalek::SigningKey;
     use kerwen_broker::evidence::EvidenceSigner;
     use kerwen_broker::model::{MailboxLimits, ShardLimits};
@@ -245,18 +247,36 @@ async fn evidence_past_its_retention_is_purged_by_later_publishes() {
         messages[0].message.accepted_unix_ms = accepted_unix_ms;
         Command::Publish { messages, limits: vec![limits.clone()] }
     };
-    for (id, t) in [(1, 1_000), (2, 5_000), (3, 9_000)] {
-        proposer.write(at(id, t)).await.expect("publish");
-    }
     let held = |id: usize, t: i64| view.message_evidence(1, t, &format!("m{id}")).expect("read").is_some();
-    assert!(held(1, 1_000) && held(2, 5_000) && held(3, 9_000));
+    let exported = || -> Vec<(String, bool)> {
+        let archive = view.export(1, 0, i64::MAX, 100).expect("export").expect("something to export");
+        archive.messages.into_iter().map(|m| (m.facts.message_id, m.delivery.is_some())).collect()
+    };
+    let mut positions = Vec::new();
+    for (id, t) in [(1, 1_000), (2, 5_000), (3, 9_000)] {
+        let (_, result) = proposer.write(at(id, t)).await.expect("publish");
+        let (CommandResult::Published(p), _, _) = result.split_receipts() else { panic!("not published") };
+        positions.extend(p);
+    }
+    assert!(!held(1, 1_000) && !held(2, 5_000) && !held(3, 9_000), "a publish writes no evidence record");
+    assert_eq!(exported(), [("m1".into(), false), ("m2".into(), false), ("m3".into(), false)], "stored messages are exported");
     let before = view.evidence_bytes();
-    assert!(before > 0);
+
+    let ack = Command::Ack { mailbox: 1, positions, consumer: None, attempts: Vec::new() };
+    let (_, result) = proposer.write(ack).await.expect("ack");
+    let (acked, _, deliveries) = result.split_receipts();
+    assert!(matches!(acked, CommandResult::Acked(3)), "{acked:?}");
+    assert_eq!(deliveries.len(), 3, "each ack is signed");
+    assert!(held(1, 1_000) && held(2, 5_000) && held(3, 9_000), "the ack files each message's record");
+    assert_eq!(exported(), [("m1".into(), true), ("m2".into(), true), ("m3".into(), true)], "with its signed ack");
+    assert!(view.evidence_bytes() > before);
 
     // At 14 s, everything accepted before 4 s is past the 10 s retention.
+    let before = view.evidence_bytes();
     proposer.write(at(4, 14_000)).await.expect("publish");
     assert!(!held(1, 1_000), "evidence older than the retention is purged");
-    assert!(held(2, 5_000) && held(3, 9_000) && held(4, 14_000), "younger evidence stays");
-    assert!(view.evidence_bytes() > before, "the new batch and record outweigh the purged record");
+    assert!(held(2, 5_000) && held(3, 9_000), "younger evidence stays");
+    assert_eq!(exported(), [("m2".into(), true), ("m3".into(), true), ("m4".into(), false)]);
+    assert_ne!(view.evidence_bytes(), before, "the total follows the new batch and the purged record");
     raft.shutdown().await.expect("shutdown");
 }

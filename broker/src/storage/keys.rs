@@ -17,8 +17,7 @@
 //! | `state`       | group u32, `u`, mailbox u64, message id          | bincode `UploadState` (upload in progress) |
 //! | `state`       | group u32, `c`, upload u64, offset u64           | raw chunk bytes of a large payload |
 //! | `state`       | group u32, `N`                                   | next upload number |
-//! | `state`       | group u32, `E`, mailbox u64, accept ms u64, message id | bincode `EvidenceRecord` (outlives the payload) |
-//! | `state`       | group u32, `A`, mailbox u64, accept ms u64, message id | bincode `AckEvidence` (the message's signed ack) |
+//! | `state`       | group u32, `E`, mailbox u64, accept ms u64, message id | bincode `EvidenceRecord` of an acked message (written by the ack that purges it) |
 //! | `state`       | group u32, `B`, batch u64                        | bincode `BatchRecord` (signed header and leaves) |
 //! | `state`       | group u32, `H`                                   | bincode `ChainHead` of the shard's evidence chain |
 //! | `state`       | group u32, `Z`                                   | bytes of the shard's `E` and `B` records |
@@ -47,10 +46,8 @@ pub const KIND_CHUNK: u8 = b'c';
 pub const KIND_NEXT_UPLOAD: u8 = b'N';
 /// Data shard: payload bytes stored for one sender subsystem (`S/sender`).
 pub const KIND_SENDER: u8 = b'S';
-/// Data shard: a message's evidence record (`E/mailbox/accept ms/id`), kept after purge.
+/// Data shard: an acked message's evidence record (`E/mailbox/accept ms/id`), written at purge.
 pub const KIND_EVIDENCE: u8 = b'E';
-/// Data shard: the signed ack of a message (`A/mailbox/accept ms/id`), kept with its `E` record.
-pub const KIND_ACK_EVIDENCE: u8 = b'A';
 /// Data shard: a signed evidence batch and its leaves (`B/batch`).
 pub const KIND_BATCH: u8 = b'B';
 /// Data shard: the head of the shard's evidence chain (`H`).
@@ -146,10 +143,14 @@ pub fn partition_key(group: GroupId, mailbox: MailboxId, partition: u32) -> Vec<
 
 /// Prefix of all messages of one mailbox partition, in sequence order.
 pub fn message_prefix(group: GroupId, mailbox: MailboxId, partition: u32) -> Vec<u8> {
-    let mut rest = [0u8; 12];
-    rest[..8].copy_from_slice(&mailbox.to_be_bytes());
-    rest[8..].copy_from_slice(&partition.to_be_bytes());
-    state_key(group, KIND_MESSAGE, &rest)
+    let mut k = mailbox_messages_prefix(group, mailbox);
+    k.extend_from_slice(&partition.to_be_bytes());
+    k
+}
+
+/// Prefix of all of a mailbox's stored messages on a shard, dead letters included.
+pub fn mailbox_messages_prefix(group: GroupId, mailbox: MailboxId) -> Vec<u8> {
+    state_key(group, KIND_MESSAGE, &mailbox.to_be_bytes())
 }
 
 pub fn message_key(group: GroupId, mailbox: MailboxId, partition: u32, seq: u64) -> Vec<u8> {
@@ -197,16 +198,6 @@ pub fn evidence_prefix(group: GroupId, mailbox: MailboxId) -> Vec<u8> {
 /// [`evidence_prefix`] parses with [`parse_dedup_expiry`].
 pub fn evidence_key(group: GroupId, mailbox: MailboxId, accepted_unix_ms: i64, id: &str) -> Vec<u8> {
     timed_id_key(evidence_prefix(group, mailbox), accepted_unix_ms, id)
-}
-
-/// Prefix of a mailbox's ack evidence (same suffixes as [`evidence_prefix`]).
-pub fn ack_evidence_prefix(group: GroupId, mailbox: MailboxId) -> Vec<u8> {
-    state_key(group, KIND_ACK_EVIDENCE, &mailbox.to_be_bytes())
-}
-
-/// Where the signed ack of a message is filed (next to its evidence record).
-pub fn ack_evidence_key(group: GroupId, mailbox: MailboxId, accepted_unix_ms: i64, id: &str) -> Vec<u8> {
-    timed_id_key(ack_evidence_prefix(group, mailbox), accepted_unix_ms, id)
 }
 
 /// A signed evidence batch of the shard and its leaves.

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use rocksdb::WriteBatch;
 
-use super::{keys, lock, ApplyScratch, PartitionState, ShardView, CF_STATE};
+use super::{keys, lock, AckEvidence, ApplyScratch, PartitionState, ShardView, CF_STATE};
 use crate::error::Result;
 use crate::model::{
     dead_letter_partition, is_dead_letter, AttemptOutcome, CommandResult, DeadLetter, DeadLetterReason,
@@ -77,16 +77,18 @@ pub(super) fn remove_message(
     Ok(())
 }
 
-/// Removes a message for good (acked): with its chunks, if its payload was uploaded.
+/// Removes a message for good (acked by `ack`): with its chunks, if its payload was uploaded,
+/// leaving its evidence record behind.
 pub(super) fn purge_message(
     view: &ShardView,
     batch: &mut WriteBatch,
     scratch: &mut ApplyScratch,
     cache: &mut PartitionCache,
-    mailbox: MailboxId,
-    position: Position,
+    (mailbox, position): (MailboxId, Position),
     message: &StoredMessage,
+    ack: Option<AckEvidence>,
 ) -> Result<()> {
+    super::evidence::record_purged(view, batch, scratch, mailbox, message, ack)?;
     remove_message(view, batch, scratch, cache, mailbox, position, message)?;
     if let Some(large) = message.large {
         super::upload::delete_chunks(view, batch, large.upload)?;

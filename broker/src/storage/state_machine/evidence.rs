@@ -1,15 +1,16 @@
 //! A data shard's evidence log: the signed batches of its chain (`B` keys, with their leaves,
 //! so receipts can be rebuilt at any time), the chain head (`H`), and one evidence record per
-//! stored message (`E` keys): its facts and where its leaf was signed; once acked, the signed
-//! ack is filed beside it (`A` keys, a blind write). Records outlive the payload (purge
-//! deletes the message, not its evidence) and are removed after the mailbox's evidence
-//! retention.
+//! message that is gone (`E` keys): its facts, where its leaf was signed and, once acked, where
+//! its ack was signed. While a message is stored, its own record (`m` key, with
+//! [`StoredMessage::signed_as`]) is its evidence; the `E` record is written once, by the ack
+//! that purges it, in the same write. So a publish writes no evidence record at all and an ack
+//! writes one, and records are removed only after the mailbox's evidence retention.
 //!
 //! Applying a sealed entry checks that its batch extends the chain exactly at the entry's own
 //! log position; a leader that raced a leadership change or mispredicted its log index gets a
 //! retryable refusal and nothing of the entry is applied, so every replica holds the same chain.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -20,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use super::{for_each_in_prefix, lock, ApplyScratch, ShardView};
 use crate::error::{BrokerError, Result};
 use crate::evidence::{message_leaf, AckFacts, Archive, ArchivedDelivery, ArchivedMessage, Hash, KeyRing, MerkleTree, MessageFacts, Receipt, SignedBatch};
-use crate::model::{MailboxId, NodeId, Position, SealedAck, StoredMessage};
+use crate::model::{MailboxId, NodeId, Position, StoredMessage};
 use crate::storage::keys::{self, KIND_CHAIN_HEAD, KIND_EVIDENCE_BYTES};
 use crate::storage::CF_STATE;
 
@@ -31,13 +32,13 @@ pub struct EvidenceRecord {
     /// Batch and leaf index of the message's leaf.
     pub batch: u64,
     pub index: u64,
-    /// The message's signed ack: stored under its own `A` key, filled in when exported.
+    /// Where the ack that purged the message was signed (`None`: an unsigned ack).
     pub ack: Option<AckEvidence>,
 }
 
 /// Where the ack of a message was signed, and its attempt. The rest of the signed
 /// [`AckFacts`] is rebuilt on export: recipient, message id and leaf from the message's
-/// record, the ack time from the batch.
+/// facts, the ack time from the batch.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckEvidence {
     pub batch: u64,
@@ -133,38 +134,20 @@ pub(super) fn finish(view: &ShardView, batch: &mut WriteBatch, scratch: &mut App
     Ok(())
 }
 
-/// Stores the evidence record of a message just stored, signed as leaf `index` of `batch_no`.
-pub(super) fn record_message(
+/// Files the evidence record of a message the ack `ack` (if signed) purges, so its facts and
+/// receipts outlive the payload. A message stored without evidence leaves no record.
+pub(super) fn record_purged(
     view: &ShardView,
     batch: &mut WriteBatch,
     scratch: &mut ApplyScratch,
     mailbox: MailboxId,
     message: &StoredMessage,
-    (batch_no, index): (u64, u64),
+    ack: Option<AckEvidence>,
 ) -> Result<()> {
+    let Some((batch_no, index)) = message.signed_as else { return Ok(()) };
     let key = keys::evidence_key(view.group, mailbox, message.accepted_unix_ms, &message.id);
-    let record = EvidenceRecord { facts: message.facts(), batch: batch_no, index, ack: None };
+    let record = EvidenceRecord { facts: message.facts(), batch: batch_no, index, ack };
     let value = view.store.encode(&record)?;
-    grow(view, scratch, value.len() as i64);
-    batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
-    Ok(())
-}
-
-/// Files a signed ack (leaf `index` of `batch_no`) next to its message's evidence record, under
-/// its own key: a blind write, so an ack costs no read and no rewrite of the message's record
-/// on every replica. Should a message be acked twice, the later signed ack is kept (both are
-/// in signed batches). An ack of a message without a record (stored before evidence existed)
-/// stays signed in its batch but is not exported.
-pub(super) fn record_ack(
-    view: &ShardView,
-    batch: &mut WriteBatch,
-    scratch: &mut ApplyScratch,
-    mailbox: MailboxId,
-    ack: &SealedAck,
-    (batch_no, index): (u64, u64),
-) -> Result<()> {
-    let key = keys::ack_evidence_key(view.group, mailbox, ack.accepted_unix_ms, &ack.message_id);
-    let value = view.store.encode(&AckEvidence { batch: batch_no, index, attempt: ack.attempt })?;
     grow(view, scratch, value.len() as i64);
     batch.put_cf(&view.store.cf(CF_STATE)?, &key, value);
     Ok(())
@@ -185,19 +168,13 @@ pub(super) fn purge_expired(
     let prefix = keys::evidence_prefix(view.group, mailbox);
     let mut removed = 0;
     for_each_in_prefix(&view.store, &prefix, |key, value| {
-        let Some((accepted, id)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
+        let Some((accepted, _)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
         if accepted >= cutoff_unix_ms || removed >= budget {
             return Ok(false);
         }
         if scratch.deleted.insert(key.to_vec()) {
             batch.delete_cf(&cf, key);
             grow(view, scratch, -(value.len() as i64));
-            // Its ack, if any, goes with it (purges are rare: reading its size is fine).
-            let ack_key = keys::ack_evidence_key(view.group, mailbox, accepted, id);
-            if let Some(ack) = view.store.db().get_pinned_cf(&cf, &ack_key).map_err(BrokerError::storage)? {
-                grow(view, scratch, -(ack.len() as i64));
-                batch.delete_cf(&cf, &ack_key);
-            }
             removed += 1;
         }
         Ok(true)
@@ -263,7 +240,7 @@ impl ShardView {
 
     /// What the leader signs for an ack of the message at `position` (the ack time is the
     /// batch's): `None` when the message is gone.
-    pub fn ack_claim(&self, mailbox: MailboxId, position: Position, attempt: Option<u32>) -> Result<Option<(i64, AckFacts)>> {
+    pub fn ack_claim(&self, mailbox: MailboxId, position: Position, attempt: Option<u32>) -> Result<Option<AckFacts>> {
         let key = keys::message_key(self.group, mailbox, position.partition, position.sequence);
         let Some(message) = self.store.get::<StoredMessage>(CF_STATE, &key)? else { return Ok(None) };
         let attempt = attempt.or_else(|| lock(&self.tracker).state(mailbox, position).map(|s| s.attempts)).unwrap_or(1);
@@ -274,37 +251,50 @@ impl ShardView {
             acked_unix_ms: 0,
             attempt,
         };
-        Ok(Some((message.accepted_unix_ms, facts)))
+        Ok(Some(facts))
     }
 
     /// The evidence of `mailbox`'s messages accepted in `[from, to]` (at most `limit`) as an
     /// archive of this shard with every batch from the first to the last one they need (the
-    /// caller adds the keys). `None` when there are none.
+    /// caller adds the keys). Acked messages come from their `E` records, messages still
+    /// stored (dead letters included) from their own records. `None` when there are none.
     pub fn export(&self, mailbox: MailboxId, from_unix_ms: i64, to_unix_ms: i64, limit: usize) -> Result<Option<Archive>> {
+        let too_many = || {
+            BrokerError::ResourceExhausted(format!(
+                "more than {limit} messages of this mailbox on shard {} in that time range; export a narrower range",
+                self.group
+            ))
+        };
+        // Stored messages first, acked ones second: a message acked between the two scans is
+        // then found twice (its `E` record wins) rather than not at all.
+        let mut records: BTreeMap<(i64, String), EvidenceRecord> = BTreeMap::new();
+        for_each_in_prefix(&self.store, &keys::mailbox_messages_prefix(self.group, mailbox), |_, value| {
+            let message = self.store.decode::<StoredMessage>(value)?;
+            let Some((batch, index)) = message.signed_as else { return Ok(true) };
+            if (from_unix_ms..=to_unix_ms).contains(&message.accepted_unix_ms) {
+                if records.len() >= limit {
+                    return Err(too_many());
+                }
+                let key = (message.accepted_unix_ms, message.id.clone());
+                records.insert(key, EvidenceRecord { facts: message.facts(), batch, index, ack: None });
+            }
+            Ok(true)
+        })?;
         let prefix = keys::evidence_prefix(self.group, mailbox);
         let start = keys::evidence_key(self.group, mailbox, from_unix_ms, "");
-        let mut records = Vec::new();
-        let mut too_many = false;
         super::for_each_from(&self.store, &prefix, &start, |key, value| {
-            let Some((accepted, id)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
+            let Some((accepted, _)) = keys::parse_dedup_expiry(&key[prefix.len()..]) else { return Ok(true) };
             if accepted > to_unix_ms {
                 return Ok(false);
             }
-            if records.len() >= limit {
-                too_many = true;
-                return Ok(false);
+            let record = self.store.decode::<EvidenceRecord>(value)?;
+            let key = (record.facts.accepted_unix_ms, record.facts.message_id.clone());
+            if records.insert(key, record).is_none() && records.len() > limit {
+                return Err(too_many());
             }
-            let mut record = self.store.decode::<EvidenceRecord>(value)?;
-            record.ack = self.store.get::<AckEvidence>(CF_STATE, &keys::ack_evidence_key(self.group, mailbox, accepted, id))?;
-            records.push(record);
             Ok(true)
         })?;
-        if too_many {
-            return Err(BrokerError::ResourceExhausted(format!(
-                "more than {limit} messages of this mailbox on shard {} in that time range; export a narrower range",
-                self.group
-            )));
-        }
+        let records: Vec<EvidenceRecord> = records.into_values().collect();
         let batches_needed = records.iter().flat_map(|r| std::iter::once(r.batch).chain(r.ack.as_ref().map(|a| a.batch)));
         let (Some(first), Some(last)) = (batches_needed.clone().min(), batches_needed.max()) else { return Ok(None) };
         let mut batches = Vec::new();

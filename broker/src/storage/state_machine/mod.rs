@@ -469,7 +469,8 @@ impl StateMachine {
         match cmd {
             Command::Publish { messages, limits } => Ok(apply_publish(&view, batch, cache, messages, limits, scratch, None)?.0),
             Command::Ack { mailbox, positions, consumer, attempts } => {
-                apply_ack(&view, batch, cache, (mailbox, consumer), (positions, attempts), scratch)
+                let ack = AckRequest { mailbox, consumer, positions, attempts, signed: HashMap::new() };
+                apply_ack(&view, batch, cache, ack, scratch)
             }
             Command::Lease { mailbox, consumer, positions, now_unix_ms, until_unix_ms, policy } => {
                 let request = LeaseRequest { mailbox, consumer, positions, now_unix_ms, until_unix_ms, policy };
@@ -535,14 +536,17 @@ impl StateMachine {
                     refs.push(evidence);
                 }
                 Command::Ack { mailbox, positions, consumer, attempts } => {
-                    results.push(self.apply_command(batch, Command::Ack { mailbox, positions, consumer, attempts }, scratch)?);
-                    let mut signed = Vec::new();
+                    let mut signed = HashMap::new();
+                    let mut leaves = Vec::new();
                     for (j, ack) in acks.iter().enumerate().filter(|(_, a)| a.command as usize == i) {
                         let leaf = message_leaves + j as u64;
-                        evidence::record_ack(&view, batch, scratch, mailbox, ack, (batch_no, leaf))?;
-                        signed.push(EvidenceRef::Leaf(leaf));
+                        signed.insert(ack.position, AckEvidence { batch: batch_no, index: leaf, attempt: ack.attempt });
+                        leaves.push(EvidenceRef::Leaf(leaf));
                     }
-                    refs.push(signed);
+                    let mut cache = lock(&view.partitions);
+                    let ack = AckRequest { mailbox, consumer, positions, attempts, signed };
+                    results.push(apply_ack(&view, batch, &mut cache, ack, scratch)?);
+                    refs.push(leaves);
                 }
                 Command::UploadCommit { mailbox, id } if commits.contains(&(i as u32)) => {
                     let (result, evidence) = {
@@ -928,9 +932,6 @@ fn apply_publish(
                 let accepted_unix_ms = m.message.accepted_unix_ms;
                 let id = m.message.id.clone();
                 let signed = seal.map(|(batch_no, first_leaf)| (batch_no, first_leaf + i as u64));
-                if let Some(signed) = signed {
-                    evidence::record_message(view, batch, scratch, m.mailbox, &m.message, signed)?;
-                }
                 m.message.signed_as = signed;
                 refs.push(match signed {
                     Some((_, leaf)) => EvidenceRef::Leaf(leaf),
@@ -1014,14 +1015,25 @@ fn purge_expired_dedup(
     Ok(())
 }
 
+/// An ack to apply: a `Command::Ack` and, when sealed, where each acked message's ack leaf is.
+struct AckRequest {
+    mailbox: MailboxId,
+    consumer: Option<u64>,
+    positions: Vec<Position>,
+    attempts: Vec<u32>,
+    signed: HashMap<Position, AckEvidence>,
+}
+
+/// Purges the acked messages whose ack is still current (see [`Command::Ack`]); each leaves
+/// its evidence record with its signed ack.
 fn apply_ack(
     view: &ShardView,
     batch: &mut WriteBatch,
     cache: &mut PartitionCache,
-    (mailbox, consumer): (MailboxId, Option<u64>),
-    (positions, attempts): (Vec<Position>, Vec<u32>),
+    ack: AckRequest,
     scratch: &mut ApplyScratch,
 ) -> Result<CommandResult> {
+    let AckRequest { mailbox, consumer, positions, attempts, mut signed } = ack;
     let mut removed = 0;
     for (i, position) in positions.into_iter().enumerate() {
         let attempt = attempts.get(i).copied();
@@ -1034,7 +1046,7 @@ fn apply_ack(
             continue;
         }
         let Some(message) = scratch.message(view, mailbox, position)? else { continue };
-        delivery::purge_message(view, batch, scratch, cache, mailbox, position, &message)?;
+        delivery::purge_message(view, batch, scratch, cache, (mailbox, position), &message, signed.remove(&position))?;
         removed += 1;
     }
     Ok(CommandResult::Acked(removed))
