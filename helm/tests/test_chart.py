@@ -37,6 +37,8 @@ HELM_SDK = "v4.2.3"
 METRICS = {
     "kerwen_publish_messages_total", "kerwen_publish_bytes_total",
     "kerwen_delivered_messages_total", "kerwen_acked_messages_total",
+    "kerwen_delivered_bytes_total", "kerwen_acked_bytes_total",
+    "kerwen_exchanges_total", "kerwen_opmon_records_dropped_total",
     "kerwen_consumer_lag_messages", "kerwen_leases_in_flight", "kerwen_dead_letters",
     "kerwen_raft_term", "kerwen_raft_is_leader", "kerwen_raft_leader_changes_total",
     "kerwen_raft_has_leader", "kerwen_raft_commit_lag_entries", "kerwen_raft_apply_lag_entries",

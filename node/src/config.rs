@@ -112,6 +112,13 @@ pub struct ServeArgs {
     /// grace period.
     #[arg(long, env = "KERWEN_SHUTDOWN_DRAIN_MS")]
     pub shutdown_drain_ms: Option<u64>,
+    /// Operational-monitoring records (one per publish, delivery and ack this node handled)
+    /// kept in memory for `kerwen opmon`, newest first; 0 keeps none [default: 100000].
+    #[arg(long, env = "KERWEN_OPMON_RECORDS")]
+    pub opmon_records: Option<usize>,
+    /// Longest an operational-monitoring record is kept, in ms [default: 7 days].
+    #[arg(long, env = "KERWEN_OPMON_RETENTION_MS")]
+    pub opmon_retention_ms: Option<u64>,
 }
 
 /// A complete, validated node configuration.
@@ -139,6 +146,8 @@ pub struct NodeConfig {
     pub evidence: bool,
     pub evidence_budget_bytes: u64,
     pub shutdown_drain: Duration,
+    pub opmon_records: usize,
+    pub opmon_retention: Duration,
 }
 
 /// How a node protects its ports.
@@ -163,6 +172,9 @@ pub const DEFAULT_SNAPSHOT_AFTER_ENTRIES: u64 = 20_000;
 pub const DEFAULT_PROPOSALS_IN_FLIGHT: usize = 2;
 pub const DEFAULT_EVIDENCE_BUDGET_BYTES: u64 = 100 * 1024 * 1024 * 1024;
 pub const DEFAULT_SHUTDOWN_DRAIN_MS: u64 = 5_000;
+pub const DEFAULT_OPMON_RECORDS: usize = 100_000;
+/// X-Road's default retention of operational data.
+pub const DEFAULT_OPMON_RETENTION_MS: u64 = 7 * 24 * 60 * 60 * 1000;
 
 /// Parses `1=host:port,2=host:port`.
 pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
@@ -279,6 +291,10 @@ impl ServeArgs {
             evidence_budget_bytes: self.evidence_budget_bytes.or(file.evidence_budget_bytes).unwrap_or(DEFAULT_EVIDENCE_BUDGET_BYTES),
             shutdown_drain: Duration::from_millis(
                 self.shutdown_drain_ms.or(file.shutdown_drain_ms).unwrap_or(DEFAULT_SHUTDOWN_DRAIN_MS),
+            ),
+            opmon_records: self.opmon_records.or(file.opmon_records).unwrap_or(DEFAULT_OPMON_RECORDS),
+            opmon_retention: Duration::from_millis(
+                self.opmon_retention_ms.or(file.opmon_retention_ms).unwrap_or(DEFAULT_OPMON_RETENTION_MS),
             ),
         })
     }

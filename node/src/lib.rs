@@ -12,7 +12,8 @@
 //!   rate limits per subsystem.
 //! - [`signing`]: the node's evidence signing key, its publication and rotation;
 //!   [`receipts`]: evidence receipts to and from their protobuf form.
-//! - [`ops`]: the plain-HTTP operations port: probes and Prometheus metrics.
+//! - [`ops`]: the plain-HTTP operations port: probes and Prometheus metrics; [`opmon`]:
+//!   operational monitoring (a record per exchange, service health, `kerwen opmon`).
 //! - [`status`]: broker errors → gRPC status codes.
 //! - [`testing`]: test hooks (fault injection).
 
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod dev;
+pub mod opmon;
 pub mod ops;
 pub mod pki;
 pub mod profile;

@@ -42,6 +42,9 @@ enum Command {
     },
     /// Show nodes, Raft groups and their leaders.
     Status,
+    /// Operational monitoring: each node's records of the publishes, deliveries and acks it
+    /// handled, and per-service health over the last 10 minutes.
+    Opmon(kerwen_node::cli::opmon::OpmonArgs),
     /// Register subsystems and set their quotas.
     Member {
         #[command(subcommand)]
@@ -99,6 +102,7 @@ async fn main() {
         Command::Download(args) => cli::download(&cli.client, args).await,
         Command::Dlq { command } => cli::dlq(&cli.client, command).await,
         Command::Status => cli::status(&cli.client).await,
+        Command::Opmon(args) => cli::opmon::opmon(&cli.client, args).await,
         Command::Member { command } => cli::access::member(&cli.client, command).await,
         Command::Acl { command } => cli::access::acl(&cli.client, command).await,
         Command::Group { command } => cli::access::group(&cli.client, command).await,

@@ -27,6 +27,7 @@ use tokio::time::Instant;
 
 use crate::auth::Caller;
 use crate::config::{NodeConfig, Security};
+use crate::opmon::{OpMonitor, OpmonAnswer, OpmonQuery};
 use crate::quota::RateLimiter;
 use crate::signing::NodeSigningKey;
 use crate::tls::NodeTls;
@@ -165,6 +166,8 @@ pub struct NodeRuntime {
     /// Set once the node is shutting down: open subscriptions end with a retryable status
     /// (so their consumers resubscribe through another node) and release their leases.
     stopping: tokio::sync::watch::Sender<bool>,
+    /// Records of the exchanges this node handled (`kerwen opmon`).
+    pub opmon: OpMonitor,
 }
 
 /// Held by a subscription until its leases are released.
@@ -254,7 +257,9 @@ impl NodeRuntime {
         }
 
         let subscriptions = tokio::sync::watch::channel(0).0;
+        let opmon = OpMonitor::new(config.node_id, config.opmon_records, config.opmon_retention.as_millis() as u64);
         let runtime = Self {
+            opmon,
             config,
             store,
             peers,
@@ -536,6 +541,7 @@ impl NodeRuntime {
         }
         if round % EVIDENCE_CHECK_EVERY == 0 {
             self.check_evidence_budget(round);
+            self.opmon.expire(now_unix_ms());
         }
         for (group, shard) in self.led_shards() {
             let now = now_unix_ms();
@@ -691,6 +697,26 @@ impl NodeRuntime {
                 self.shard(group)?.view.export(mailbox, from_unix_ms, to_unix_ms, MAX_EXPORT_MESSAGES)?,
             )),
         }
+    }
+
+    /// Every node's operational-monitoring records matching `query`, merged (the newest
+    /// `query.limit`), and the nodes that did not answer in time, with why.
+    pub async fn opmon_cluster(&self, query: &OpmonQuery) -> (OpmonAnswer, Vec<String>) {
+        let now = now_unix_ms();
+        let mut answer = self.opmon.query(query, now);
+        let me = self.node_id();
+        let others = self.peers.addresses().into_keys().filter(|n| *n != me).map(|node| async move {
+            let reply = self.peers.call::<_, OpmonAnswer>(node, METADATA_GROUP, PeerMethod::Opmon, query, self.config.request_timeout).await;
+            (node, reply)
+        });
+        let mut unanswered = Vec::new();
+        for (node, reply) in futures::future::join_all(others).await {
+            match reply {
+                Ok(other) => answer.merge(other, query.limit),
+                Err(e) => unanswered.push(format!("node {node}: {e}")),
+            }
+        }
+        (answer, unanswered)
     }
 
     /// Whether the node runs without TLS and access control (`--insecure`).

@@ -179,6 +179,7 @@ impl Peers {
             PeerMethod::Write => client.write(request).await,
             PeerMethod::Fetch => client.fetch(request).await,
             PeerMethod::Read => client.read(request).await,
+            PeerMethod::Opmon => client.opmon(request).await,
         };
         let reply = reply.map_err(|s| BrokerError::Unavailable(format!("node {node}: {}", s.message())))?;
         decode::<Result<Resp, BrokerError>>(&reply.into_inner().body)?
@@ -191,6 +192,8 @@ pub enum PeerMethod {
     Write,
     Fetch,
     Read,
+    /// Answered by the node called, not forwarded to a leader.
+    Opmon,
 }
 
 /// Creates openraft connections of one group.

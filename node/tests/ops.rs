@@ -23,7 +23,10 @@ const FAMILIES: &[&str] = &[
     "kerwen_publish_messages_total",
     "kerwen_publish_bytes_total",
     "kerwen_delivered_messages_total",
+    "kerwen_delivered_bytes_total",
     "kerwen_acked_messages_total",
+    "kerwen_acked_bytes_total",
+    "kerwen_exchanges_total",
     "kerwen_publish_duration_seconds",
     "kerwen_end_to_end_seconds",
     "kerwen_consumer_lag_messages",
@@ -108,6 +111,9 @@ async fn scenario_metrics(cluster: &ProcessCluster) -> Result<()> {
         ids.extend(batch.iter().map(|m| m.id.clone()));
         publish_retry(&mut client, &batch, Duration::from_secs(10), Duration::from_secs(30)).await?;
     }
+    // One refused publish: a mailbox that does not exist.
+    let refused = client.publish(vec![message("m-refused", NO_SUCH_MAILBOX, None, b"x".to_vec())]).await;
+    ensure!(refused.is_err(), "a publish to a missing mailbox was accepted");
     let mut consumer = Consumer::open(&mut cluster.client(2).await?, MAILBOX, 64).await?;
     let delivered = consume_all_of(&mut consumer, &ids, Duration::from_secs(30), Duration::from_millis(300)).await?;
     ack_all(&mut consumer, &delivered).await?;
@@ -171,7 +177,86 @@ async fn scenario_metrics(cluster: &ProcessCluster) -> Result<()> {
     })
     .await?;
     ensure!(lag == 0.0);
+    // Deliveries and acks are counted per sender too.
+    let by_sender = format!("sender=\"{SENDER}\"");
+    for family in ["kerwen_delivered_messages_total", "kerwen_acked_messages_total", "kerwen_acked_bytes_total"] {
+        let labelled = pages.values().any(|p| p.lines().any(|l| l.starts_with(&format!("{family}{{")) && l.contains(&by_sender)));
+        ensure!(labelled, "{family} has no series for sender {SENDER}");
+    }
+    scenario_opmon(cluster, &ids).await?;
     cluster.check_no_crash()
+}
+
+/// The subsystem the harness's default client acts as, the sender of the scenario's messages.
+const SENDER: &str = "TM/GOV/MINCOM/registry";
+const NO_SUCH_MAILBOX: &str = "TM/GOV/MINCOM/registry/nowhere";
+
+/// Operational monitoring after `scenario_metrics`: any node answers for all of them, with a
+/// record per publish (node 1), delivery and ack (node 2), the refused publish with its fault,
+/// per-service health; a subsystem sees only its own exchanges; `kerwen opmon` prints them.
+async fn scenario_opmon(cluster: &ProcessCluster, ids: &HashSet<String>) -> Result<()> {
+    use kerwen_proto::v1::OperationalDataRequest;
+    let query = |kind: &str| OperationalDataRequest { kind: kind.into(), limit: 10_000, ..Default::default() };
+    let admin = cluster.admin_client(3).await?;
+    let answer = eventually("every ack in the operational data", Duration::from_secs(30), || {
+        let admin = admin.clone();
+        async move {
+            let r = admin.admin().operational_data(query("")).await?.into_inner();
+            let acks = r.records.iter().filter(|e| e.kind == "ack").count();
+            Ok((acks >= MESSAGES).then_some(r))
+        }
+    })
+    .await?;
+    ensure!(answer.unanswered.is_empty(), "nodes did not answer: {:?}", answer.unanswered);
+    let of = |kind: &str| answer.records.iter().filter(|e| e.kind == kind && ids.contains(&e.message_id)).collect::<Vec<_>>();
+    let published = of("publish");
+    ensure!(published.len() == MESSAGES, "{} publish records for {MESSAGES} messages", published.len());
+    for e in &published {
+        ensure!(e.node == 1 && e.succeeded && e.sender == SENDER && e.client == SENDER, "publish record {e:?}");
+        ensure!(e.recipient == MAILBOX && e.payload_bytes > 0 && e.accepted_unix_ms > 0 && !e.duplicate, "publish record {e:?}");
+    }
+    for kind in ["deliver", "ack"] {
+        let records = of(kind);
+        let messages: HashSet<&str> = records.iter().map(|e| e.message_id.as_str()).collect();
+        ensure!(messages.len() == MESSAGES, "{kind} records cover {} of {MESSAGES} messages", messages.len());
+        for e in records {
+            ensure!(e.node == 2 && e.succeeded && e.sender == SENDER && e.attempt >= 1, "{kind} record {e:?}");
+            ensure!(e.at_unix_ms >= e.accepted_unix_ms && e.duration_ms == (e.at_unix_ms - e.accepted_unix_ms) as u64, "{kind} record {e:?}");
+        }
+    }
+    let refused: Vec<_> = answer.records.iter().filter(|e| e.message_id == "m-refused").collect();
+    ensure!(refused.len() == 1 && !refused[0].succeeded && !refused[0].fault.is_empty(), "refused publish: {refused:?}");
+    let health = answer.health.iter().find(|h| h.service == MAILBOX).context("no health of the mailbox")?;
+    ensure!(health.successes == MESSAGES as u64 && health.failures == 0 && health.max_duration_ms >= health.min_duration_ms, "{health:?}");
+    let missing = answer.health.iter().find(|h| h.service == NO_SUCH_MAILBOX).context("no health of the missing mailbox")?;
+    ensure!(missing.failures == 1 && missing.last_failure_unix_ms > 0, "{missing:?}");
+
+    // Filters, and a subsystem's view: its own traffic only.
+    let failed = admin.admin().operational_data(OperationalDataRequest { failed_only: true, ..query("") }).await?.into_inner();
+    ensure!(failed.records.iter().all(|e| !e.succeeded) && failed.records.len() == 1, "failed only: {:?}", failed.records);
+    let own = cluster.client(1).await?.admin().operational_data(query("publish")).await?.into_inner();
+    ensure!(own.records.len() == MESSAGES + 1, "the sender sees its {} publishes: {}", MESSAGES + 1, own.records.len());
+    let stranger = "TM/GOV/MINEDU/schools";
+    cluster.register(stranger).await?;
+    let theirs = cluster.client_as(1, stranger).await?.admin().operational_data(query("")).await?.into_inner();
+    ensure!(theirs.records.is_empty() && theirs.health.is_empty(), "a stranger sees {} records", theirs.records.len());
+
+    // The CLI, as an operator.
+    let (pki, endpoint) = (cluster.pki_dir(), cluster.endpoint(2));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kerwen"))
+        .args(["opmon", "--json", "--kind", "ack", "--sender", SENDER, "--endpoint", endpoint.as_str()])
+        .arg("--tls-ca")
+        .arg(pki.join("ca.pem"))
+        .arg("--tls-cert")
+        .arg(pki.join("admin.pem"))
+        .arg("--tls-key")
+        .arg(pki.join("admin.key"))
+        .output()?;
+    ensure!(out.status.success(), "kerwen opmon: {}", String::from_utf8_lossy(&out.stderr));
+    let printed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let acks = printed["records"].as_array().context("records")?;
+    ensure!(acks.len() >= MESSAGES && acks.iter().all(|e| e["kind"] == "ack"), "kerwen opmon printed {} acks", acks.len());
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

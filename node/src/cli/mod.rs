@@ -1,5 +1,6 @@
 //! Client commands of the `kerwen` binary: mailboxes, publish, consume, dead letters, status
-//! (here), members, access rights, discovery and certificates (`access`). Output is for
+//! (here), members, access rights, discovery and certificates (`access`), operational data
+//! (`opmon`). Output is for
 //! people by default and one JSON document (or one per line for streams) with `--json`.
 
 use std::collections::HashMap;
@@ -19,6 +20,7 @@ use crate::profile::Profile;
 use crate::tls::TlsFiles;
 
 pub mod access;
+pub mod opmon;
 
 /// Where and how to talk to the cluster. Without flags, the client profile says it (see
 /// [`crate::profile`]; `kerwen dev` writes one).

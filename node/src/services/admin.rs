@@ -1,8 +1,9 @@
-//! `kerwen.v1.Admin`: mailboxes, their dead-letter queues, and cluster status.
+//! `kerwen.v1.Admin`: mailboxes, their dead-letter queues, cluster status, evidence export,
+//! signing-key rotation and operational data.
 
 use std::sync::Arc;
 
-use kerwen_broker::access::Action;
+use kerwen_broker::access::{Action, Principal};
 use kerwen_broker::model::{
     dead_letter_partition, is_dead_letter, Command, CommandResult, DeliveryPolicy, MailboxInfo, MailboxLimits, Position,
     RedeliveryPolicy, METADATA_GROUP,
@@ -14,6 +15,7 @@ use openraft::ServerState;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{self, Caller};
+use crate::opmon::{self, ExchangeKind, OpRecord, OpmonQuery};
 use crate::runtime::{now_unix_ms, NodeRuntime, ReadAnswer, ReadQuery};
 use crate::services::exchange::{to_proto_dead_letter, to_proto_position};
 use crate::status::to_status;
@@ -337,5 +339,87 @@ impl Admin for AdminService {
         auth::authorize(&self.runtime, &caller, Action::Administer).await?;
         let (retired_key_id, new_key_id) = crate::signing::rotate(&self.runtime).await.map_err(to_status)?;
         Ok(Response::new(pb::RotateSigningKeyResponse { node_id: self.runtime.node_id(), retired_key_id, new_key_id }))
+    }
+
+    async fn operational_data(&self, request: Request<pb::OperationalDataRequest>) -> Result<Response<pb::OperationalDataResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        // An operator sees every exchange; a subsystem those it took part in.
+        let party = match &caller {
+            Caller::Anonymous | Caller::Authenticated(Principal::Admin(_)) => None,
+            Caller::Authenticated(Principal::Subsystem(s)) => Some(s.to_string()),
+            Caller::Authenticated(node @ Principal::Node(_)) => {
+                return Err(Status::permission_denied(format!("{node} may not query operational data")));
+            }
+        };
+        let query = opmon_query(request.into_inner(), party)?;
+        let (answer, unanswered) = self.runtime.opmon_cluster(&query).await;
+        Ok(Response::new(pb::OperationalDataResponse {
+            records: answer.records.into_iter().map(to_proto_record).collect(),
+            health: answer
+                .health
+                .into_iter()
+                .map(|h| pb::ServiceHealth {
+                    average_duration_ms: h.average_ms(),
+                    service: h.service,
+                    successes: h.successes,
+                    failures: h.failures,
+                    min_duration_ms: h.min_ms,
+                    max_duration_ms: h.max_ms,
+                    last_success_unix_ms: h.last_success_unix_ms,
+                    last_failure_unix_ms: h.last_failure_unix_ms,
+                })
+                .collect(),
+            truncated: answer.truncated,
+            unanswered,
+        }))
+    }
+}
+
+/// Checks an operational-data request and makes it a query scoped to `party`.
+fn opmon_query(req: pb::OperationalDataRequest, party: Option<String>) -> Result<OpmonQuery, Status> {
+    let kind = match req.kind.as_str() {
+        "" => None,
+        k => Some(ExchangeKind::parse(k).ok_or_else(|| Status::invalid_argument(format!("kind must be publish, deliver or ack, not {k:?}")))?),
+    };
+    let to_unix_ms = if req.to_unix_ms == 0 { i64::MAX } else { req.to_unix_ms };
+    if to_unix_ms < req.from_unix_ms {
+        return Err(Status::invalid_argument(format!("the range ends ({to_unix_ms}) before it starts ({})", req.from_unix_ms)));
+    }
+    let limit = match req.limit as usize {
+        0 => opmon::DEFAULT_QUERY_LIMIT,
+        n if n > opmon::MAX_QUERY_LIMIT => {
+            return Err(Status::invalid_argument(format!("limit must be at most {}", opmon::MAX_QUERY_LIMIT)));
+        }
+        n => n,
+    };
+    Ok(OpmonQuery {
+        from_unix_ms: req.from_unix_ms,
+        to_unix_ms,
+        kind,
+        sender: req.sender,
+        recipient: req.recipient,
+        message_id: req.message_id,
+        failed_only: req.failed_only,
+        party,
+        limit,
+    })
+}
+
+fn to_proto_record(r: OpRecord) -> pb::OperationalRecord {
+    pb::OperationalRecord {
+        kind: r.kind.as_str().to_owned(),
+        node: r.node,
+        at_unix_ms: r.at_unix_ms,
+        succeeded: r.succeeded(),
+        client: r.client,
+        sender: r.sender,
+        recipient: r.recipient,
+        message_id: r.message_id,
+        payload_bytes: r.payload_bytes,
+        accepted_unix_ms: r.accepted_unix_ms,
+        duration_ms: r.duration_ms,
+        attempt: r.attempt,
+        duplicate: r.duplicate,
+        fault: r.fault.unwrap_or_default(),
     }
 }

@@ -34,6 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth;
+use crate::opmon::{ExchangeKind, OpRecord};
 use crate::receipts;
 use crate::runtime::{now_unix_ms, FetchArgs, NodeRuntime};
 use crate::status::to_status;
@@ -203,8 +204,9 @@ fn to_delivery(l: Leased, encoder: &mut receipts::ReceiptEncoder) -> pb::Subscri
 }
 
 impl ExchangeService {
-    /// Publish, inside its span; `trace_context` is stored with the messages.
-    async fn publish_traced(&self, request: Request<pb::PublishRequest>, trace_context: Option<String>) -> Result<Response<pb::PublishResponse>, Status> {
+    /// Publish, inside its span; `trace_context` is stored with the messages. Also says, per
+    /// message, whether it was a duplicate (known only when evidence is on).
+    async fn publish_traced(&self, request: Request<pb::PublishRequest>, trace_context: Option<String>) -> Result<(Response<pb::PublishResponse>, Vec<bool>), Status> {
         let caller = auth::caller(&self.runtime, &request)?;
         let messages = request.into_inner().messages;
         if messages.is_empty() {
@@ -277,12 +279,14 @@ impl ExchangeService {
             }
         });
         let mut results: Vec<Option<pb::PublishResult>> = vec![None; count];
+        let mut duplicates = vec![false; count];
         for outcome in futures::future::join_all(writes).await {
             let (shard, index, indices, facts, positions, receipts) = outcome.map_err(to_status)?;
             let mut receipts = receipts.into_iter();
             let mut encoder = receipts::ReceiptEncoder::default();
             for ((i, (id, payload_sha256)), pos) in indices.into_iter().zip(facts).zip(positions) {
                 let receipt = receipts.next().flatten();
+                duplicates[i] = receipt.as_ref().is_some_and(|r| r.first_accepted_unix_ms.is_some());
                 results[i] = Some(pb::PublishResult {
                     id,
                     position: Some(to_proto_position(pos)),
@@ -298,9 +302,54 @@ impl ExchangeService {
         }
         let results = results.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Status::internal("missing result"))?;
         record_published(&sender, per_mailbox, started);
-        Ok(Response::new(pb::PublishResponse { results }))
+        Ok((Response::new(pb::PublishResponse { results }), duplicates))
+    }
+
+    /// Files an operational record per message of a publish, accepted or refused.
+    fn record_publish(
+        &self,
+        client: String,
+        sent: Vec<SentMessage>,
+        (started_unix_ms, started): (i64, std::time::Instant),
+        outcome: &Result<(Response<pb::PublishResponse>, Vec<bool>), Status>,
+    ) {
+        let node = self.runtime.node_id();
+        let at_unix_ms = started_unix_ms.saturating_add(started.elapsed().as_millis() as i64);
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let record = |(message_id, recipient, payload_bytes): SentMessage| OpRecord {
+            kind: ExchangeKind::Publish,
+            node,
+            at_unix_ms,
+            client: client.clone(),
+            sender: client.clone(),
+            recipient,
+            message_id,
+            payload_bytes,
+            accepted_unix_ms: 0,
+            duration_ms,
+            attempt: 0,
+            duplicate: false,
+            fault: None,
+        };
+        match outcome {
+            Ok((response, duplicates)) => {
+                let results = &response.get_ref().results;
+                self.runtime.opmon.record(sent.into_iter().zip(results.iter().zip(duplicates)).map(|(m, (r, duplicate))| OpRecord {
+                    accepted_unix_ms: r.accepted_unix_ms,
+                    duplicate: *duplicate,
+                    ..record(m)
+                }));
+            }
+            Err(status) => {
+                let fault = format!("{:?}: {}", status.code(), status.message());
+                self.runtime.opmon.record(sent.into_iter().map(|m| OpRecord { fault: Some(fault.clone()), ..record(m) }));
+            }
+        }
     }
 }
+
+/// A published message as the operational record needs it: id, recipient, payload bytes.
+type SentMessage = (String, String, u64);
 
 /// The W3C `traceparent` a message was created in (see [`StoredMessage::trace_context`]).
 fn creation_context(m: &StoredMessage) -> Option<&str> {
@@ -351,7 +400,12 @@ impl Exchange for ExchangeService {
         let sent_context = request.metadata().get(telemetry::TRACEPARENT).and_then(|v| v.to_str().ok()).map(str::to_owned);
         telemetry::set_parent(&span, || telemetry::from_metadata(request.metadata()));
         let trace_context = sent_context.or_else(|| telemetry::traceparent_of(&span));
-        self.publish_traced(request, trace_context).instrument(span).await
+        let started = (now_unix_ms(), std::time::Instant::now());
+        let client = auth::caller(&self.runtime, &request).map(|c| c.sender()).unwrap_or_default();
+        let sent: Vec<SentMessage> = messages.iter().map(|m| (m.id.clone(), m.recipient.clone(), m.payload.len() as u64)).collect();
+        let outcome = self.publish_traced(request, trace_context).instrument(span).await;
+        self.record_publish(client, sent, started, &outcome);
+        outcome.map(|(response, _)| response)
     }
 
     type SubscribeStream = SubscribeStream;
@@ -394,6 +448,7 @@ impl Exchange for ExchangeService {
         let (out_tx, out_rx) = mpsc::channel::<Result<pb::SubscribeResponse, Status>>(MAX_FETCH as usize);
         let credits = Arc::new(Semaphore::new((start.initial_credits as usize).min(MAX_OUTSTANDING_CREDITS)));
         let shards = if start.dead_letters { info.dead_letter_partitions_by_shard() } else { info.partitions_by_shard() };
+        let delivered = Arc::new(Delivered { client: caller.sender(), mailbox: info.service.clone(), ..Default::default() });
         let mut pumps = Vec::new();
         for (shard, partitions) in &shards {
             let pump = Pump {
@@ -410,6 +465,7 @@ impl Exchange for ExchangeService {
                 },
                 credits: credits.clone(),
                 out: out_tx.clone(),
+                delivered: delivered.clone(),
             };
             pumps.push(tokio::spawn(pump.run()));
         }
@@ -446,16 +502,15 @@ impl Exchange for ExchangeService {
                             let Ok(slot) = ack_slots.clone().acquire_owned().await else { break };
                             let runtime = runtime.clone();
                             let out = out_tx.clone();
-                            let mailbox_name = info.service.clone();
+                            let delivered = delivered.clone();
                             tokio::spawn(async move {
                                 let _slot = slot;
                                 let cmd = Command::Ack { mailbox, positions: positions.clone(), consumer: Some(consumer), attempts };
-                                let event = match runtime.write(shard, cmd).await {
+                                let written = runtime.write(shard, cmd).await;
+                                delivered.acked(&runtime, &positions, written.as_ref().err());
+                                let event = match written {
                                     Ok((_, result)) => {
-                                        let (result, _, deliveries) = result.split_receipts();
-                                        if let CommandResult::Acked(removed) = result {
-                                            metrics::counter!("kerwen_acked_messages_total", "mailbox" => mailbox_name).increment(removed);
-                                        }
+                                        let (_, _, deliveries) = result.split_receipts();
                                         let mut encoder = receipts::ReceiptEncoder::default();
                                         Ok(pb::SubscribeResponse {
                                             event: Some(subscribe_response::Event::Acked(pb::Settle {
@@ -473,6 +528,7 @@ impl Exchange for ExchangeService {
                         }
                     }
                     Some(subscribe_request::Request::Nack(settle)) => {
+                        delivered.forget(&settle.positions);
                         let action = SettleAction::Nack { delay_ms: settle.delay_ms };
                         settle_leases(&runtime, &info, consumer, group_positions(&info, settle.positions), action).await;
                     }
@@ -582,6 +638,125 @@ fn record_published(sender: &str, per_mailbox: BTreeMap<String, (u64, u64)>, sta
     }
 }
 
+/// Most deliveries a subscription remembers until their ack, for its operational records.
+const MAX_REMEMBERED_DELIVERIES: usize = MAX_OUTSTANDING_CREDITS;
+
+/// What a subscription delivered and has not seen acked yet: its acks name positions only,
+/// and their operational records, per-sender counters and end-to-end times need the rest.
+#[derive(Default)]
+struct Delivered {
+    /// The consuming subsystem and the mailbox.
+    client: String,
+    mailbox: String,
+    unacked: std::sync::Mutex<std::collections::HashMap<Position, DeliveredMessage>>,
+}
+
+#[derive(Clone)]
+struct DeliveredMessage {
+    sender: String,
+    message_id: String,
+    payload_bytes: u64,
+    accepted_unix_ms: i64,
+    attempt: u32,
+}
+
+impl Delivered {
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<Position, DeliveredMessage>> {
+        self.unacked.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, runtime: &NodeRuntime, kind: ExchangeKind, m: &DeliveredMessage, at_unix_ms: i64, fault: Option<String>) -> OpRecord {
+        OpRecord {
+            kind,
+            node: runtime.node_id(),
+            at_unix_ms,
+            client: self.client.clone(),
+            sender: m.sender.clone(),
+            recipient: self.mailbox.clone(),
+            message_id: m.message_id.clone(),
+            payload_bytes: m.payload_bytes,
+            accepted_unix_ms: m.accepted_unix_ms,
+            duration_ms: at_unix_ms.saturating_sub(m.accepted_unix_ms).max(0) as u64,
+            attempt: m.attempt,
+            duplicate: false,
+            fault,
+        }
+    }
+
+    /// Records a fetch's deliveries and remembers them for their acks.
+    fn delivering(&self, runtime: &NodeRuntime, leased: &[Leased]) {
+        let now = now_unix_ms();
+        let mut records = Vec::with_capacity(leased.len());
+        let mut per_sender: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        let mut unacked = self.lock();
+        for l in leased {
+            let m = DeliveredMessage {
+                sender: l.message.sender.clone(),
+                message_id: l.message.id.clone(),
+                payload_bytes: l.message.payload_len(),
+                accepted_unix_ms: l.message.accepted_unix_ms,
+                attempt: l.attempt,
+            };
+            let tally = per_sender.entry(&l.message.sender).or_default();
+            tally.0 += 1;
+            tally.1 += m.payload_bytes;
+            records.push(self.record(runtime, ExchangeKind::Deliver, &m, now, None));
+            if unacked.len() < MAX_REMEMBERED_DELIVERIES || unacked.contains_key(&l.position) {
+                unacked.insert(l.position, m);
+            }
+        }
+        drop(unacked);
+        for (sender, (messages, bytes)) in per_sender {
+            let labels = [("mailbox", self.mailbox.clone()), ("sender", sender.to_owned())];
+            metrics::counter!("kerwen_delivered_messages_total", &labels).increment(messages);
+            metrics::counter!("kerwen_delivered_bytes_total", &labels).increment(bytes);
+        }
+        runtime.opmon.record(records);
+    }
+
+    /// Records an ack of `positions` (failed with `error`, if any).
+    fn acked(&self, runtime: &NodeRuntime, positions: &[Position], error: Option<&BrokerError>) {
+        let now = now_unix_ms();
+        let fault = error.map(|e| {
+            let status = to_status(e.clone());
+            format!("{:?}: {}", status.code(), status.message())
+        });
+        let mut unacked = self.lock();
+        let acked: Vec<DeliveredMessage> = if fault.is_some() {
+            // The message stays delivered: a retried ack may still settle it.
+            positions.iter().filter_map(|p| unacked.get(p).cloned()).collect()
+        } else {
+            positions.iter().filter_map(|p| unacked.remove(p)).collect()
+        };
+        drop(unacked);
+        let mut per_sender: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for m in &acked {
+            let tally = per_sender.entry(&m.sender).or_default();
+            tally.0 += 1;
+            tally.1 += m.payload_bytes;
+            if fault.is_none() {
+                metrics::histogram!("kerwen_end_to_end_seconds").record(now.saturating_sub(m.accepted_unix_ms).max(0) as f64 / 1000.0);
+            }
+        }
+        if fault.is_none() {
+            for (sender, (messages, bytes)) in per_sender {
+                let labels = [("mailbox", self.mailbox.clone()), ("sender", sender.to_owned())];
+                metrics::counter!("kerwen_acked_messages_total", &labels).increment(messages);
+                metrics::counter!("kerwen_acked_bytes_total", &labels).increment(bytes);
+            }
+        }
+        runtime.opmon.record(acked.iter().map(|m| self.record(runtime, ExchangeKind::Ack, m, now, fault.clone())));
+    }
+
+    /// Forgets nacked deliveries (they come back as new deliveries).
+    fn forget(&self, positions: &[pb::Position]) {
+        let mut unacked = self.lock();
+        for p in positions {
+            unacked.remove(&Position { partition: p.partition, sequence: p.sequence });
+        }
+    }
+}
+
 /// Moves messages of one shard to one consumer stream as credits allow.
 struct Pump {
     runtime: Arc<NodeRuntime>,
@@ -591,6 +766,7 @@ struct Pump {
     args: FetchArgs,
     credits: Arc<Semaphore>,
     out: mpsc::Sender<Result<pb::SubscribeResponse, Status>>,
+    delivered: Arc<Delivered>,
 }
 
 impl Pump {
@@ -616,7 +792,7 @@ impl Pump {
             match self.runtime.fetch(self.shard, lease).await {
                 Ok(leased) if !leased.is_empty() => {
                     self.credits.add_permits(taken as usize - leased.len().min(taken as usize));
-                    metrics::counter!("kerwen_delivered_messages_total", "mailbox" => self.mailbox.clone()).increment(leased.len() as u64);
+                    self.delivered.delivering(&self.runtime, &leased);
                     for l in leased {
                         let span = if telemetry::enabled() { delivery_span(&self.mailbox, &l) } else { tracing::Span::none() };
                         if self.out.send(Ok(to_delivery(l, &mut encoder))).instrument(span).await.is_err() {

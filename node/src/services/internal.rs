@@ -15,6 +15,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
 
+use crate::opmon::OpmonQuery;
 use crate::runtime::{FetchArgs, NodeRuntime, ReadQuery};
 use crate::transport::{decode, encode};
 
@@ -103,6 +104,13 @@ impl Peer for InternalService {
         self.admit(req.from)?;
         let query: ReadQuery = decode(&req.body).map_err(bad_body)?;
         peer_reply(self.runtime.read_local(req.group, query).await)
+    }
+
+    async fn opmon(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let query: OpmonQuery = decode(&req.body).map_err(bad_body)?;
+        peer_reply(Ok(self.runtime.opmon.query(&query, crate::runtime::now_unix_ms())))
     }
 
     async fn inject_fault(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
