@@ -329,6 +329,22 @@ impl NodeRuntime {
         self.config.node_id
     }
 
+    /// Resolves once a Raft group of this node has stopped on a fatal error (a failed disk
+    /// write or sync: openraft stops a group rather than risk its log), with what stopped it.
+    /// A stopped group never comes back in this process, so the node should exit and be
+    /// restarted: it then recovers from what it had durably written.
+    pub async fn stopped_group(&self) -> (GroupId, String) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            for (group, raft) in self.all_rafts() {
+                if let Err(fatal) = &raft.metrics().borrow().running_state {
+                    return (group, fatal.to_string());
+                }
+            }
+        }
+    }
+
     pub fn raft(&self, group: GroupId) -> Result<&Raft<TypeConfig>, BrokerError> {
         if group == METADATA_GROUP {
             return Ok(&self.meta.raft);

@@ -96,6 +96,10 @@ pub async fn serve(config: NodeConfig, shutdown: impl Future<Output = ()> + Send
     let result = tokio::select! {
         // The servers only end by themselves on a fatal error.
         r = &mut servers => r.map(|_| ()),
+        (group, fatal) = runtime.stopped_group() => {
+            tracing::error!(group, error = %fatal, "a Raft group stopped on a fatal error (a full or failing disk?); exiting so the node restarts and recovers from its log");
+            Err(anyhow::anyhow!("group {group} stopped: {fatal}"))
+        }
         _ = shutdown => {
             tracing::info!("shutting down");
             // Still serving: requests reaching this node are forwarded to the successors.
