@@ -687,7 +687,6 @@ impl Delivered {
     fn delivering(&self, runtime: &NodeRuntime, leased: &[Leased]) {
         let now = now_unix_ms();
         let mut records = Vec::with_capacity(leased.len());
-        let mut per_sender: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
         let mut unacked = self.lock();
         for l in leased {
             let m = DeliveredMessage {
@@ -697,20 +696,13 @@ impl Delivered {
                 accepted_unix_ms: l.message.accepted_unix_ms,
                 attempt: l.attempt,
             };
-            let tally = per_sender.entry(&l.message.sender).or_default();
-            tally.0 += 1;
-            tally.1 += m.payload_bytes;
             records.push(self.record(runtime, ExchangeKind::Deliver, &m, now, None));
             if unacked.len() < MAX_REMEMBERED_DELIVERIES || unacked.contains_key(&l.position) {
                 unacked.insert(l.position, m);
             }
         }
         drop(unacked);
-        for (sender, (messages, bytes)) in per_sender {
-            let labels = [("mailbox", self.mailbox.clone()), ("sender", sender.to_owned())];
-            metrics::counter!("kerwen_delivered_messages_total", &labels).increment(messages);
-            metrics::counter!("kerwen_delivered_bytes_total", &labels).increment(bytes);
-        }
+        self.count(("kerwen_delivered_messages_total", "kerwen_delivered_bytes_total"), &records);
         runtime.opmon.record(records);
     }
 
@@ -729,23 +721,29 @@ impl Delivered {
             positions.iter().filter_map(|p| unacked.remove(p)).collect()
         };
         drop(unacked);
-        let mut per_sender: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
-        for m in &acked {
-            let tally = per_sender.entry(&m.sender).or_default();
-            tally.0 += 1;
-            tally.1 += m.payload_bytes;
-            if fault.is_none() {
-                metrics::histogram!("kerwen_end_to_end_seconds").record(now.saturating_sub(m.accepted_unix_ms).max(0) as f64 / 1000.0);
-            }
-        }
+        let records: Vec<OpRecord> = acked.iter().map(|m| self.record(runtime, ExchangeKind::Ack, m, now, fault.clone())).collect();
         if fault.is_none() {
-            for (sender, (messages, bytes)) in per_sender {
-                let labels = [("mailbox", self.mailbox.clone()), ("sender", sender.to_owned())];
-                metrics::counter!("kerwen_acked_messages_total", &labels).increment(messages);
-                metrics::counter!("kerwen_acked_bytes_total", &labels).increment(bytes);
+            for r in &records {
+                metrics::histogram!("kerwen_end_to_end_seconds").record(r.duration_ms as f64 / 1000.0);
             }
+            self.count(("kerwen_acked_messages_total", "kerwen_acked_bytes_total"), &records);
         }
-        runtime.opmon.record(acked.iter().map(|m| self.record(runtime, ExchangeKind::Ack, m, now, fault.clone())));
+        runtime.opmon.record(records);
+    }
+
+    /// Adds `records` to a pair of per-sender counters of this mailbox: messages and bytes.
+    fn count(&self, (messages_family, bytes_family): (&'static str, &'static str), records: &[OpRecord]) {
+        let mut per_sender: BTreeMap<&str, (u64, u64)> = BTreeMap::new();
+        for r in records {
+            let tally = per_sender.entry(&r.sender).or_default();
+            tally.0 += 1;
+            tally.1 += r.payload_bytes;
+        }
+        for (sender, (messages, bytes)) in per_sender {
+            let labels = [("mailbox", self.mailbox.clone()), ("sender", sender.to_owned())];
+            metrics::counter!(messages_family, &labels).increment(messages);
+            metrics::counter!(bytes_family, &labels).increment(bytes);
+        }
     }
 
     /// Forgets nacked deliveries (they come back as new deliveries).
