@@ -184,7 +184,6 @@ impl OpmonAnswer {
 
 /// The node's buffer of records.
 pub struct OpMonitor {
-    node: NodeId,
     capacity: usize,
     retention_ms: i64,
     records: Mutex<VecDeque<OpRecord>>,
@@ -192,12 +191,8 @@ pub struct OpMonitor {
 
 impl OpMonitor {
     /// A buffer of at most `capacity` records (0 keeps none) younger than `retention_ms`.
-    pub fn new(node: NodeId, capacity: usize, retention_ms: u64) -> Self {
-        Self { node, capacity, retention_ms: i64::try_from(retention_ms).unwrap_or(i64::MAX), records: Mutex::new(VecDeque::new()) }
-    }
-
-    pub fn node(&self) -> NodeId {
-        self.node
+    pub fn new(capacity: usize, retention_ms: u64) -> Self {
+        Self { capacity, retention_ms: i64::try_from(retention_ms).unwrap_or(i64::MAX), records: Mutex::new(VecDeque::new()) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<OpRecord>> {
@@ -293,7 +288,7 @@ mod tests {
 
     #[test]
     fn a_full_buffer_drops_its_oldest_records_and_retention_expires_old_ones() {
-        let monitor = OpMonitor::new(1, 3, 1_000);
+        let monitor = OpMonitor::new(3, 1_000);
         monitor.record((1..=5).map(|i| record(ExchangeKind::Publish, i * 100, &format!("m{i}"), None)));
         let ids: Vec<_> = monitor.query(&all(), 600).records.into_iter().map(|r| r.message_id).collect();
         assert_eq!(ids, ["m3", "m4", "m5"]);
@@ -304,7 +299,7 @@ mod tests {
 
     #[test]
     fn queries_filter_limit_to_the_newest_and_scope_to_a_party() {
-        let monitor = OpMonitor::new(1, 100, u64::MAX);
+        let monitor = OpMonitor::new(100, u64::MAX);
         monitor.record([
             record(ExchangeKind::Publish, 1, "a", None),
             record(ExchangeKind::Publish, 2, "b", Some("PERMISSION_DENIED: no grant")),
@@ -326,7 +321,7 @@ mod tests {
 
     #[test]
     fn merged_answers_keep_the_newest_records_and_add_up_health() {
-        let (one, two) = (OpMonitor::new(1, 10, u64::MAX), OpMonitor::new(2, 10, u64::MAX));
+        let (one, two) = (OpMonitor::new(10, u64::MAX), OpMonitor::new(10, u64::MAX));
         one.record([record(ExchangeKind::Publish, 1, "a", None), record(ExchangeKind::Publish, 5, "c", None)]);
         two.record([OpRecord { node: 2, ..record(ExchangeKind::Publish, 3, "b", Some("UNAVAILABLE: x")) }]);
         let q = OpmonQuery { limit: 2, ..all() };

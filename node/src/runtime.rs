@@ -257,7 +257,7 @@ impl NodeRuntime {
         }
 
         let subscriptions = tokio::sync::watch::channel(0).0;
-        let opmon = OpMonitor::new(config.node_id, config.opmon_records, config.opmon_retention.as_millis() as u64);
+        let opmon = OpMonitor::new(config.opmon_records, config.opmon_retention.as_millis() as u64);
         let runtime = Self {
             opmon,
             config,

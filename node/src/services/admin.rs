@@ -321,10 +321,7 @@ impl Admin for AdminService {
         let caller = auth::caller(&self.runtime, &request)?;
         let req = request.into_inner();
         let info = self.mailbox(&caller, &req.mailbox).await?;
-        let to = if req.to_unix_ms == 0 { now_unix_ms() } else { req.to_unix_ms };
-        if to < req.from_unix_ms {
-            return Err(Status::invalid_argument(format!("the range ends ({to}) before it starts ({})", req.from_unix_ms)));
-        }
+        let to = time_range_end(req.from_unix_ms, req.to_unix_ms, now_unix_ms())?;
         let archives = self.runtime.export_evidence(&info, req.from_unix_ms, to).await.map_err(to_status)?;
         let archives = archives
             .iter()
@@ -375,16 +372,24 @@ impl Admin for AdminService {
     }
 }
 
+/// The end of a `[from, to]` time range a request names (`to` = 0: `open_end`), refused when
+/// it ends before it starts.
+fn time_range_end(from_unix_ms: i64, to_unix_ms: i64, open_end: i64) -> Result<i64, Status> {
+    let to = if to_unix_ms == 0 { open_end } else { to_unix_ms };
+    if to < from_unix_ms {
+        return Err(Status::invalid_argument(format!("the range ends ({to}) before it starts ({from_unix_ms})")));
+    }
+    Ok(to)
+}
+
 /// Checks an operational-data request and makes it a query scoped to `party`.
 fn opmon_query(req: pb::OperationalDataRequest, party: Option<String>) -> Result<OpmonQuery, Status> {
     let kind = match req.kind.as_str() {
         "" => None,
         k => Some(ExchangeKind::parse(k).ok_or_else(|| Status::invalid_argument(format!("kind must be publish, deliver or ack, not {k:?}")))?),
     };
-    let to_unix_ms = if req.to_unix_ms == 0 { i64::MAX } else { req.to_unix_ms };
-    if to_unix_ms < req.from_unix_ms {
-        return Err(Status::invalid_argument(format!("the range ends ({to_unix_ms}) before it starts ({})", req.from_unix_ms)));
-    }
+    // Unbounded rather than now: another node's clock may run a little ahead of this one's.
+    let to_unix_ms = time_range_end(req.from_unix_ms, req.to_unix_ms, i64::MAX)?;
     let limit = match req.limit as usize {
         0 => opmon::DEFAULT_QUERY_LIMIT,
         n if n > opmon::MAX_QUERY_LIMIT => {

@@ -206,8 +206,13 @@ fn to_delivery(l: Leased, encoder: &mut receipts::ReceiptEncoder) -> pb::Subscri
 impl ExchangeService {
     /// Publish, inside its span; `trace_context` is stored with the messages. Also says, per
     /// message, whether it was a duplicate (known only when evidence is on).
-    async fn publish_traced(&self, request: Request<pb::PublishRequest>, trace_context: Option<String>) -> Result<(Response<pb::PublishResponse>, Vec<bool>), Status> {
-        let caller = auth::caller(&self.runtime, &request)?;
+    async fn publish_traced(
+        &self,
+        caller: Result<auth::Caller, Status>,
+        request: Request<pb::PublishRequest>,
+        trace_context: Option<String>,
+    ) -> Result<(Response<pb::PublishResponse>, Vec<bool>), Status> {
+        let caller = caller?;
         let messages = request.into_inner().messages;
         if messages.is_empty() {
             return Err(Status::invalid_argument("empty batch: publish at least one message"));
@@ -314,8 +319,8 @@ impl ExchangeService {
         outcome: &Result<(Response<pb::PublishResponse>, Vec<bool>), Status>,
     ) {
         let node = self.runtime.node_id();
-        let at_unix_ms = started_unix_ms.saturating_add(started.elapsed().as_millis() as i64);
         let duration_ms = started.elapsed().as_millis() as u64;
+        let at_unix_ms = started_unix_ms.saturating_add(duration_ms as i64);
         let record = |(message_id, recipient, payload_bytes): SentMessage| OpRecord {
             kind: ExchangeKind::Publish,
             node,
@@ -401,9 +406,11 @@ impl Exchange for ExchangeService {
         telemetry::set_parent(&span, || telemetry::from_metadata(request.metadata()));
         let trace_context = sent_context.or_else(|| telemetry::traceparent_of(&span));
         let started = (now_unix_ms(), std::time::Instant::now());
-        let client = auth::caller(&self.runtime, &request).map(|c| c.sender()).unwrap_or_default();
+        // The caller is read once, here: its records name it even when it is refused.
+        let caller = auth::caller(&self.runtime, &request);
+        let client = caller.as_ref().map(|c| c.sender()).unwrap_or_default();
         let sent: Vec<SentMessage> = messages.iter().map(|m| (m.id.clone(), m.recipient.clone(), m.payload.len() as u64)).collect();
-        let outcome = self.publish_traced(request, trace_context).instrument(span).await;
+        let outcome = self.publish_traced(caller, request, trace_context).instrument(span).await;
         self.record_publish(client, sent, started, &outcome);
         outcome.map(|(response, _)| response)
     }
