@@ -185,6 +185,8 @@ pub enum Action {
     ManageMailbox(ServiceId),
     /// Grant or revoke `send` on a service.
     ManageAccess(ServiceId),
+    /// Register or retire a subsystem's payload encryption keys (the subsystem itself).
+    ManageKeys(SubsystemId),
     /// Register members, change quotas and groups.
     Administer,
     /// Cluster status and discovery (list clients, services).
@@ -198,6 +200,7 @@ impl fmt::Display for Action {
             Self::Consume(s) => write!(f, "consume {s}"),
             Self::ManageMailbox(s) => write!(f, "manage mailbox {s}"),
             Self::ManageAccess(s) => write!(f, "manage access to {s}"),
+            Self::ManageKeys(s) => write!(f, "manage the encryption keys of {s}"),
             Self::Administer => write!(f, "administer the cluster"),
             Self::Discover => write!(f, "discover"),
         }
@@ -224,6 +227,10 @@ pub struct AccessControl {
     /// The nodes' evidence signing keys (public halves), current and retired: what a verifier
     /// needs to check receipts, kept for as long as evidence is.
     signing_keys: KeyRing,
+    /// Subsystem → its payload encryption keys (X25519 public halves) by key id, current and
+    /// retired: senders seal to the current one; retired ones stay listed so a recipient can
+    /// tell which of its private keys opens a message sealed before the rotation.
+    encryption_keys: BTreeMap<SubsystemId, BTreeMap<String, PublicKeyRecord>>,
 }
 
 impl AccessControl {
@@ -234,6 +241,9 @@ impl AccessControl {
             Principal::Node(_) => deny("node certificates are for node-to-node traffic only"),
             Principal::Admin(_) => match action {
                 Action::Send(_) | Action::Consume(_) => deny("administrators manage the cluster but never send or read mail"),
+                // A key registered by an operator could be one the operator holds the private
+                // half of: sealed payloads would then be readable by whoever runs the cluster.
+                Action::ManageKeys(_) => deny("only the subsystem itself may register its encryption keys"),
                 _ => Ok(()),
             },
             Principal::Subsystem(s) => {
@@ -255,6 +265,8 @@ impl AccessControl {
                             deny("only the owning subsystem may do this")
                         }
                     }
+                    Action::ManageKeys(owner) if owner == s => Ok(()),
+                    Action::ManageKeys(_) => deny("only the subsystem itself may do this"),
                     Action::Administer => deny("only administrators may do this"),
                     Action::Discover => Ok(()),
                 }
@@ -330,6 +342,31 @@ impl AccessControl {
         Some(record.clone())
     }
 
+    /// The encryption keys `subsystem` registered, current and retired, by key id.
+    pub fn encryption_keys(&self, subsystem: &SubsystemId) -> impl Iterator<Item = &PublicKeyRecord> {
+        self.encryption_keys.get(subsystem).into_iter().flat_map(BTreeMap::values)
+    }
+
+    /// Registers a subsystem's encryption key; false when the same key was already registered
+    /// under its id. A different key under a registered id is refused by the caller before this.
+    pub fn register_encryption_key(&mut self, subsystem: &SubsystemId, record: PublicKeyRecord) -> bool {
+        let keys = self.encryption_keys.entry(subsystem.clone()).or_default();
+        let known = keys.get(&record.key_id) == Some(&record);
+        keys.insert(record.key_id.clone(), record);
+        !known
+    }
+
+    /// Sets when a subsystem's encryption key stops being offered to senders (only ever
+    /// earlier); the changed record.
+    pub fn retire_encryption_key(&mut self, subsystem: &SubsystemId, key_id: &str, valid_until_unix_ms: i64) -> Option<PublicKeyRecord> {
+        let record = self.encryption_keys.get_mut(subsystem)?.get_mut(key_id)?;
+        if record.valid_until_unix_ms.is_some_and(|until| until <= valid_until_unix_ms) {
+            return None;
+        }
+        record.valid_until_unix_ms = Some(valid_until_unix_ms);
+        Some(record.clone())
+    }
+
     pub fn put_member(&mut self, record: MemberRecord) {
         self.members.insert(record.subsystem.clone(), record);
     }
@@ -381,6 +418,11 @@ pub enum AccessCommand {
     RegisterSigningKey(PublicKeyRecord),
     /// Ends a signing key's validity (it stays published for verifying what it signed).
     RetireSigningKey { key_id: String, valid_until_unix_ms: i64 },
+    /// Publishes a subsystem's payload encryption key (X25519 public half) for senders to
+    /// seal to (the subsystem must be registered; a key id is never reused for another key).
+    RegisterEncryptionKey { subsystem: SubsystemId, key: PublicKeyRecord },
+    /// Stops offering a subsystem's encryption key to senders; it stays listed.
+    RetireEncryptionKey { subsystem: SubsystemId, key_id: String, valid_until_unix_ms: i64 },
 }
 
 #[cfg(test)]
@@ -464,5 +506,26 @@ mod tests {
         assert!(acl.authorize(&admin, &Action::Consume(mailbox.clone())).is_err());
         assert!(acl.authorize(&Principal::Node(1), &Action::Discover).is_err());
         assert!(acl.authorize(&sender, &Action::Administer).is_err());
+
+        let own_keys = Action::ManageKeys(sub("TM/GOV/MINCOM/registry"));
+        assert!(acl.authorize(&sender, &own_keys).is_ok());
+        assert!(acl.authorize(&owner, &own_keys).is_err(), "another subsystem's keys");
+        assert!(acl.authorize(&admin, &own_keys).is_err(), "operators never choose whom mail is sealed to");
+    }
+
+    #[test]
+    fn encryption_keys_rotate_and_retire() {
+        let mut acl = AccessControl::default();
+        let s = sub("TM/GOV/MINFIN/tax");
+        let key = |id: &str, byte: u8, from: i64| PublicKeyRecord { key_id: id.into(), public_key: [byte; 32], valid_from_unix_ms: from, valid_until_unix_ms: None };
+        assert!(acl.register_encryption_key(&s, key("k1", 1, 10)));
+        assert!(!acl.register_encryption_key(&s, key("k1", 1, 10)), "same key again changes nothing");
+        assert!(acl.register_encryption_key(&s, key("k2", 2, 20)));
+        assert_eq!(acl.retire_encryption_key(&s, "k1", 30).map(|r| r.valid_until_unix_ms), Some(Some(30)));
+        assert_eq!(acl.retire_encryption_key(&s, "k1", 40), None, "retiring never extends validity");
+        assert_eq!(acl.retire_encryption_key(&s, "k9", 40), None);
+        let ids: Vec<_> = acl.encryption_keys(&s).map(|k| (k.key_id.as_str(), k.valid_until_unix_ms)).collect();
+        assert_eq!(ids, [("k1", Some(30)), ("k2", None)]);
+        assert_eq!(acl.encryption_keys(&sub("TM/GOV/MINEDU/schools")).count(), 0);
     }
 }

@@ -350,7 +350,7 @@ pub struct SignedBatch {
 /// Fixed-size byte arrays as lowercase hex in JSON (raw bytes in bincode). Decoding accepts
 /// only lowercase: with uppercase also accepted, flipping a letter's case would change an
 /// archive's bytes and not its meaning, and a verifier promises that any change is caught.
-pub(crate) mod hex_bytes {
+pub mod hex_bytes {
     use serde::{Deserialize, Deserializer, Serializer};
 
     pub fn serialize<S: Serializer, const N: usize>(bytes: &[u8; N], s: S) -> Result<S::Ok, S::Error> {
@@ -423,7 +423,7 @@ impl<'de, T, F: FnOnce(&[u8]) -> Option<T>> serde::de::Visitor<'de> for BytesVis
 }
 
 /// Strict lowercase hex of exactly `N` bytes.
-fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
+pub(crate) fn parse_hex<const N: usize>(text: &str) -> Option<[u8; N]> {
     if text.len() != 2 * N || !text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
         return None;
     }

@@ -8,6 +8,7 @@
 //!   machines of the metadata group and the data shards.
 //! - [`delivery`]: leader-local leases of delivered messages.
 //! - [`proposer`]: coalesces concurrent writes to a Raft group into one log entry.
+//! - [`request`]: asynchronous request/reply: reserved headers and the checks on a reply.
 //! - [`error`]: the broker's error type.
 //!
 //! Architecture invariant: this crate never touches tonic or the network. Transport is the
@@ -20,6 +21,7 @@ pub mod error;
 pub mod ids;
 pub mod model;
 pub mod proposer;
+pub mod request;
 pub mod storage;
 
 pub use error::{BrokerError, Result};

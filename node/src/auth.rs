@@ -19,6 +19,14 @@ pub enum Caller {
 }
 
 impl Caller {
+    /// The subsystem calling (`None` for admins, nodes and anonymous callers).
+    pub fn subsystem(&self) -> Option<&kerwen_broker::ids::SubsystemId> {
+        match self {
+            Caller::Authenticated(Principal::Subsystem(s)) => Some(s),
+            _ => None,
+        }
+    }
+
     /// What a message published by this caller records as its sender.
     pub fn sender(&self) -> String {
         match self {

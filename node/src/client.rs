@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use kerwen_proto::v1::access_client::AccessClient;
 use kerwen_proto::v1::admin_client::AdminClient;
-use kerwen_proto::v1::{AddMemberRequest, GrantRequest, Member, Quota};
+use kerwen_proto::v1::{AddMemberRequest, EncryptionKey, GrantRequest, ListEncryptionKeysRequest, Member, Quota};
 use kerwen_proto::v1::exchange_client::ExchangeClient;
 use kerwen_proto::v1::{
     subscribe_request, subscribe_response, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest, DeadLetter,
@@ -143,6 +143,31 @@ impl Client {
             async move { AccessClient::new(ch).revoke(req).await.map(|r| r.into_inner().changed) }
         })
         .await
+    }
+
+    /// The encryption keys `subsystem` registered, current and retired.
+    pub async fn encryption_keys(&mut self, subsystem: &str) -> Result<Vec<EncryptionKey>, Status> {
+        let req = ListEncryptionKeysRequest { subsystem: subsystem.to_owned() };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AccessClient::new(ch).list_encryption_keys(req).await.map(|r| r.into_inner().keys) }
+        })
+        .await
+    }
+
+    /// Seals `payload` to the current encryption key of the subsystem that owns the service
+    /// `recipient` (see [`crate::sealed`]). `FAILED_PRECONDITION` when it registered none.
+    pub async fn seal_for(&mut self, recipient: &str, payload: &[u8]) -> Result<Vec<u8>, Status> {
+        let service: kerwen_broker::ids::ServiceId =
+            recipient.parse().map_err(|e| Status::invalid_argument(format!("recipient {recipient}: {e}")))?;
+        let keys = self.encryption_keys(&service.subsystem.to_string()).await?;
+        let current = keys.iter().filter(|k| k.valid_until_unix_ms.is_none()).max_by_key(|k| (k.valid_from_unix_ms, k.key_id.clone()));
+        let key = current.ok_or_else(|| {
+            Status::failed_precondition(format!("{} has no current encryption key (kerwen keys generate, as that subsystem)", service.subsystem))
+        })?;
+        let public_key: [u8; 32] =
+            key.public_key.as_ref().try_into().map_err(|_| Status::internal(format!("encryption key {} is not 32 bytes", key.key_id)))?;
+        crate::sealed::seal(recipient, &key.key_id, &public_key, payload).map_err(|e| Status::internal(e.to_string()))
     }
 
     /// Switches to the next reachable endpoint after the current one failed.

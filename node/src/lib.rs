@@ -5,7 +5,8 @@
 //! - [`transport`]: node-to-node gRPC (openraft network, forwarding, fault filter).
 //! - [`services`]: the gRPC services (`Exchange`, `Admin`, internal `Raft`/`Peer`).
 //! - [`server`]: wiring of the services into the client and peer servers.
-//! - [`client`]: the Rust client (CLI, tests, load generator).
+//! - [`client`]: the Rust client (CLI, tests, load generator); [`request_reply`]: its
+//!   asynchronous request/reply; [`sealed`]: payloads sealed to the recipient (HPKE).
 //! - [`cli`]: client commands; [`profile`]: where the CLI finds the cluster and its certificate; [`dev`]: the local development cluster.
 //! - [`tls`]: mutual TLS on both ports, certificate reload; [`pki`]: dev/test certificates.
 //! - [`auth`]: the caller's identity and the access check at the edge; [`quota`]: publish
@@ -28,7 +29,9 @@ pub mod pki;
 pub mod profile;
 pub mod quota;
 pub mod receipts;
+pub mod request_reply;
 pub mod runtime;
+pub mod sealed;
 pub mod server;
 pub mod signing;
 pub mod services;

@@ -31,6 +31,11 @@ enum Command {
     /// Publish one message (payload from --data, --file or standard input). Files over 4 MiB
     /// are uploaded in chunks, resuming after failures.
     Publish(PublishArgs),
+    /// Send a request to a provider's service and wait for its reply (asynchronous
+    /// request/reply: the reply comes to one of the caller's own mailboxes).
+    Request(kerwen_node::cli::request::RequestArgs),
+    /// Answer the requests waiting in one of the caller's mailboxes, each with the same payload.
+    Reply(kerwen_node::cli::request::ReplyArgs),
     /// Download the chunked payload of a delivered message to a file (resumes a partial file).
     Download(DownloadArgs),
     /// Consume (and ack) messages from a mailbox.
@@ -79,6 +84,11 @@ enum Command {
         #[command(subcommand)]
         command: EvidenceCommand,
     },
+    /// The calling subsystem's payload encryption keys (`publish --seal` seals to them).
+    Keys {
+        #[command(subcommand)]
+        command: kerwen_node::cli::keys::KeysCommand,
+    },
 }
 
 #[tokio::main]
@@ -99,6 +109,8 @@ async fn main() {
         Command::Mailbox { command } => cli::mailbox(&cli.client, command).await,
         Command::Publish(args) => cli::publish(&cli.client, args).await,
         Command::Consume(args) => cli::consume(&cli.client, args).await,
+        Command::Request(args) => cli::request::request(&cli.client, args).await,
+        Command::Reply(args) => cli::request::reply(&cli.client, args).await,
         Command::Download(args) => cli::download(&cli.client, args).await,
         Command::Dlq { command } => cli::dlq(&cli.client, command).await,
         Command::Status => cli::status(&cli.client).await,
@@ -111,6 +123,7 @@ async fn main() {
         Command::Whoami => cli::access::whoami(&cli.client).await,
         Command::Certs { command } => cli::access::certs(&cli.client, command),
         Command::Evidence { command } => cli::access::evidence(&cli.client, command).await,
+        Command::Keys { command } => cli::keys::keys(&cli.client, command).await,
     };
     telemetry.shutdown().await;
     if let Err(e) = result {

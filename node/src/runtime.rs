@@ -89,6 +89,8 @@ pub enum ReadQuery {
     Access,
     /// Data shard: the evidence of a mailbox's messages accepted in a time range.
     Evidence { mailbox: MailboxId, from_unix_ms: i64, to_unix_ms: i64 },
+    /// Data shard: what a reply to request `id` of a mailbox is checked against.
+    Request { mailbox: MailboxId, id: String },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -103,6 +105,7 @@ pub enum ReadAnswer {
     Authorized(Result<(), Denied>),
     Access(AccessControl),
     Evidence(Option<Archive>),
+    Request(Option<kerwen_broker::request::RequestRecord>),
 }
 
 /// Most messages one shard exports in one archive.
@@ -712,6 +715,7 @@ impl NodeRuntime {
             ReadQuery::Evidence { mailbox, from_unix_ms, to_unix_ms } => Ok(ReadAnswer::Evidence(
                 self.shard(group)?.view.export(mailbox, from_unix_ms, to_unix_ms, MAX_EXPORT_MESSAGES)?,
             )),
+            ReadQuery::Request { mailbox, id } => Ok(ReadAnswer::Request(self.shard(group)?.view.request(mailbox, &id)?)),
         }
     }
 

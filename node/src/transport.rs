@@ -1,6 +1,6 @@
 //! Node-to-node transport: one lazily connected gRPC channel per peer, shared by every Raft
 //! group and by request forwarding; openraft's `RaftNetwork` on top of it; and the fault
-//! filter used by tests to partition nodes.
+//! filter used by tests to partition nodes (and their wire tap).
 //!
 //! Internal bodies are bincode of broker/openraft types (see `proto/kerwen/v1/internal.proto`).
 
@@ -70,7 +70,14 @@ pub struct Peers {
     /// The node's TLS material (`None` with `--insecure`): peers are dialled with its
     /// certificate; a rotation drops the cached channels so new ones present the new one.
     tls: Option<Arc<NodeTls>>,
+    /// Test hook, only with fault injection: the file named by [`WIRE_TAP_ENV`], to which
+    /// every internal request body this node sends and every reply body it receives is
+    /// appended, so a test can search what crossed the wire (inside the TLS records).
+    wire_tap: Option<Mutex<std::fs::File>>,
 }
+
+/// Names the wire-tap file of a node started with `--enable-fault-injection`.
+pub const WIRE_TAP_ENV: &str = "KERWEN_TEST_WIRE_TAP";
 
 impl Peers {
     pub fn new(me: NodeId, addresses: BTreeMap<NodeId, String>, fault_injection: bool, tls: Option<Arc<NodeTls>>) -> Arc<Self> {
@@ -81,6 +88,7 @@ impl Peers {
             blocked: RwLock::new(HashSet::new()),
             fault_injection,
             tls,
+            wire_tap: fault_injection.then(open_wire_tap).flatten(),
         });
         if let Some(tls) = &peers.tls {
             let mut changes = tls.changes();
@@ -153,6 +161,15 @@ impl Peers {
         Ok(ch)
     }
 
+    fn tap(&self, bytes: &[u8]) {
+        if let Some(file) = &self.wire_tap {
+            let mut file = file.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = std::io::Write::write_all(&mut *file, bytes) {
+                tracing::warn!(error = %e, "wire tap: write failed");
+            }
+        }
+    }
+
     fn check_reachable(&self, node: NodeId) -> Result<(), BrokerError> {
         if self.is_blocked(node) {
             return Err(BrokerError::Unavailable(format!("node {node} is cut off (fault injection)")));
@@ -173,7 +190,9 @@ impl Peers {
         let mut client = PeerClient::new(self.channel(node)?)
             .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES);
-        let mut request = tonic::Request::new(PeerRequest { group, from: self.me, body: encode(body)?.into() });
+        let body = encode(body)?;
+        self.tap(&body);
+        let mut request = tonic::Request::new(PeerRequest { group, from: self.me, body: body.into() });
         request.set_timeout(timeout);
         let reply: Result<tonic::Response<PeerReply>, tonic::Status> = match method {
             PeerMethod::Write => client.write(request).await,
@@ -181,8 +200,23 @@ impl Peers {
             PeerMethod::Read => client.read(request).await,
             PeerMethod::Opmon => client.opmon(request).await,
         };
-        let reply = reply.map_err(|s| BrokerError::Unavailable(format!("node {node}: {}", s.message())))?;
-        decode::<Result<Resp, BrokerError>>(&reply.into_inner().body)?
+        let reply = reply.map_err(|s| BrokerError::Unavailable(format!("node {node}: {}", s.message())))?.into_inner();
+        self.tap(&reply.body);
+        decode::<Result<Resp, BrokerError>>(&reply.body)?
+    }
+}
+
+fn open_wire_tap() -> Option<Mutex<std::fs::File>> {
+    let path = std::env::var_os(WIRE_TAP_ENV)?;
+    match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+        Ok(file) => {
+            tracing::warn!(path = %std::path::Path::new(&path).display(), "fault injection: internal traffic is copied to a wire tap");
+            Some(Mutex::new(file))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "fault injection: cannot open the wire tap");
+            None
+        }
     }
 }
 
@@ -244,6 +278,7 @@ impl RaftConnection {
             .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES);
         let body = encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.peers.tap(&body);
         let mut request = tonic::Request::new(RaftRequest { group: self.group, from: self.peers.me(), body: body.into() });
         request.set_timeout(option.hard_ttl());
         let reply: Result<tonic::Response<RaftReply>, tonic::Status> = match method {
@@ -251,9 +286,10 @@ impl RaftConnection {
             RaftMethod::Vote => client.vote(request).await,
             RaftMethod::InstallSnapshot => client.install_snapshot(request).await,
         };
-        let reply = reply.map_err(|s| unreachable(BrokerError::Unavailable(s.message().to_owned())))?;
+        let reply = reply.map_err(|s| unreachable(BrokerError::Unavailable(s.message().to_owned())))?.into_inner();
+        self.peers.tap(&reply.body);
         let result: Result<Resp, RaftError<NodeId, E>> =
-            decode(&reply.into_inner().body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+            decode(&reply.body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }

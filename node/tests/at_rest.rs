@@ -7,7 +7,6 @@
 mod harness;
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -20,27 +19,6 @@ const MESSAGES: usize = 24;
 
 fn canary() -> String {
     format!("KERWEN-AT-REST-CANARY-{:016x}", rand::random::<u64>())
-}
-
-/// Files under `dir` that contain `needle`.
-fn files_containing(dir: &Path, needle: &[u8]) -> Result<Vec<String>> {
-    let mut pending = vec![dir.to_path_buf()];
-    let (mut found, mut files) = (Vec::new(), 0);
-    while let Some(path) = pending.pop() {
-        if path.is_dir() {
-            for entry in std::fs::read_dir(&path).with_context(|| format!("listing {}", path.display()))? {
-                pending.push(entry?.path());
-            }
-        } else {
-            files += 1;
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            if bytes.windows(needle.len()).any(|w| w == needle) {
-                found.push(path.display().to_string());
-            }
-        }
-    }
-    ensure!(files > 0, "no files under {}", dir.display());
-    Ok(found)
 }
 
 /// Publishes `MESSAGES` canary messages, one entry each, consumes them all through node 2,

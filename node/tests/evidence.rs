@@ -125,20 +125,6 @@ fn the_cli_verifies_receipts_and_archives_offline() -> Result<()> {
 
 const MAILBOX: &str = "TM/GOV/MINCOM/registry/certificates";
 
-/// The cluster's published keys, as a verifier would fetch them once and trust them.
-async fn trusted_keys(cluster: &ProcessCluster) -> Result<kerwen_broker::evidence::KeyRing> {
-    use kerwen_broker::evidence::{KeyRing, PublicKeyRecord};
-    let client = cluster.client(1).await?;
-    let keys = client.access().list_signing_keys(kerwen_proto::v1::ListSigningKeysRequest {}).await?.into_inner().keys;
-    let mut ring = KeyRing::default();
-    for k in keys {
-        let public_key: [u8; 32] = k.public_key.as_ref().try_into().context("a 32-byte key")?;
-        let record = PublicKeyRecord { key_id: k.key_id.clone(), public_key, valid_from_unix_ms: k.valid_from_unix_ms, valid_until_unix_ms: k.valid_until_unix_ms };
-        ring.keys.insert(k.key_id, record);
-    }
-    Ok(ring)
-}
-
 /// Flips one random byte (to a random other value) at `count` random places of `bytes`, one
 /// place at a time, and checks that `verifies` refuses every variant.
 fn every_flip_is_caught(what: &str, bytes: &[u8], count: usize, verifies: impl Fn(&[u8]) -> bool) -> Result<()> {
@@ -163,7 +149,7 @@ async fn receipts_of_publish_delivery_and_ack_verify_offline_and_outlive_the_pay
     harness::create_mailbox(&cluster, 1, MAILBOX, 2).await?;
     harness::wait_mailbox_known(&cluster, MAILBOX).await?;
     let keys = eventually("three published signing keys", Duration::from_secs(30), || async {
-        let keys = trusted_keys(&cluster).await?;
+        let keys = harness::trusted_keys(&cluster).await?;
         ensure!(keys.keys.len() == 3, "published so far: {:?}", keys.keys.keys().collect::<Vec<_>>());
         Ok(Some(keys))
     })
@@ -308,7 +294,7 @@ async fn receipts_signed_before_and_after_a_key_rotation_verify_and_a_foreign_ke
     ensure!(retired.contains(&before.batch.header.key_id), "the first receipt was signed by a key now retired");
     ensure!(!retired.contains(&after.batch.header.key_id), "the second receipt was signed by a new key");
 
-    let keys = trusted_keys(&cluster).await?;
+    let keys = harness::trusted_keys(&cluster).await?;
     before.verify_message(&before_facts, &keys).context("the receipt signed with the retired key")?;
     after.verify_message(&after_facts, &keys).context("the receipt signed with the new key")?;
     ensure!(keys.keys[&before.batch.header.key_id].valid_until_unix_ms.is_some(), "the old key is retired, still published");

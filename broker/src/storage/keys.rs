@@ -56,6 +56,8 @@ pub const KIND_CHAIN_HEAD: u8 = b'H';
 pub const KIND_EVIDENCE_BYTES: u8 = b'Z';
 /// Metadata group: a published evidence signing key (`K/key id`).
 pub const KIND_SIGNING_KEY: u8 = b'K';
+/// Metadata group: a subsystem's payload encryption key (`k/subsystem 0 key id`).
+pub const KIND_ENCRYPTION_KEY: u8 = b'k';
 /// Metadata group: a registered subsystem (`M/subsystem`).
 pub const KIND_MEMBER: u8 = b'M';
 /// Metadata group: a send grant (`g/service 0 grantee`).

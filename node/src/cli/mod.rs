@@ -20,7 +20,9 @@ use crate::profile::Profile;
 use crate::tls::TlsFiles;
 
 pub mod access;
+pub mod keys;
 pub mod opmon;
+pub mod request;
 
 /// Where and how to talk to the cluster. Without flags, the client profile says it (see
 /// [`crate::profile`]; `kerwen dev` writes one).
@@ -49,6 +51,10 @@ pub struct ClientOpts {
     /// Plaintext, for a cluster run with `--insecure`.
     #[arg(long, env = "KERWEN_INSECURE", global = true)]
     pub insecure: bool,
+    /// Directory of the subsystems' private encryption keys (sealed payloads) [default: the
+    /// profile's PKI directory's `sealing-keys`, else beside the profile].
+    #[arg(long, env = "KERWEN_KEYS_DIR", global = true)]
+    pub keys_dir: Option<PathBuf>,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -63,6 +69,22 @@ impl ClientOpts {
                 _ => Ok(None),
             },
         }
+    }
+
+    /// The local key store of private encryption keys (see [`crate::sealed::KeyStore`]).
+    pub fn key_store(&self) -> anyhow::Result<crate::sealed::KeyStore> {
+        let dir = match &self.keys_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                let profile = self.load_profile()?;
+                match (profile.and_then(|p| p.pki_dir), self.profile.clone().or_else(crate::profile::default_path)) {
+                    (Some(pki), _) => pki.join("sealing-keys"),
+                    (None, Some(path)) => path.parent().map(|d| d.join("sealing-keys")).context("the profile path has no directory")?,
+                    (None, None) => bail!("no key store: give --keys-dir (or KERWEN_KEYS_DIR)"),
+                }
+            }
+        };
+        Ok(crate::sealed::KeyStore::load(&dir)?)
     }
 
     /// The endpoints and TLS settings these options and the profile resolve to.
@@ -200,6 +222,10 @@ pub struct PublishArgs {
     /// to this file, for `kerwen evidence verify`.
     #[arg(long)]
     pub receipt: Option<PathBuf>,
+    /// Seal the payload to the recipient subsystem's current encryption key (HPKE): the
+    /// cluster stores and delivers bytes only the recipient can read.
+    #[arg(long)]
+    pub seal: bool,
 }
 
 #[derive(Debug, Args)]
@@ -335,7 +361,7 @@ pub async fn mailbox(opts: &ClientOpts, cmd: MailboxCommand) -> anyhow::Result<(
     Ok(())
 }
 
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
@@ -408,6 +434,9 @@ async fn publish_chunked(opts: &ClientOpts, message: pb::Message, path: &std::pa
 pub async fn publish(opts: &ClientOpts, args: PublishArgs) -> anyhow::Result<()> {
     if let Some(path) = &args.file {
         let size = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
+        if size > INLINE_PAYLOAD_MAX && args.seal {
+            return publish_sealed_file(opts, &args, path).await;
+        }
         if size > INLINE_PAYLOAD_MAX {
             let message = message_of(&args, Vec::new())?;
             let r = publish_chunked(opts, message, path, size).await?;
@@ -415,17 +444,10 @@ pub async fn publish(opts: &ClientOpts, args: PublishArgs) -> anyhow::Result<()>
             return Ok(());
         }
     }
-    let payload = match (&args.data, &args.file) {
-        (Some(data), _) => data.clone().into_bytes(),
-        (None, Some(path)) => std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
-        (None, None) => {
-            let mut buf = Vec::new();
-            std::io::stdin().read_to_end(&mut buf).context("reading standard input")?;
-            buf
-        }
-    };
-    let message = message_of(&args, payload)?;
+    let payload = read_payload(args.data.as_deref(), args.file.as_deref())?;
     let mut client = connect(opts).await?;
+    let payload = if args.seal { client.seal_for(&args.to, &payload).await.map_err(status_error)? } else { payload };
+    let message = message_of(&args, payload)?;
     let response = client.publish(vec![message.clone()]).await.map_err(status_error)?;
     for r in &response.results {
         if let Some(path) = &args.receipt {
@@ -433,6 +455,33 @@ pub async fn publish(opts: &ClientOpts, args: PublishArgs) -> anyhow::Result<()>
         }
         print_published(opts, &args.to, r);
     }
+    Ok(())
+}
+
+/// A payload given inline, else read from a file, else from standard input.
+pub(crate) fn read_payload(data: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
+    match (data, file) {
+        (Some(data), _) => Ok(data.as_bytes().to_vec()),
+        (None, Some(path)) => std::fs::read(path).with_context(|| format!("reading {}", path.display())),
+        (None, None) => {
+            let mut buf = Vec::new();
+            std::io::stdin().read_to_end(&mut buf).context("reading standard input")?;
+            Ok(buf)
+        }
+    }
+}
+
+/// Seals a large file into a temporary file (mode 0600, removed afterwards) and uploads it in chunks.
+async fn publish_sealed_file(opts: &ClientOpts, args: &PublishArgs, path: &std::path::Path) -> anyhow::Result<()> {
+    let plaintext = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let sealed = connect(opts).await?.seal_for(&args.to, &plaintext).await.map_err(status_error)?;
+    drop(plaintext);
+    let temp = std::env::temp_dir().join(format!("kerwen-sealed-{}", random_id()));
+    crate::pki::write_file(&temp, &sealed, 0o600)?;
+    let message = message_of(args, Vec::new())?;
+    let result = publish_chunked(opts, message, &temp, sealed.len() as u64).await;
+    let _ = std::fs::remove_file(&temp);
+    print_published(opts, &args.to, &result?);
     Ok(())
 }
 
@@ -523,7 +572,33 @@ async fn save_large(client: &mut Client, dir: &std::path::Path, d: &pb::Delivery
     Ok(())
 }
 
-fn print_delivery(json_output: bool, d: &pb::Delivery) {
+/// What became of a sealed payload on delivery.
+pub(crate) enum Unsealed {
+    Opened { key_id: String },
+    Closed { reason: String },
+}
+
+/// Opens a sealed inline payload in place when the key store holds the recipient's key.
+pub(crate) fn unseal(store: Result<&crate::sealed::KeyStore, &anyhow::Error>, d: &mut pb::Delivery) -> Option<Unsealed> {
+    let m = d.message.as_mut()?;
+    if !crate::sealed::is_sealed(&m.payload) {
+        return None;
+    }
+    let subsystem = m.recipient.parse::<kerwen_broker::ids::ServiceId>().ok()?.subsystem.to_string();
+    let store = match store {
+        Ok(store) => store,
+        Err(e) => return Some(Unsealed::Closed { reason: format!("{e:#}") }),
+    };
+    Some(match store.open(&subsystem, &m.recipient, &m.payload) {
+        Ok(opened) => {
+            m.payload = opened.plaintext.into();
+            Unsealed::Opened { key_id: opened.key_id }
+        }
+        Err(e) => Unsealed::Closed { reason: e.to_string() },
+    })
+}
+
+fn print_delivery(json_output: bool, d: &pb::Delivery, sealed: Option<&Unsealed>) {
     let m = d.message.clone().unwrap_or_default();
     let pos = d.position.unwrap_or_default();
     let text = std::str::from_utf8(&m.payload).ok();
@@ -544,6 +619,11 @@ fn print_delivery(json_output: bool, d: &pb::Delivery) {
         if let Some(dl) = &d.dead_letter {
             v["dead_letter"] = dead_letter_json(dl);
         }
+        match sealed {
+            Some(Unsealed::Opened { key_id }) => v["sealed"] = json!({"opened": true, "key_id": key_id}),
+            Some(Unsealed::Closed { reason }) => v["sealed"] = json!({"opened": false, "reason": reason}),
+            None => {}
+        }
         match text {
             Some(t) => v["payload_utf8"] = json!(t),
             None => v["payload_hex"] = json!(hex(&m.payload)),
@@ -559,7 +639,14 @@ fn print_delivery(json_output: bool, d: &pb::Delivery) {
                 partition_name(pos.partition),
                 pos.sequence
             ),
-            None => text.map(|t| t.trim_end().to_owned()).unwrap_or_else(|| format!("<{} bytes of binary>", m.payload.len())),
+            None => match sealed {
+                Some(Unsealed::Closed { reason }) => format!("<{} bytes sealed: {reason}>", m.payload.len()),
+                _ => text.map(|t| t.trim_end().to_owned()).unwrap_or_else(|| format!("<{} bytes of binary>", m.payload.len())),
+            },
+        };
+        let body = match sealed {
+            Some(Unsealed::Opened { key_id }) => format!("(sealed, key {key_id}) {body}"),
+            _ => body,
         };
         let reason = d.dead_letter.as_ref().map(|dl| format!(" dead letter: {}", dl.reason)).unwrap_or_default();
         let sender = if m.sender.is_empty() { String::new() } else { format!(" from {}", m.sender) };
@@ -579,6 +666,8 @@ pub async fn consume(opts: &ClientOpts, args: ConsumeArgs) -> anyhow::Result<()>
         bail!("--count must be at least 1");
     }
     let credits = args.count.unwrap_or(256).min(256) as u32;
+    // Needed only if a sealed payload arrives; a missing store is reported then.
+    let keys = opts.key_store();
     let mut client = connect(opts).await?;
     let mut sub = client.subscribe_to(&args.from, credits, args.dead_letters).await.map_err(status_error)?;
     let idle = args.timeout_secs.map(Duration::from_secs).unwrap_or(Duration::from_secs(u64::MAX / 4));
@@ -593,8 +682,9 @@ pub async fn consume(opts: &ClientOpts, args: ConsumeArgs) -> anyhow::Result<()>
             _ = tokio::signal::ctrl_c() => break,
         };
         match event {
-            Ok(Some(Event::Delivery(d))) => {
+            Ok(Some(Event::Delivery(mut d))) => {
                 received += 1;
+                let sealed = unseal(keys.as_ref(), &mut d);
                 // Continues the message's trace when this process exports traces.
                 let span = tracing::info_span!(
                     "process",
@@ -608,7 +698,7 @@ pub async fn consume(opts: &ClientOpts, args: ConsumeArgs) -> anyhow::Result<()>
                 );
                 crate::telemetry::set_parent(&span, || d.traceparent.as_deref().and_then(|tp| crate::telemetry::from_traceparent(tp, None)));
                 async {
-                    print_delivery(opts.json, &d);
+                    print_delivery(opts.json, &d, sealed.as_ref());
                     if let Some(dir) = &args.save_dir {
                         save_large(&mut client, dir, &d).await?;
                     }

@@ -1,10 +1,12 @@
-//! `kerwen.v1.Access`: the member registry, send grants, subsystem groups, and discovery in
+//! `kerwen.v1.Access`: the member registry, send grants, subsystem groups, the subsystems'
+//! payload encryption keys (for sealed payloads, see `crate::sealed`), and discovery in
 //! the manner of X-Road's metaservices (`listClients`, `listMethods`, `allowedMethods`).
 //! Every change is a metadata-group command; every listing reads the metadata leader.
 
 use std::sync::Arc;
 
 use kerwen_broker::access::{AccessCommand, AccessControl, Action, Grantee, MemberRecord, Principal, SubsystemQuota};
+use kerwen_broker::evidence::PublicKeyRecord;
 use kerwen_broker::ids::{ServiceId, SubsystemId};
 use kerwen_broker::model::{Command, CommandResult, METADATA_GROUP};
 use kerwen_proto::v1 as pb;
@@ -75,6 +77,13 @@ impl AccessService {
         self.runtime.access().await.map_err(to_status)
     }
 
+    async fn encryption_key(&self, subsystem: &SubsystemId, key_id: &str) -> Result<pb::EncryptionKey, Status> {
+        let acl = self.acl().await?;
+        let key = acl.encryption_keys(subsystem).find(|k| k.key_id == key_id);
+        key.map(|k| to_proto_encryption_key(subsystem, k))
+            .ok_or_else(|| Status::not_found(format!("{subsystem} has no encryption key {key_id}")))
+    }
+
     async fn member(&self, subsystem: &SubsystemId) -> Result<pb::Member, Status> {
         let acl = self.acl().await?;
         acl.member(subsystem).map(to_proto_member).ok_or_else(|| Status::not_found(format!("subsystem {subsystem} is not registered")))
@@ -92,6 +101,21 @@ fn grantee(value: &str) -> Result<Grantee, Status> {
 fn group_name(value: &str) -> Result<String, Status> {
     kerwen_broker::access::validate_name(value).map_err(|e| Status::invalid_argument(format!("group: {e}")))?;
     Ok(value.to_owned())
+}
+
+fn key_id(value: &str) -> Result<String, Status> {
+    kerwen_broker::access::validate_name(value).map_err(|e| Status::invalid_argument(format!("key_id: {e}")))?;
+    Ok(value.to_owned())
+}
+
+fn to_proto_encryption_key(subsystem: &SubsystemId, k: &PublicKeyRecord) -> pb::EncryptionKey {
+    pb::EncryptionKey {
+        subsystem: subsystem.to_string(),
+        key_id: k.key_id.clone(),
+        public_key: k.public_key.to_vec().into(),
+        valid_from_unix_ms: k.valid_from_unix_ms,
+        valid_until_unix_ms: k.valid_until_unix_ms,
+    }
 }
 
 fn quota(q: Option<pb::Quota>) -> SubsystemQuota {
@@ -236,6 +260,47 @@ impl Access for AccessService {
             })
             .collect();
         Ok(Response::new(pb::ListSigningKeysResponse { keys }))
+    }
+
+    async fn register_encryption_key(
+        &self,
+        request: Request<pb::RegisterEncryptionKeyRequest>,
+    ) -> Result<Response<pb::EncryptionKey>, Status> {
+        let subsystem = subsystem_id("subsystem", &request.get_ref().subsystem)?;
+        let caller = self.allow(&request, || Ok(Action::ManageKeys(subsystem.clone()))).await?;
+        let req = request.into_inner();
+        let key_id = key_id(&req.key_id)?;
+        let public_key: [u8; 32] = req.public_key.as_ref().try_into().map_err(|_| {
+            Status::invalid_argument(format!("public_key: an X25519 public key is 32 bytes, not {}", req.public_key.len()))
+        })?;
+        let key = PublicKeyRecord { key_id, public_key, valid_from_unix_ms: now_unix_ms(), valid_until_unix_ms: None };
+        let changed = self.change(AccessCommand::RegisterEncryptionKey { subsystem: subsystem.clone(), key: key.clone() }).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %subsystem, key_id = %key.key_id, changed, "encryption key registered");
+        self.encryption_key(&subsystem, &key.key_id).await.map(Response::new)
+    }
+
+    async fn retire_encryption_key(
+        &self,
+        request: Request<pb::RetireEncryptionKeyRequest>,
+    ) -> Result<Response<pb::EncryptionKey>, Status> {
+        let subsystem = subsystem_id("subsystem", &request.get_ref().subsystem)?;
+        let caller = self.allow(&request, || Ok(Action::ManageKeys(subsystem.clone()))).await?;
+        let key_id = key_id(&request.get_ref().key_id)?;
+        let cmd = AccessCommand::RetireEncryptionKey { subsystem: subsystem.clone(), key_id: key_id.clone(), valid_until_unix_ms: now_unix_ms() };
+        let changed = self.change(cmd).await?;
+        tracing::info!(target: "kerwen::audit", %caller, %subsystem, %key_id, changed, "encryption key retired");
+        self.encryption_key(&subsystem, &key_id).await.map(Response::new)
+    }
+
+    async fn list_encryption_keys(
+        &self,
+        request: Request<pb::ListEncryptionKeysRequest>,
+    ) -> Result<Response<pb::ListEncryptionKeysResponse>, Status> {
+        self.allow(&request, || Ok(Action::Discover)).await?;
+        let subsystem = subsystem_id("subsystem", &request.get_ref().subsystem)?;
+        let acl = self.acl().await?;
+        let keys = acl.encryption_keys(&subsystem).map(|k| to_proto_encryption_key(&subsystem, k)).collect();
+        Ok(Response::new(pb::ListEncryptionKeysResponse { keys }))
     }
 
     async fn who_am_i(&self, request: Request<pb::WhoAmIRequest>) -> Result<Response<pb::WhoAmIResponse>, Status> {

@@ -11,7 +11,7 @@
 //! extensions are replicated through the shard's Raft log; when the stream ends, the
 //! consumer's remaining leases are released for redelivery.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +21,7 @@ use tracing::Instrument;
 use sha2::{Digest, Sha256};
 use kerwen_broker::access::Action;
 use kerwen_broker::ids::ServiceId;
+use kerwen_broker::request;
 use kerwen_broker::model::{
     AttemptOutcome, Command, CommandResult, DeadLetter, GroupId, Leased, MailboxInfo, NewMessage, Position, SettleAction,
     StoredMessage,
@@ -36,7 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::auth;
 use crate::opmon::{ExchangeKind, OpRecord};
 use crate::receipts;
-use crate::runtime::{now_unix_ms, FetchArgs, NodeRuntime};
+use crate::runtime::{now_unix_ms, FetchArgs, NodeRuntime, ReadAnswer, ReadQuery};
 use crate::status::to_status;
 use crate::telemetry;
 
@@ -231,7 +232,16 @@ impl ExchangeService {
         let mut mailboxes: BTreeMap<String, MailboxInfo> = BTreeMap::new();
         // Messages and payload bytes per recipient, for the publish metrics.
         let mut per_mailbox: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+        let mut may_send: BTreeSet<String> = BTreeSet::new();
         for m in &messages {
+            // A reply is allowed by the request it answers; anything else needs a grant.
+            if !self.is_valid_reply(&caller, m).await? && !may_send.contains(&m.recipient) {
+                auth::authorize(&self.runtime, &caller, Action::Send(auth::service_id("recipient", &m.recipient)?)).await?;
+                may_send.insert(m.recipient.clone());
+            }
+            if let Some(reply_to) = request::reply_to_of(&m.headers, caller.subsystem()).map_err(to_status)? {
+                self.runtime.mailbox(&reply_to.to_string()).await.map_err(to_status)?;
+            }
             let bytes = m.payload.len() as u64;
             match per_mailbox.get_mut(&m.recipient) {
                 Some(tally) => {
@@ -239,7 +249,6 @@ impl ExchangeService {
                     tally.1 += bytes;
                 }
                 None => {
-                    auth::authorize(&self.runtime, &caller, Action::Send(auth::service_id("recipient", &m.recipient)?)).await?;
                     let info = self.runtime.mailbox(&m.recipient).await.map_err(to_status)?;
                     mailboxes.insert(m.recipient.clone(), info);
                     per_mailbox.insert(m.recipient.clone(), (1, bytes));
@@ -308,6 +317,23 @@ impl ExchangeService {
         let results = results.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Status::internal("missing result"))?;
         record_published(&sender, per_mailbox, started);
         Ok((Response::new(pb::PublishResponse { results }), duplicates))
+    }
+
+    /// Whether `m` is a reply (see [`kerwen_broker::request`]); an error when it claims to be
+    /// one but does not answer a request the caller received, at the service it asked for.
+    async fn is_valid_reply(&self, caller: &auth::Caller, m: &pb::Message) -> Result<bool, Status> {
+        let Some(reply) = request::reply_ref(&m.headers).map_err(to_status)? else { return Ok(false) };
+        let info = self.runtime.mailbox(&reply.service.to_string()).await.map_err(to_status)?;
+        let shard = info.shard_of(reply.partition).ok_or_else(|| {
+            Status::invalid_argument(format!("{} has no partition {}", reply.service, reply.partition))
+        })?;
+        let query = ReadQuery::Request { mailbox: info.id, id: reply.id.clone() };
+        let record = match self.runtime.read(shard, query).await.map_err(to_status)? {
+            ReadAnswer::Request(record) => record,
+            other => return Err(Status::internal(format!("unexpected answer {other:?}"))),
+        };
+        request::check_reply(record.as_ref(), &reply, caller.subsystem(), &m.recipient).map_err(to_status)?;
+        Ok(true)
     }
 
     /// Files an operational record per message of a publish, accepted or refused.

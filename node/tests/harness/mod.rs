@@ -1074,7 +1074,8 @@ pub async fn create_mailbox(cluster: &ProcessCluster, node: NodeId, service: &st
 /// Waits until every running node knows the mailbox.
 pub async fn wait_mailbox_known(cluster: &ProcessCluster, service: &str) -> Result<()> {
     for n in cluster.running() {
-        let c = cluster.client(n).await?;
+        // As an administrator: the mailbox may belong to another subsystem than the test's.
+        let c = cluster.admin_client(n).await?;
         eventually(&format!("mailbox {service} visible on node {n}"), Duration::from_secs(30), || {
             let mut c = c.clone();
             async move {
@@ -1123,6 +1124,42 @@ pub struct Consumer {
     received: u64,
     /// Positions whose acks the server confirmed.
     pub confirmed: BTreeSet<(u32, u64)>,
+}
+
+/// The cluster's published evidence signing keys, as a verifier would fetch them once and
+/// trust them.
+pub async fn trusted_keys(cluster: &ProcessCluster) -> Result<kerwen_broker::evidence::KeyRing> {
+    use kerwen_broker::evidence::{KeyRing, PublicKeyRecord};
+    let client = cluster.client(1).await?;
+    let keys = client.access().list_signing_keys(kerwen_proto::v1::ListSigningKeysRequest {}).await?.into_inner().keys;
+    let mut ring = KeyRing::default();
+    for k in keys {
+        let public_key: [u8; 32] = k.public_key.as_ref().try_into().context("a 32-byte key")?;
+        let record = PublicKeyRecord { key_id: k.key_id.clone(), public_key, valid_from_unix_ms: k.valid_from_unix_ms, valid_until_unix_ms: k.valid_until_unix_ms };
+        ring.keys.insert(k.key_id, record);
+    }
+    Ok(ring)
+}
+
+/// Files under `dir` (recursively) that contain `needle`; an error when there are no files.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Result<Vec<String>> {
+    let mut pending = vec![dir.to_path_buf()];
+    let (mut found, mut files) = (Vec::new(), 0);
+    while let Some(path) = pending.pop() {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(&path).with_context(|| format!("listing {}", path.display()))? {
+                pending.push(entry?.path());
+            }
+        } else {
+            files += 1;
+            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            if bytes.windows(needle.len()).any(|w| w == needle) {
+                found.push(path.display().to_string());
+            }
+        }
+    }
+    ensure!(files > 0, "no files under {}", dir.display());
+    Ok(found)
 }
 
 pub fn pos_key(p: &Position) -> (u32, u64) {

@@ -1,5 +1,6 @@
 //! Applying [`AccessCommand`]s in the metadata group: the member registry (`M` keys), send
-//! grants (`g` keys) and subsystem groups (`G` keys), kept in RocksDB and mirrored in the
+//! grants (`g` keys), subsystem groups (`G` keys), the nodes' signing keys (`K`) and the
+//! subsystems' payload encryption keys (`k`), kept in RocksDB and mirrored in the
 //! [`MetaView`]'s [`AccessControl`], which the node consults on every request.
 
 use rocksdb::WriteBatch;
@@ -9,7 +10,8 @@ use crate::access::{AccessCommand, AccessControl, Grantee, MemberRecord};
 use crate::error::{BrokerError, Result};
 use crate::model::{CommandResult, METADATA_GROUP};
 use crate::evidence::PublicKeyRecord;
-use crate::storage::keys::{self, KIND_GRANT, KIND_GROUP, KIND_MEMBER, KIND_SIGNING_KEY};
+use crate::ids::SubsystemId;
+use crate::storage::keys::{self, KIND_ENCRYPTION_KEY, KIND_GRANT, KIND_GROUP, KIND_MEMBER, KIND_SIGNING_KEY};
 use crate::storage::{Store, CF_STATE};
 
 fn member_key(subsystem: &str) -> Vec<u8> {
@@ -25,6 +27,15 @@ pub(super) fn load(store: &Store) -> Result<AccessControl> {
     })?;
     for_each_in_prefix(store, &keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, &[]), |_, value| {
         acl.register_signing_key(store.decode::<PublicKeyRecord>(value)?);
+        Ok(true)
+    })?;
+    let prefix = keys::state_key(METADATA_GROUP, KIND_ENCRYPTION_KEY, &[]);
+    for_each_in_prefix(store, &prefix, |key, value| {
+        let (subsystem, _) = keys::parse_pair(&key[prefix.len()..])
+            .ok_or_else(|| BrokerError::Storage(format!("malformed encryption key key {key:?}")))?;
+        let subsystem: SubsystemId =
+            subsystem.parse().map_err(|e| BrokerError::Storage(format!("stored encryption key owner is invalid: {e}")))?;
+        acl.register_encryption_key(&subsystem, store.decode::<PublicKeyRecord>(value)?);
         Ok(true)
     })?;
     let pairs = |kind: u8| -> Result<Vec<(String, String)>> {
@@ -105,6 +116,31 @@ pub(super) fn apply(store: &Store, view: &MetaView, batch: &mut WriteBatch, cmd:
             }
             let Some(record) = acl.retire_signing_key(&key_id, valid_until_unix_ms) else { return Ok(CommandResult::Changed(0)) };
             batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_SIGNING_KEY, key_id.as_bytes()), store.encode(&record)?);
+            return Ok(CommandResult::Changed(1));
+        }
+        AccessCommand::RegisterEncryptionKey { subsystem, key } => {
+            if acl.member(&subsystem).is_none() {
+                return rejected(not_registered(&subsystem.to_string()));
+            }
+            if acl.encryption_keys(&subsystem).any(|e| e.key_id == key.key_id && e.public_key != key.public_key) {
+                return rejected(BrokerError::AlreadyExists(format!(
+                    "encryption key id {} of {subsystem} is taken by another key",
+                    key.key_id
+                )));
+            }
+            let stored = keys::pair_key(METADATA_GROUP, KIND_ENCRYPTION_KEY, &subsystem.to_string(), &key.key_id);
+            batch.put_cf(&cf, stored, store.encode(&key)?);
+            return Ok(CommandResult::Changed(u64::from(acl.register_encryption_key(&subsystem, key))));
+        }
+        AccessCommand::RetireEncryptionKey { subsystem, key_id, valid_until_unix_ms } => {
+            if !acl.encryption_keys(&subsystem).any(|e| e.key_id == key_id) {
+                return rejected(BrokerError::NotFound(format!("{subsystem} has no encryption key {key_id}")));
+            }
+            let Some(record) = acl.retire_encryption_key(&subsystem, &key_id, valid_until_unix_ms) else {
+                return Ok(CommandResult::Changed(0));
+            };
+            let stored = keys::pair_key(METADATA_GROUP, KIND_ENCRYPTION_KEY, &subsystem.to_string(), &key_id);
+            batch.put_cf(&cf, stored, store.encode(&record)?);
             return Ok(CommandResult::Changed(1));
         }
         AccessCommand::RemoveFromGroup { group, subsystem } => {

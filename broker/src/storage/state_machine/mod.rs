@@ -35,6 +35,7 @@ use self::delivery::{LeaseRequest, PartitionCache, SettleRequest};
 use crate::access::{AccessControl, Action, Denied, MemberRecord, Principal};
 use crate::delivery::{DeliveryTracker, PartitionDelivery};
 use crate::ids::{ServiceId, SubsystemId};
+use crate::request::{RequestRecord, HEADER_REPLY_TO};
 use crate::error::{BrokerError, Result};
 use crate::model::{
     dead_letter_partition, is_dead_letter, Command, CommandResult, DeliveryPolicy, DeliveryState, GroupId, MailboxId,
@@ -137,6 +138,13 @@ pub struct ShardView {
 }
 
 impl ShardView {
+    /// The request stored under `id` in `mailbox` on this shard, as its reply is checked
+    /// against (`None`: no such request, or its id is no longer remembered).
+    pub fn request(&self, mailbox: MailboxId, id: &str) -> Result<Option<RequestRecord>> {
+        let record: Option<DedupRecord> = self.store.get(CF_STATE, &keys::dedup_key(self.group, mailbox, id))?;
+        Ok(record.and_then(|r| r.request))
+    }
+
     /// Index of the last applied entry; changes wake long-polling fetches.
     pub fn applied(&self) -> watch::Receiver<u64> {
         self.applied.subscribe()
@@ -657,7 +665,7 @@ impl ApplyScratch {
     /// The dedup record under `key` as this batch left it so far.
     fn dedup_record(&self, view: &ShardView, key: &[u8]) -> Result<Option<DedupRecord>> {
         match self.dedup.get(key) {
-            Some(record) => Ok(Some(*record)),
+            Some(record) => Ok(Some(record.clone())),
             None => view.store.get::<DedupRecord>(CF_STATE, key),
         }
     }
@@ -800,13 +808,15 @@ fn apply_create_mailbox(
     Ok(CommandResult::MailboxCreated(info))
 }
 
-/// Where a message id was first stored, for idempotent publishing.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+/// Where a message id was first stored, for idempotent publishing; for a request, also what
+/// its reply is checked against (see [`crate::request`]), for as long as the id is remembered.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct DedupRecord {
     position: Position,
     accepted_unix_ms: i64,
     /// Batch and leaf of the message's evidence, when it was signed.
     evidence: Option<(u64, u64)>,
+    request: Option<RequestRecord>,
 }
 
 /// Expired dedup records one publish removes per mailbox, beyond one per message it stores:
@@ -931,6 +941,11 @@ fn apply_publish(
             Slot::New(dedup_key) => {
                 let accepted_unix_ms = m.message.accepted_unix_ms;
                 let id = m.message.id.clone();
+                let request = m.message.headers.iter().find(|(k, _)| k == HEADER_REPLY_TO).map(|(_, reply_to)| RequestRecord {
+                    requester: m.message.sender.clone(),
+                    reply_to: reply_to.clone(),
+                    hash: m.message.leaf(),
+                });
                 let signed = seal.map(|(batch_no, first_leaf)| (batch_no, first_leaf + i as u64));
                 m.message.signed_as = signed;
                 refs.push(match signed {
@@ -938,7 +953,7 @@ fn apply_publish(
                     None => EvidenceRef::None,
                 });
                 let position = delivery::insert_message(view, batch, scratch, cache, m.mailbox, m.partition, m.message)?;
-                let record = DedupRecord { position, accepted_unix_ms, evidence: signed };
+                let record = DedupRecord { position, accepted_unix_ms, evidence: signed, request };
                 batch.put_cf(&cf, &dedup_key, view.store.encode(&record)?);
                 scratch.dedup.insert(dedup_key, record);
                 batch.put_cf(&cf, keys::dedup_expiry_key(view.group, m.mailbox, accepted_unix_ms, &id), []);
