@@ -248,7 +248,7 @@ impl MerkleTree {
         if index >= self.len() {
             return None;
         }
-        let mut path = Vec::new();
+        let mut path = Vec::with_capacity(self.levels.len() - 1);
         let mut i = index;
         for level in &self.levels[..self.levels.len() - 1] {
             let sibling = i ^ 1;

@@ -240,7 +240,8 @@ impl Client {
         .await
     }
 
-    /// Publishes one batch; the response holds one result per message, in order.
+    /// Publishes one batch; the response holds one result per message, in order, each
+    /// receipt with its signed batch (filled in from the response's table).
     /// When the process exports traces, this is a producer span whose context travels with
     /// the request (`traceparent`), so deliveries of these messages join its trace.
     pub async fn publish(&mut self, messages: Vec<Message>) -> Result<PublishResponse, Status> {
@@ -273,6 +274,10 @@ impl Client {
         })
         .instrument(span)
         .await
+        .map(|mut response| {
+            crate::receipts::fill_batches(&mut response);
+            response
+        })
     }
 
     /// Dead letters of a mailbox (up to `limit`, 0 for the server's default), without payloads.

@@ -58,12 +58,52 @@ impl ReceiptEncoder {
                 batch
             }
         };
-        pb::Receipt {
-            leaf: r.leaf.to_vec().into(),
-            index: r.proof.index,
-            leaf_count: r.proof.leaf_count,
-            path: r.proof.path.concat().into(),
-            batch: Some(batch),
+        pb::Receipt { batch: Some(batch), ..without_batch(r) }
+    }
+}
+
+/// A receipt's leaf and path, without its signed batch.
+fn without_batch(r: &Receipt) -> pb::Receipt {
+    pb::Receipt {
+        leaf: r.leaf.to_vec().into(),
+        index: r.proof.index,
+        leaf_count: r.proof.leaf_count,
+        path: r.proof.path.as_flattened().to_vec().into(),
+        batch: None,
+        batch_index: None,
+    }
+}
+
+/// The receipts of one publish response: each signed batch once (`PublishResponse.batches`),
+/// each receipt naming its batch by index.
+#[derive(Default)]
+pub struct BatchTable {
+    index: std::collections::HashMap<(u32, u64), u32>,
+    batches: Vec<pb::SignedBatch>,
+}
+
+impl BatchTable {
+    pub fn encode(&mut self, r: &Receipt) -> pb::Receipt {
+        let id = (r.batch.header.shard, r.batch.header.batch);
+        let next = self.batches.len() as u32;
+        let i = *self.index.entry(id).or_insert(next);
+        if i == next {
+            self.batches.push(to_proto_batch(&r.batch));
+        }
+        pb::Receipt { batch_index: Some(i), ..without_batch(r) }
+    }
+
+    pub fn into_batches(self) -> Vec<pb::SignedBatch> {
+        self.batches
+    }
+}
+
+/// Makes every receipt of a publish response self-contained again: its signed batch from the
+/// response's table.
+pub fn fill_batches(response: &mut pb::PublishResponse) {
+    for r in response.results.iter_mut().filter_map(|r| r.receipt.as_mut()) {
+        if r.batch.is_none() {
+            r.batch = r.batch_index.and_then(|i| response.batches.get(i as usize)).cloned();
         }
     }
 }
@@ -162,4 +202,46 @@ fn facts_of(sent: &pb::Message, payload_len: u64, result: &pb::PublishResult) ->
         ordering_key: sent.ordering_key.clone(),
         headers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use kerwen_broker::evidence::{seal, BatchHeader, EVIDENCE_VERSION};
+
+    use super::*;
+
+    fn batch(number: u64, leaves: u8) -> Vec<Receipt> {
+        let header = BatchHeader {
+            version: EVIDENCE_VERSION,
+            shard: 1,
+            batch: number,
+            log_term: 1,
+            log_index: number,
+            timestamp_unix_ms: 0,
+            leaf_count: 0,
+            root: [0; 32],
+            prev: [0; 32],
+            key_id: "k".into(),
+        };
+        let key = ed25519_dalek::SigningKey::from_bytes(&[3; 32]);
+        seal((0..leaves).map(|i| [i; 32]).collect(), header, &key).1
+    }
+
+    #[test]
+    fn a_publish_response_carries_each_batch_once_and_fills_back_to_whole_receipts() {
+        let receipts: Vec<Receipt> = batch(1, 3).into_iter().chain(batch(2, 2)).collect();
+        let mut table = BatchTable::default();
+        let results = receipts
+            .iter()
+            .map(|r| pb::PublishResult { receipt: Some(table.encode(r)), ..Default::default() })
+            .collect();
+        let mut response = pb::PublishResponse { results, batches: table.into_batches() };
+        assert_eq!(response.batches.len(), 2, "one entry per batch");
+        assert!(response.results.iter().all(|r| r.receipt.as_ref().is_some_and(|r| r.batch.is_none())));
+        fill_batches(&mut response);
+        for (r, original) in response.results.iter().zip(&receipts) {
+            let whole = r.receipt.as_ref().expect("receipt");
+            assert_eq!(from_proto(whole).expect("self-contained"), *original);
+        }
+    }
 }

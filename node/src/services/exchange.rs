@@ -294,10 +294,10 @@ impl ExchangeService {
         });
         let mut results: Vec<Option<pb::PublishResult>> = vec![None; count];
         let mut duplicates = vec![false; count];
+        let mut encoder = receipts::BatchTable::default();
         for outcome in futures::future::join_all(writes).await {
             let (shard, index, indices, facts, positions, receipts) = outcome.map_err(to_status)?;
             let mut receipts = receipts.into_iter();
-            let mut encoder = receipts::ReceiptEncoder::default();
             for ((i, (id, payload_sha256)), pos) in indices.into_iter().zip(facts).zip(positions) {
                 let receipt = receipts.next().flatten();
                 duplicates[i] = receipt.as_ref().is_some_and(|r| r.first_accepted_unix_ms.is_some());
@@ -316,7 +316,7 @@ impl ExchangeService {
         }
         let results = results.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Status::internal("missing result"))?;
         record_published(&sender, per_mailbox, started);
-        Ok((Response::new(pb::PublishResponse { results }), duplicates))
+        Ok((Response::new(pb::PublishResponse { results, batches: encoder.into_batches() }), duplicates))
     }
 
     /// Whether `m` is a reply (see [`kerwen_broker::request`]); an error when it claims to be
