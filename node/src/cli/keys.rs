@@ -45,6 +45,24 @@ pub enum KeysCommand {
         /// Where to write the plaintext.
         #[arg(long)]
         out: PathBuf,
+        /// Also print the message's payload key: revealing it (it opens this message and no
+        /// other) lets a third party check the content with `kerwen keys prove`.
+        #[arg(long)]
+        reveal: bool,
+    },
+    /// Check what a sealed payload says, given the payload key its recipient revealed; with
+    /// the message's evidence (which covers the sealed bytes) this proves the content.
+    /// Offline; needs no private key.
+    Prove {
+        file: PathBuf,
+        #[arg(long)]
+        recipient: String,
+        /// The revealed payload key (64 hex digits).
+        #[arg(long)]
+        payload_key: String,
+        /// Where to write the plaintext.
+        #[arg(long)]
+        out: PathBuf,
     },
 }
 
@@ -86,18 +104,36 @@ async fn retire(client: &Client, subsystem: &str, key_id: &str) -> anyhow::Resul
 }
 
 /// Opens a sealed file offline.
-fn open_file(opts: &ClientOpts, file: &Path, recipient: &str, out: &Path) -> anyhow::Result<()> {
+fn open_file(opts: &ClientOpts, file: &Path, recipient: &str, out: &Path, reveal: bool) -> anyhow::Result<()> {
     let sealed = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let service: kerwen_broker::ids::ServiceId = recipient.parse().with_context(|| format!("--recipient {recipient}"))?;
     let opened = opts.key_store()?.open(&service.subsystem.to_string(), recipient, &sealed)?;
     crate::pki::write_file(out, &opened.plaintext, 0o600)?;
     eprintln!("opened with key {}: {} bytes written to {}", opened.key_id, opened.plaintext.len(), out.display());
+    if reveal {
+        println!("{}", hex::encode(opened.payload_key));
+    }
+    Ok(())
+}
+
+/// Decrypts a sealed file with a revealed payload key, offline.
+fn prove_file(file: &Path, recipient: &str, payload_key: &str, out: &Path) -> anyhow::Result<()> {
+    let sealed = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let key: [u8; 32] = hex::decode(payload_key)
+        .ok()
+        .and_then(|k| k.try_into().ok())
+        .context("--payload-key must be 64 hex digits")?;
+    let plaintext = crate::sealed::open_with_payload_key(recipient, &sealed, &key)?;
+    crate::pki::write_file(out, &plaintext, 0o600)?;
+    eprintln!("the payload key matches the sealed bytes: {} bytes of plaintext written to {}", plaintext.len(), out.display());
     Ok(())
 }
 
 pub async fn keys(opts: &ClientOpts, cmd: KeysCommand) -> anyhow::Result<()> {
-    if let KeysCommand::Open { file, recipient, out } = &cmd {
-        return open_file(opts, file, recipient, out);
+    match &cmd {
+        KeysCommand::Open { file, recipient, out, reveal } => return open_file(opts, file, recipient, out, *reveal),
+        KeysCommand::Prove { file, recipient, payload_key, out } => return prove_file(file, recipient, payload_key, out),
+        _ => {}
     }
     let mut client = connect(opts).await?;
     let print = |k: &pb::EncryptionKey, what: &str| {
@@ -144,7 +180,7 @@ pub async fn keys(opts: &ClientOpts, cmd: KeysCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        KeysCommand::Open { .. } => unreachable!("handled above, offline"),
+        KeysCommand::Open { .. } | KeysCommand::Prove { .. } => unreachable!("handled above, offline"),
     }
     Ok(())
 }
