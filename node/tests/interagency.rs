@@ -206,12 +206,13 @@ async fn scenario_request_reply(cluster: &ProcessCluster) -> Result<()> {
     let delivered = consumer.take(1, Duration::from_secs(30)).await?.remove(0);
     ensure!(delivered.message.as_ref().is_some_and(|m| m.id == request.id), "delivered {delivered:?}");
 
-    // Refusals: another subsystem cannot answer it, nor the provider with a wrong hash,
-    // to another service, or to a request that does not exist.
+    // Refusals: another subsystem or an operator cannot answer it, nor the provider with a
+    // wrong hash, to another service, or to a request that does not exist.
     let good = reply_message(&delivered, b"certificate: income 1000".to_vec())?;
-    let mut stranger = cluster.client_as(other_node, STRANGER).await?;
-    let r = stranger.publish(vec![good.clone()]).await;
-    ensure!(r.as_ref().is_err_and(|s| s.code() == Code::PermissionDenied), "a stranger answered: {r:?}");
+    for (who, mut client) in [("a stranger", cluster.client_as(other_node, STRANGER).await?), ("an operator", cluster.admin_client(other_node).await?)] {
+        let r = client.publish(vec![good.clone()]).await;
+        ensure!(r.as_ref().is_err_and(|s| s.code() == Code::PermissionDenied), "{who} answered: {r:?}");
+    }
     let mut wrong_hash = good.clone();
     wrong_hash.headers.insert(HEADER_REQUEST_HASH.into(), hex::encode([0u8; 32]));
     let mut elsewhere = good.clone();

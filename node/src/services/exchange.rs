@@ -323,6 +323,10 @@ impl ExchangeService {
     /// one but does not answer a request the caller received, at the service it asked for.
     async fn is_valid_reply(&self, caller: &auth::Caller, m: &pb::Message) -> Result<bool, Status> {
         let Some(reply) = request::reply_ref(&m.headers).map_err(to_status)? else { return Ok(false) };
+        // Administrators (and nodes) never send mail, replies included.
+        if matches!(caller, auth::Caller::Authenticated(_)) && caller.subsystem().is_none() {
+            return Err(Status::permission_denied(format!("{caller} may not send a reply: only the subsystem a request went to answers it")));
+        }
         let info = self.runtime.mailbox(&reply.service.to_string()).await.map_err(to_status)?;
         let shard = info.shard_of(reply.partition).ok_or_else(|| {
             Status::invalid_argument(format!("{} has no partition {}", reply.service, reply.partition))
