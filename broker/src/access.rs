@@ -230,7 +230,7 @@ pub struct AccessControl {
     /// Subsystem → its payload encryption keys (X25519 public halves) by key id, current and
     /// retired: senders seal to the current one; retired ones stay listed so a recipient can
     /// tell which of its private keys opens a message sealed before the rotation.
-    encryption_keys: BTreeMap<SubsystemId, BTreeMap<String, PublicKeyRecord>>,
+    encryption_keys: BTreeMap<SubsystemId, KeyRing>,
 }
 
 impl AccessControl {
@@ -327,44 +327,29 @@ impl AccessControl {
     /// Registers a signing key; false when the same key was already registered under its id.
     /// A different key under a registered id is refused by the caller before this.
     pub fn register_signing_key(&mut self, record: PublicKeyRecord) -> bool {
-        let known = self.signing_keys.keys.get(&record.key_id) == Some(&record);
-        self.signing_keys.keys.insert(record.key_id.clone(), record);
-        !known
+        self.signing_keys.register(record)
     }
 
     /// Sets when a signing key stops being valid (only ever earlier); the changed record.
     pub fn retire_signing_key(&mut self, key_id: &str, valid_until_unix_ms: i64) -> Option<PublicKeyRecord> {
-        let record = self.signing_keys.keys.get_mut(key_id)?;
-        if record.valid_until_unix_ms.is_some_and(|until| until <= valid_until_unix_ms) {
-            return None;
-        }
-        record.valid_until_unix_ms = Some(valid_until_unix_ms);
-        Some(record.clone())
+        self.signing_keys.retire(key_id, valid_until_unix_ms)
     }
 
     /// The encryption keys `subsystem` registered, current and retired, by key id.
     pub fn encryption_keys(&self, subsystem: &SubsystemId) -> impl Iterator<Item = &PublicKeyRecord> {
-        self.encryption_keys.get(subsystem).into_iter().flat_map(BTreeMap::values)
+        self.encryption_keys.get(subsystem).into_iter().flat_map(|ring| ring.keys.values())
     }
 
     /// Registers a subsystem's encryption key; false when the same key was already registered
     /// under its id. A different key under a registered id is refused by the caller before this.
     pub fn register_encryption_key(&mut self, subsystem: &SubsystemId, record: PublicKeyRecord) -> bool {
-        let keys = self.encryption_keys.entry(subsystem.clone()).or_default();
-        let known = keys.get(&record.key_id) == Some(&record);
-        keys.insert(record.key_id.clone(), record);
-        !known
+        self.encryption_keys.entry(subsystem.clone()).or_default().register(record)
     }
 
     /// Sets when a subsystem's encryption key stops being offered to senders (only ever
     /// earlier); the changed record.
     pub fn retire_encryption_key(&mut self, subsystem: &SubsystemId, key_id: &str, valid_until_unix_ms: i64) -> Option<PublicKeyRecord> {
-        let record = self.encryption_keys.get_mut(subsystem)?.get_mut(key_id)?;
-        if record.valid_until_unix_ms.is_some_and(|until| until <= valid_until_unix_ms) {
-            return None;
-        }
-        record.valid_until_unix_ms = Some(valid_until_unix_ms);
-        Some(record.clone())
+        self.encryption_keys.get_mut(subsystem)?.retire(key_id, valid_until_unix_ms)
     }
 
     pub fn put_member(&mut self, record: MemberRecord) {

@@ -494,6 +494,24 @@ impl KeyRing {
     pub fn new(records: impl IntoIterator<Item = PublicKeyRecord>) -> Self {
         Self { keys: records.into_iter().map(|r| (r.key_id.clone(), r)).collect() }
     }
+
+    /// Adds `record` under its key id; false when that very record was already there.
+    pub fn register(&mut self, record: PublicKeyRecord) -> bool {
+        let known = self.keys.get(&record.key_id) == Some(&record);
+        self.keys.insert(record.key_id.clone(), record);
+        !known
+    }
+
+    /// Sets when a key stops being valid (only ever earlier); the changed record, `None` when
+    /// nothing changed or there is no such key.
+    pub fn retire(&mut self, key_id: &str, valid_until_unix_ms: i64) -> Option<PublicKeyRecord> {
+        let record = self.keys.get_mut(key_id)?;
+        if record.valid_until_unix_ms.is_some_and(|until| until <= valid_until_unix_ms) {
+            return None;
+        }
+        record.valid_until_unix_ms = Some(valid_until_unix_ms);
+        Some(record.clone())
+    }
 }
 
 /// Proof that one leaf is in a signed batch.
