@@ -42,11 +42,40 @@ pub struct Connection {
     pub endpoints: String,
     /// The bench subsystem's certificate (`None` on an insecure cluster).
     pub tls: Option<ClientTls>,
+    /// An administrator's certificate: registers subsystems, applies topologies, reads status.
+    pub admin: Option<ClientTls>,
+    /// Where other subsystems' certificates come from (`None` on an insecure cluster).
+    pub issuer: Option<Issuer>,
+}
+
+/// A development CA on disk that issues subsystem certificates on first use.
+#[derive(Clone)]
+pub struct Issuer {
+    pub ca: PathBuf,
+    pub pki_dir: PathBuf,
 }
 
 impl Connection {
     pub async fn connect(&self) -> Result<Client, tonic::Status> {
         Client::connect_list_with(&self.endpoints, self.tls.clone()).await
+    }
+
+    pub async fn connect_admin(&self) -> Result<Client, tonic::Status> {
+        Client::connect_list_with(&self.endpoints, self.admin.clone()).await
+    }
+
+    /// The same cluster, as `subsystem` (its certificate issued by the [`Issuer`] if missing).
+    pub fn as_subsystem(&self, subsystem: &str) -> anyhow::Result<Connection> {
+        let issuer = self.issuer.as_ref().context("acting as another subsystem needs TLS and a CA that issues its certificate")?;
+        let id = pki::subsystem_identity(&issuer.pki_dir, &subsystem.parse()?)?;
+        let tls = ClientTls::from_files(&TlsFiles { ca: issuer.ca.clone(), cert: id.cert, key: id.key })?;
+        Ok(Connection { tls: Some(tls), ..self.clone() })
+    }
+
+    /// The key store of the subsystems' private encryption keys (beside the CA, as
+    /// `kerwen keys` and `kerwen dev --scenario` keep it).
+    pub fn keys_dir(&self) -> Option<PathBuf> {
+        self.issuer.as_ref().map(|i| i.pki_dir.join("sealing-keys"))
     }
 }
 
@@ -67,19 +96,18 @@ pub async fn external(endpoints: Option<String>, profile: Option<PathBuf>, insec
     let opts = ClientOpts { endpoint: endpoints, profile, insecure, ..ClientOpts::default() };
     let (endpoints, admin) = opts.resolve()?;
     // Mailboxes belong to registered subsystems, also on an insecure cluster.
-    register_bench(&endpoints, admin).await?;
+    register_bench(&endpoints, admin.clone()).await?;
     if insecure {
-        return Ok(Connection { endpoints, tls: None });
+        return Ok(Connection { endpoints, tls: None, admin: None, issuer: None });
     }
+    let issuer = opts.load_profile()?.and_then(|p| Some(Issuer { ca: p.ca, pki_dir: p.pki_dir? }));
     let (endpoints, tls) = ClientOpts { as_subsystem: Some(BENCH_SUBSYSTEM.to_owned()), ..opts }.resolve()?;
-    Ok(Connection { endpoints, tls })
+    Ok(Connection { endpoints, tls, admin, issuer })
 }
 
 pub struct EmbeddedCluster {
     /// How the load reaches the nodes.
     pub connection: Connection,
-    /// The admin's TLS settings (cluster status); `None` when plaintext.
-    admin: Option<ClientTls>,
     stop: watch::Sender<bool>,
     nodes: Vec<(u64, JoinHandle<anyhow::Result<()>>)>,
     runtime: Option<tokio::runtime::Runtime>,
@@ -143,12 +171,15 @@ impl EmbeddedCluster {
             };
             nodes.push((id, runtime.spawn(kerwen_node::server::serve(config, shutdown))));
         }
-        let (tls, admin) = if insecure { (None, None) } else { (Some(bench), Some(admin)) };
-        let connection = Connection { endpoints, tls };
-        let mut cluster = EmbeddedCluster { connection, admin, stop, nodes, runtime: Some(runtime), dir: Some(dir) };
+        let connection = if insecure {
+            Connection { endpoints, tls: None, admin: None, issuer: None }
+        } else {
+            Connection { endpoints, tls: Some(bench), admin: Some(admin), issuer: Some(Issuer { ca, pki_dir }) }
+        };
+        let mut cluster = EmbeddedCluster { connection, stop, nodes, runtime: Some(runtime), dir: Some(dir) };
         let ready = async {
             cluster.wait_for_leaders().await?;
-            register_bench(&cluster.connection.endpoints, cluster.admin.clone()).await
+            register_bench(&cluster.connection.endpoints, cluster.connection.admin.clone()).await
         };
         if let Err(e) = ready.await {
             cluster.shutdown().await;
@@ -169,7 +200,7 @@ impl EmbeddedCluster {
                 };
                 bail!("embedded node {id} stopped while the cluster was starting: {why}");
             }
-            let last = match Client::connect_list_with(&self.connection.endpoints, self.admin.clone()).await {
+            let last = match self.connection.connect_admin().await {
                 Ok(mut client) => match tokio::time::timeout(Duration::from_secs(3), client.cluster_status()).await {
                     Ok(Ok(status)) => {
                         let leaderless: Vec<u32> = status.groups.iter().filter(|g| g.leader.is_none()).map(|g| g.group).collect();

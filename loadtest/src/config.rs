@@ -12,7 +12,10 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser};
+use kerwen_node::scenario::Topology;
 use serde::Deserialize;
+
+use crate::flows::{Exchange, FlowSpec};
 
 /// Default endpoints: the three nodes of `kerwen dev`.
 pub const DEFAULT_ENDPOINTS: &str = kerwen_node::client::DEFAULT_ENDPOINTS;
@@ -134,6 +137,17 @@ pub struct Knobs {
     #[arg(long)]
     #[serde(default)]
     pub quiet: bool,
+    /// Multiplies the rate of every flow of an exchange scenario (one with `[[flow]]`s, like
+    /// `scenarios/smev.toml`) [default: 1].
+    #[arg(long)]
+    pub rate_scale: Option<f64>,
+    /// An exchange scenario's topology (scenario files only; see `kerwen_node::scenario`).
+    #[arg(skip)]
+    pub topology: Option<Topology>,
+    /// An exchange scenario's flows (scenario files only; see [`crate::flows`]).
+    #[arg(skip)]
+    #[serde(default)]
+    pub flow: Vec<FlowSpec>,
 }
 
 impl Knobs {
@@ -174,6 +188,9 @@ impl Knobs {
             json: self.json.or(file.json),
             hdr_log: self.hdr_log.or(file.hdr_log),
             quiet: self.quiet || file.quiet,
+            rate_scale: self.rate_scale.or(file.rate_scale),
+            topology: self.topology.or(file.topology),
+            flow: if self.flow.is_empty() { file.flow } else { self.flow },
         }
     }
 }
@@ -377,12 +394,23 @@ pub struct Config {
     pub json: Option<PathBuf>,
     pub hdr_log: Option<PathBuf>,
     pub quiet: bool,
+    /// Set for an exchange scenario: its flows replace the producers and consumers above.
+    pub exchange: Option<Exchange>,
 }
 
 impl Config {
     /// Mailbox `n`'s service id.
     pub fn mailbox(&self, n: u32) -> String {
         format!("{MAILBOX_PREFIX}{n}")
+    }
+
+    /// The largest payload the run sends (an exchange's sealed payloads carry a small envelope
+    /// besides).
+    pub fn largest_payload(&self) -> u64 {
+        match &self.exchange {
+            Some(e) => e.flows.iter().map(|f| f.size.max().max(f.reply_size.max())).max().unwrap_or(0) + 1024,
+            None => self.size.max(),
+        }
     }
 
     pub fn mode(&self) -> &'static str {
@@ -480,6 +508,21 @@ impl Config {
         if request_timeout.is_zero() {
             bail!("--request-timeout must be greater than 0");
         }
+        let exchange = match (k.topology, k.flow.is_empty()) {
+            (Some(topology), false) => {
+                if k.insecure {
+                    bail!("an exchange scenario needs TLS: every system acts with its own certificate");
+                }
+                if k.no_evidence {
+                    bail!("an exchange scenario verifies every receipt, so it needs nodes that sign evidence");
+                }
+                Some(Exchange::resolve(topology, k.flow, k.rate_scale.unwrap_or(1.0))?)
+            }
+            (None, false) => bail!("the scenario has [[flow]]s but no [topology]"),
+            (Some(_), true) => bail!("the scenario has a [topology] but no [[flow]]s (apply a topology alone with `kerwen scenario apply`)"),
+            (None, true) if k.rate_scale.is_some() => bail!("--rate-scale applies to the flows of an exchange scenario"),
+            (None, true) => None,
+        };
         Ok(Config {
             name: k.name.unwrap_or(default_name),
             description: k.description,
@@ -505,6 +548,7 @@ impl Config {
             json: k.json,
             hdr_log: k.hdr_log,
             quiet: k.quiet,
+            exchange,
         })
     }
 

@@ -12,11 +12,15 @@
 //! - [`config`]: flags, scenario files, size and duration parsing;
 //! - [`cluster`]: the embedded cluster;
 //! - [`workload`]: producers, consumers and the run's phases;
+//! - [`flows`], [`exchange`]: exchange scenarios (a topology of systems and flows between
+//!   them, such as `scenarios/smev.toml`) and running them;
 //! - [`stats`]: histograms, counters, the open-loop schedule;
 //! - [`report`]: summary table, JSON report, HdrHistogram log.
 
 mod cluster;
 mod config;
+mod exchange;
+mod flows;
 mod report;
 mod stats;
 mod workload;
@@ -64,18 +68,28 @@ fn main() -> ExitCode {
 static SILENCE_LOGS: AtomicBool = AtomicBool::new(false);
 
 /// Logs (mostly the embedded nodes') go to stderr; `RUST_LOG` overrides the default, which
-/// shows warnings but only errors from openraft (elections log many harmless warnings).
+/// shows warnings but only errors from openraft (elections log many harmless warnings) and
+/// from the nodes' audit log (an exchange scenario's probes are refused on purpose).
 fn init_logging() {
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     use tracing_subscriber::Layer;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,openraft=error,kerwen::audit=error"));
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_filter(filter)
         .with_filter(tracing_subscriber::filter::filter_fn(|_| !SILENCE_LOGS.load(Ordering::Relaxed)));
     tracing_subscriber::registry().with(layer).init();
+}
+
+async fn stop_embedded(cluster: Option<&mut EmbeddedCluster>) {
+    if let Some(c) = cluster {
+        eprintln!("stopping the embedded cluster...");
+        SILENCE_LOGS.store(true, Ordering::Relaxed);
+        c.shutdown().await;
+        SILENCE_LOGS.store(false, Ordering::Relaxed);
+    }
 }
 
 async fn app(config: Config) -> anyhow::Result<ExitCode> {
@@ -95,7 +109,7 @@ async fn app(config: Config) -> anyhow::Result<ExitCode> {
     let (mut cluster, connection) = match &config.target {
         Target::Embedded { shards, insecure, evidence } => {
             eprintln!("starting an embedded 3-node cluster ({shards} shards)...");
-            let max_payload = usize::try_from(config.size.max()).unwrap_or(usize::MAX);
+            let max_payload = usize::try_from(config.largest_payload()).unwrap_or(usize::MAX);
             let c = EmbeddedCluster::start(*shards, max_payload, *insecure, *evidence).await?;
             eprintln!("embedded cluster ready at {}", c.connection.endpoints);
             let connection = c.connection.clone();
@@ -104,13 +118,20 @@ async fn app(config: Config) -> anyhow::Result<ExitCode> {
         Target::Cluster { endpoints, profile, insecure } => (None, cluster::external(endpoints.clone(), profile.clone(), *insecure).await?),
     };
 
-    let result = workload::run(config.clone(), connection, cluster.as_ref(), interrupt_rx, hdr_log).await;
-    if let Some(c) = cluster.as_mut() {
-        eprintln!("stopping the embedded cluster...");
-        SILENCE_LOGS.store(true, Ordering::Relaxed);
-        c.shutdown().await;
-        SILENCE_LOGS.store(false, Ordering::Relaxed);
+    if let Some(exchange) = config.exchange.clone() {
+        let result = exchange::run(config.clone(), &exchange, connection, interrupt_rx).await;
+        stop_embedded(cluster.as_mut()).await;
+        let outcome = result?;
+        println!("{}", exchange::summary(&config, &outcome));
+        if let (Some(file), Some(path)) = (json_file, config.json.as_deref()) {
+            report::write_json(file, path, &exchange::json_report(&config, &exchange, environment, &outcome))?;
+            eprintln!("wrote {}", path.display());
+        }
+        return Ok(if outcome.problems().is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
+
+    let result = workload::run(config.clone(), connection, cluster.as_ref(), interrupt_rx, hdr_log).await;
+    stop_embedded(cluster.as_mut()).await;
     let outcome = result?;
 
     println!("{}", report::summary(&config, &outcome));

@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use kerwen_proto::v1::access_client::AccessClient;
 use kerwen_proto::v1::admin_client::AdminClient;
-use kerwen_proto::v1::{AddMemberRequest, EncryptionKey, GrantRequest, ListEncryptionKeysRequest, Member, Quota};
+use kerwen_broker::evidence::{KeyRing, PublicKeyRecord};
+use kerwen_proto::v1::{
+    AddMemberRequest, EncryptionKey, GrantRequest, ListEncryptionKeysRequest, ListSigningKeysRequest, Member, Quota, RegisterEncryptionKeyRequest,
+};
 use kerwen_proto::v1::exchange_client::ExchangeClient;
 use kerwen_proto::v1::{
     subscribe_request, subscribe_response, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest, DeadLetter,
@@ -22,6 +25,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status, Streaming};
 
+use crate::sealed::{KeyStore, SecretKey};
 pub use crate::tls::ClientTls;
 
 /// Largest message the client accepts or sends (payload limit plus framing).
@@ -153,6 +157,42 @@ impl Client {
             async move { AccessClient::new(ch).list_encryption_keys(req).await.map(|r| r.into_inner().keys) }
         })
         .await
+    }
+
+    /// The cluster's evidence signing keys, current and retired, as the ring receipts are
+    /// verified against.
+    pub async fn signing_key_ring(&mut self) -> Result<KeyRing, Status> {
+        let keys = self
+            .with_failover(|ch| async move { AccessClient::new(ch).list_signing_keys(ListSigningKeysRequest {}).await.map(|r| r.into_inner().keys) })
+            .await?;
+        let records = keys
+            .into_iter()
+            .map(|k| {
+                let public_key: [u8; 32] =
+                    k.public_key.as_ref().try_into().map_err(|_| Status::internal(format!("signing key {} is not 32 bytes", k.key_id)))?;
+                Ok(PublicKeyRecord { key_id: k.key_id, public_key, valid_from_unix_ms: k.valid_from_unix_ms, valid_until_unix_ms: k.valid_until_unix_ms })
+            })
+            .collect::<Result<Vec<_>, Status>>()?;
+        Ok(KeyRing::new(records))
+    }
+
+    /// Generates an encryption key pair for `subsystem` (the identity this client connects
+    /// as), saves the private half in `store`, then registers the public half; in that order,
+    /// because a registered key whose private half was lost would make every message sealed
+    /// to it unreadable. The key id defaults to `k` + the current Unix time in milliseconds.
+    pub async fn generate_encryption_key(&mut self, store: &mut KeyStore, subsystem: &str, key_id: Option<String>) -> anyhow::Result<EncryptionKey> {
+        let now = crate::runtime::now_unix_ms();
+        let key_id = key_id.unwrap_or_else(|| format!("k{now}"));
+        let key = SecretKey::generate(subsystem, &key_id, now);
+        let public_key = key.public_key;
+        store.add(key).map_err(|e| anyhow::anyhow!("saving the private key {key_id}: {e}"))?;
+        let req = RegisterEncryptionKeyRequest { subsystem: subsystem.to_owned(), key_id: key_id.clone(), public_key: public_key.to_vec().into() };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AccessClient::new(ch).register_encryption_key(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+        .map_err(|s| anyhow::anyhow!("registering the encryption key {key_id}: {} ({:?})", s.message(), s.code()))
     }
 
     /// Seals `payload` to the current encryption key of the subsystem that owns the service

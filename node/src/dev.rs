@@ -62,6 +62,10 @@ pub struct DevArgs {
     /// KERWEN_PROFILE].
     #[arg(long, env = "KERWEN_PROFILE")]
     pub profile: Option<PathBuf>,
+    /// Once the cluster is up, apply this exchange scenario's topology (systems, mailboxes,
+    /// grants, sealing keys): a built-in name (`smev`) or a scenario file.
+    #[arg(long, value_name = "NAME|FILE")]
+    pub scenario: Option<String>,
 }
 
 /// The dev nodes' operations ports: the client port plus this (7201-7203 by default).
@@ -175,6 +179,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if args.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    // A scenario that does not parse should fail before any node starts.
+    let topology = args.scenario.as_deref().map(crate::scenario::Topology::load).transpose()?;
     let dir = prepare_dir(&args)?;
     let exe = std::env::current_exe().context("locating the kerwen binary")?;
     if args.base_port.checked_add(args.nodes + HTTP_PORT_OFFSET).is_none() {
@@ -208,6 +214,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     if let Err(e) = wait_healthy(&endpoints, &tls, Duration::from_secs(60)).await {
         stop_all(&mut nodes);
         return Err(e.context(format!("see the node logs in {}", dir.display())));
+    }
+    if let (Some(topology), Some(name)) = (&topology, &args.scenario) {
+        let opts = crate::cli::ClientOpts { profile: Some(profile_path.clone()), ..Default::default() };
+        match crate::cli::scenario::apply(&opts, topology).await {
+            Ok(outcome) => println!("Scenario {name}: {}", crate::cli::scenario::describe(topology, &outcome)),
+            Err(e) => {
+                stop_all(&mut nodes);
+                return Err(e.context(format!("applying scenario {name}")));
+            }
+        }
     }
 
     println!("Kerwen dev cluster is up: {} nodes, {} data shards, data in {}", args.nodes, args.shards, dir.display());

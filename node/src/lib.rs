@@ -7,7 +7,8 @@
 //! - [`server`]: wiring of the services into the client and peer servers.
 //! - [`client`]: the Rust client (CLI, tests, load generator); [`request_reply`]: its
 //!   asynchronous request/reply; [`sealed`]: payloads sealed to the recipient (HPKE).
-//! - [`cli`]: client commands; [`profile`]: where the CLI finds the cluster and its certificate; [`dev`]: the local development cluster.
+//! - [`cli`]: client commands; [`profile`]: where the CLI finds the cluster and its certificate; [`dev`]: the local development cluster;
+//!   [`scenario`]: exchange topologies (the built-in SMEV scenario) and applying them.
 //! - [`tls`]: mutual TLS on both ports, certificate reload; [`pki`]: dev/test certificates.
 //! - [`auth`]: the caller's identity and the access check at the edge; [`quota`]: publish
 //!   rate limits per subsystem.
@@ -31,6 +32,7 @@ pub mod quota;
 pub mod receipts;
 pub mod request_reply;
 pub mod runtime;
+pub mod scenario;
 pub mod sealed;
 pub mod server;
 pub mod signing;

@@ -89,6 +89,12 @@ enum Command {
         #[command(subcommand)]
         command: kerwen_node::cli::keys::KeysCommand,
     },
+    /// Put an exchange scenario's topology (systems, mailboxes, grants, sealing keys) on the
+    /// cluster; `smev` is built in.
+    Scenario {
+        #[command(subcommand)]
+        command: kerwen_node::cli::scenario::ScenarioCommand,
+    },
 }
 
 #[tokio::main]
@@ -124,6 +130,7 @@ async fn main() {
         Command::Certs { command } => cli::access::certs(&cli.client, command),
         Command::Evidence { command } => cli::access::evidence(&cli.client, command).await,
         Command::Keys { command } => cli::keys::keys(&cli.client, command).await,
+        Command::Scenario { command } => cli::scenario::scenario(&cli.client, command).await,
     };
     telemetry.shutdown().await;
     if let Err(e) = result {

@@ -60,7 +60,7 @@ pub fn reply_message(request: &Delivery, payload: Vec<u8>) -> Result<Message, St
 impl Client {
     /// Publishes `message` until it is stored or `deadline` passes, retrying transient
     /// failures (the same id each time, so a retry never stores a second copy).
-    async fn publish_until(&mut self, message: &Message, deadline: Instant) -> Result<PublishResult, Status> {
+    pub async fn publish_until(&mut self, message: &Message, deadline: Instant) -> Result<PublishResult, Status> {
         loop {
             match self.publish(vec![message.clone()]).await {
                 Ok(mut response) if response.results.len() == 1 => return Ok(response.results.remove(0)),

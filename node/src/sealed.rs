@@ -55,6 +55,8 @@ pub enum SealError {
     DoesNotOpen,
     #[error("the revealed payload key does not match the envelope's commitment")]
     WrongRevealedKey,
+    #[error("the recipient is not a service id: {0}")]
+    BadRecipient(String),
     #[error("the public key is not an X25519 key")]
     BadPublicKey,
     #[error("key store {path}: {message}")]
@@ -102,9 +104,10 @@ fn commitment(payload_key: &[u8; 32]) -> [u8; 32] {
     Sha256::new().chain_update(COMMIT_DOMAIN).chain_update(payload_key).finalize().into()
 }
 
-fn aead_key(payload_key: &[u8; 32]) -> LessSafeKey {
+fn aead_key(payload_key: &[u8; 32]) -> Result<LessSafeKey, SealError> {
     // A payload key encrypts exactly one payload, so a fixed nonce never repeats under it.
-    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, payload_key).unwrap_or_else(|_| unreachable!("32-byte key")))
+    let key = UnboundKey::new(&CHACHA20_POLY1305, payload_key).map_err(|_| SealError::Malformed("payload key"))?;
+    Ok(LessSafeKey::new(key))
 }
 
 fn associated_data(header: &[u8], recipient: &str) -> Vec<u8> {
@@ -130,7 +133,7 @@ pub fn seal(recipient: &str, key_id: &str, public_key: &[u8; 32], plaintext: &[u
     out.extend_from_slice(&commitment(&payload_key));
     let aad = associated_data(&out, recipient);
     let mut body = plaintext.to_vec();
-    aead_key(&payload_key)
+    aead_key(&payload_key)?
         .seal_in_place_append_tag(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut body)
         .map_err(|_| SealError::Malformed("payload too large"))?;
     out.extend_from_slice(&body);
@@ -162,20 +165,17 @@ pub fn open(recipient: &str, secret: &SecretKey, payload: &[u8]) -> Result<Opene
 
 /// What a third party runs on a revealed payload key: the plaintext the sealed bytes carry.
 pub fn open_with_payload_key(recipient: &str, payload: &[u8], payload_key: &[u8; 32]) -> Result<Vec<u8>, SealError> {
-    let envelope = Envelope::parse(payload)?;
+    decrypt(&Envelope::parse(payload)?, recipient, payload_key)
+}
+
+/// Decrypts with `payload_key`: `WrongRevealedKey` when the envelope commits to another key.
+fn decrypt(envelope: &Envelope<'_>, recipient: &str, payload_key: &[u8; 32]) -> Result<Vec<u8>, SealError> {
     if commitment(payload_key) != *envelope.commitment {
         return Err(SealError::WrongRevealedKey);
     }
-    decrypt(&envelope, recipient, payload_key)
-}
-
-fn decrypt(envelope: &Envelope<'_>, recipient: &str, payload_key: &[u8; 32]) -> Result<Vec<u8>, SealError> {
-    if commitment(payload_key) != *envelope.commitment {
-        return Err(SealError::DoesNotOpen);
-    }
     let mut body = envelope.ciphertext.to_vec();
     let aad = associated_data(envelope.header, recipient);
-    let len = aead_key(payload_key)
+    let len = aead_key(payload_key)?
         .open_in_place(Nonce::assume_unique_for_key([0; 12]), Aad::from(aad), &mut body)
         .map_err(|_| SealError::DoesNotOpen)?
         .len();
@@ -270,12 +270,15 @@ impl KeyStore {
         self.keys.values().filter(move |k| k.subsystem == subsystem)
     }
 
-    /// Opens a payload sealed to `recipient` (a service of `subsystem`) with whichever of
-    /// the subsystem's keys it names.
-    pub fn open(&self, subsystem: &str, recipient: &str, payload: &[u8]) -> Result<Opened, SealError> {
+    /// Opens a payload sealed to the service `recipient` with whichever of its subsystem's
+    /// keys it names.
+    pub fn open(&self, recipient: &str, payload: &[u8]) -> Result<Opened, SealError> {
+        let service: kerwen_broker::ids::ServiceId =
+            recipient.parse().map_err(|e| SealError::BadRecipient(format!("{recipient}: {e}")))?;
+        let subsystem = service.subsystem.to_string();
         let envelope = Envelope::parse(payload)?;
-        let key = self.keys.get(&(subsystem.to_owned(), envelope.key_id.to_owned())).ok_or_else(|| SealError::UnknownKey {
-            subsystem: subsystem.to_owned(),
+        let key = self.keys.get(&(subsystem.clone(), envelope.key_id.to_owned())).ok_or_else(|| SealError::UnknownKey {
+            subsystem,
             key_id: envelope.key_id.to_owned(),
             dir: self.dir.display().to_string(),
         })?;
@@ -339,8 +342,10 @@ mod tests {
         store.add(new).unwrap();
         assert!(store.add(old).is_err(), "a key file is never overwritten");
         let store = KeyStore::load(&dir.path().join("keys")).unwrap();
-        assert_eq!(store.open("TM/GOV/MINFIN/tax", TO, &before).unwrap().plaintext, b"before");
-        assert_eq!(store.open("TM/GOV/MINFIN/tax", TO, &after).unwrap().plaintext, b"after");
-        assert!(matches!(store.open("TM/GOV/MINEDU/schools", TO, &after), Err(SealError::UnknownKey { .. })));
+        assert_eq!(store.open(TO, &before).unwrap().plaintext, b"before");
+        assert_eq!(store.open(TO, &after).unwrap().plaintext, b"after");
+        let mut strangers = KeyStore::load(&dir.path().join("other")).unwrap();
+        strangers.add(SecretKey::generate("TM/GOV/MINEDU/schools", "k2", 1)).unwrap();
+        assert!(matches!(strangers.open(TO, &after), Err(SealError::UnknownKey { .. })));
     }
 }

@@ -115,7 +115,7 @@ async fn scenario_sealed(cluster: &ProcessCluster) -> Result<()> {
             ensure!(m.payload.as_ref() == control.as_bytes(), "the control payload changed");
             continue;
         }
-        let o = store.open(PROVIDER, MAILBOX, &m.payload).with_context(|| format!("opening {}", m.id))?;
+        let o = store.open(MAILBOX, &m.payload).with_context(|| format!("opening {}", m.id))?;
         ensure!(!m.payload.windows(8).any(|w| o.plaintext.windows(8).any(|p| p == w)), "{}: plaintext in the delivery", m.id);
         // A third party given only the payload key can check what the message said.
         ensure!(sealed::open_with_payload_key(MAILBOX, &m.payload, &o.payload_key)? == o.plaintext, "revealed key");

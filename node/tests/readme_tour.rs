@@ -1,7 +1,8 @@
-//! The README's 5-minute tour, run exactly as written: `kerwen dev` is started as a user
-//! would start it (on free ports, with its own data dir), then the shell lines between
-//! `<!-- tour:begin -->` and `<!-- tour:end -->` run in bash with the freshly built `kerwen` on
-//! the PATH. The only substitution is the dev data dir path (`/tmp/kerwen-dev`); the client
+//! The README's 5-minute tour and its national-exchange walk-through, run exactly as written:
+//! `kerwen dev` is started as a user would start it (on free ports, with its own data dir; with
+//! `--scenario smev` for the second), then the shell lines between `<!-- tour:begin -->` and
+//! `<!-- tour:end -->` (or `smev:begin`/`smev:end`) run in bash with the freshly built `kerwen`
+//! on the PATH. The only substitution is the dev data dir path (`/tmp/kerwen-dev`); the client
 //! profile goes to the test's temporary directory (`KERWEN_PROFILE`), not the user's home.
 
 use std::io::{BufRead, BufReader};
@@ -69,14 +70,22 @@ impl Drop for DevCluster {
     }
 }
 
-fn tour_script(readme: &str) -> String {
-    let begin = readme.find("<!-- tour:begin -->").expect("README has a tour:begin marker");
-    let end = readme.find("<!-- tour:end -->").expect("README has a tour:end marker");
+/// The shell lines between `<!-- NAME:begin -->` and `<!-- NAME:end -->`, without the fences.
+fn readme_script(readme: &str, name: &str) -> String {
+    let begin = readme.find(&format!("<!-- {name}:begin -->")).unwrap_or_else(|| panic!("README has a {name}:begin marker"));
+    let end = readme.find(&format!("<!-- {name}:end -->")).unwrap_or_else(|| panic!("README has a {name}:end marker"));
     readme[begin..end].lines().skip(1).filter(|l| !l.trim_start().starts_with("```")).collect::<Vec<_>>().join("\n")
 }
 
-#[test]
-fn readme_tour_works_as_written() {
+/// What a README block printed.
+struct Ran {
+    stdout: String,
+    stderr: String,
+}
+
+/// Starts `kerwen dev` (with `dev_args`) as a user would, on free ports, waits for its ready
+/// banner, then runs the README block `name` with the built `kerwen` on the PATH.
+fn run_readme_block(name: &str, dev_args: &[&str]) -> Ran {
     let kerwen = PathBuf::from(env!("CARGO_BIN_EXE_kerwen"));
     let bin_dir = kerwen.parent().expect("binary dir").to_path_buf();
     let readme = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).expect("README.md");
@@ -89,6 +98,7 @@ fn readme_tour_works_as_written() {
     let mut child = Command::new(&kerwen)
         .args(["dev", "--base-port", &base.to_string(), "--data-dir"])
         .arg(&dev_dir)
+        .args(dev_args)
         .env("KERWEN_PROFILE", &profile)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -110,7 +120,7 @@ fn readme_tour_works_as_written() {
     });
     rx.recv_timeout(Duration::from_secs(90)).expect("kerwen dev printed its ready banner");
 
-    let script = tour_script(&readme).replace(README_DEV_DIR, &dev_dir.display().to_string());
+    let script = readme_script(&readme, name).replace(README_DEV_DIR, &dev_dir.display().to_string());
     let path = format!("{}:{}", bin_dir.display(), std::env::var("PATH").unwrap_or_default());
     let output = Command::new("bash")
         .args(["-e", "-x", "-c", &script])
@@ -119,11 +129,18 @@ fn readme_tour_works_as_written() {
         .env("KERWEN_ENDPOINT", &endpoints)
         .env("KERWEN_PROFILE", &profile)
         .output()
-        .expect("run the tour");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    println!("--- tour stdout ---\n{stdout}\n--- tour stderr ---\n{stderr}");
-    assert!(output.status.success(), "the README tour failed: {}", output.status);
+        .expect("run the README block");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    println!("--- {name} stdout ---\n{stdout}\n--- {name} stderr ---\n{stderr}");
+    assert!(output.status.success(), "the README block {name} failed: {}", output.status);
+    drop(cluster);
+    Ran { stdout, stderr }
+}
+
+#[test]
+fn readme_tour_works_as_written() {
+    let Ran { stdout, stderr } = run_readme_block("tour", &[]);
 
     // Every published declaration was consumed exactly once, the first one first.
     for d in ["declaration 2026-001", "declaration 2026-002", "declaration 2026-003"] {
@@ -142,5 +159,16 @@ fn readme_tour_works_as_written() {
     let retried: Vec<&str> = stdout.lines().filter(|l| l.starts_with("published decl-2026-001 ")).collect();
     assert_eq!(retried.len(), 2, "decl-2026-001 is published twice");
     assert_eq!(retried[0], retried[1], "the retry is answered with the first position");
-    drop(cluster);
+}
+
+/// "A national data exchange in five minutes": `kerwen dev --scenario smev`, then the block.
+#[test]
+fn readme_national_exchange_works_as_written() {
+    let Ran { stdout, stderr } = run_readme_block("smev", &["--scenario", "smev"]);
+    assert!(stdout.contains("TM/GOV/MINJUST/civil-registry/birth-certificates"), "the registry's services are listed");
+    assert!(stdout.contains("TM/GOV/MINLABOUR/social-benefits"), "the grants are listed");
+    assert!(stdout.contains("refused, as it should be") && stderr.contains("PermissionDenied"), "an ungranted send is refused");
+    assert!(!stdout.contains("curious"), "the refused message was never delivered");
+    assert!(stdout.contains("certificate 2026/BC/000123: born 1980-01-01, Ashgabat"), "the requester opened the sealed reply");
+    assert!(stdout.contains("from TM/GOV/MINJUST/civil-registry"), "the reply shows its authenticated sender");
 }

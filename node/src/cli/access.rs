@@ -6,11 +6,11 @@ use std::path::PathBuf;
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use kerwen_broker::access::Principal;
-use kerwen_broker::evidence::{Archive, ArchivedMessage, EvidenceExport, KeyRing, PublicKeyRecord};
+use kerwen_broker::evidence::{Archive, ArchivedMessage, EvidenceExport, KeyRing};
 use kerwen_proto::v1 as pb;
 use serde_json::json;
 
-use super::{connect, status_error, ClientOpts};
+use super::{connect, print_json_or, status_error, ClientOpts};
 use crate::pki::{self, CertificateAuthority};
 
 /// A subsystem's quota flags (absent: unlimited).
@@ -112,14 +112,6 @@ pub struct IssueArgs {
     /// Validity in days.
     #[arg(long, default_value_t = 365)]
     pub days: u64,
-}
-
-fn print_json_or(opts: &ClientOpts, value: serde_json::Value, text: impl FnOnce()) {
-    if opts.json {
-        println!("{value}");
-    } else {
-        text();
-    }
 }
 
 fn member_json(m: &pb::Member) -> serde_json::Value {
@@ -349,22 +341,7 @@ pub async fn evidence(opts: &ClientOpts, cmd: EvidenceCommand) -> anyhow::Result
         }
         EvidenceCommand::Keys => {}
     }
-    let client = connect(opts).await?;
-    let keys = client.access().list_signing_keys(pb::ListSigningKeysRequest {}).await.map_err(status_error)?.into_inner().keys;
-    let mut ring = KeyRing::default();
-    for k in &keys {
-        let public_key: [u8; 32] =
-            k.public_key.as_ref().try_into().with_context(|| format!("key {} is not 32 bytes", k.key_id))?;
-        ring.keys.insert(
-            k.key_id.clone(),
-            PublicKeyRecord {
-                key_id: k.key_id.clone(),
-                public_key,
-                valid_from_unix_ms: k.valid_from_unix_ms,
-                valid_until_unix_ms: k.valid_until_unix_ms,
-            },
-        );
-    }
+    let ring = connect(opts).await?.signing_key_ring().await.map_err(status_error)?;
     print_json_or(opts, serde_json::to_value(&ring)?, || {
         println!("{:<32} {:<64} {:>15} {:>15}", "KEY ID", "PUBLIC KEY (Ed25519)", "VALID FROM", "VALID UNTIL");
         for k in ring.keys.values() {

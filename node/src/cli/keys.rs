@@ -12,8 +12,6 @@ use serde_json::json;
 
 use super::{connect, status_error, ClientOpts};
 use crate::client::Client;
-use crate::runtime::now_unix_ms;
-use crate::sealed::SecretKey;
 
 #[derive(Debug, Subcommand)]
 pub enum KeysCommand {
@@ -86,16 +84,9 @@ fn key_json(k: &pb::EncryptionKey, local: bool) -> serde_json::Value {
     })
 }
 
-/// Generates a key, saves its private half, then registers the public half (in that order:
-/// a registered key whose private half was lost would make every message sealed to it unreadable).
-async fn generate(opts: &ClientOpts, client: &Client, subsystem: &str, key_id: Option<String>) -> anyhow::Result<pb::EncryptionKey> {
-    let key_id = key_id.unwrap_or_else(|| format!("k{}", now_unix_ms()));
+async fn generate(opts: &ClientOpts, client: &mut Client, subsystem: &str, key_id: Option<String>) -> anyhow::Result<pb::EncryptionKey> {
     let mut store = opts.key_store()?;
-    let key = SecretKey::generate(subsystem, &key_id, now_unix_ms());
-    let public_key = key.public_key;
-    store.add(key).with_context(|| format!("saving the private key {key_id}"))?;
-    let req = pb::RegisterEncryptionKeyRequest { subsystem: subsystem.to_owned(), key_id, public_key: public_key.to_vec().into() };
-    Ok(client.access().register_encryption_key(req).await.map_err(status_error)?.into_inner())
+    client.generate_encryption_key(&mut store, subsystem, key_id).await
 }
 
 async fn retire(client: &Client, subsystem: &str, key_id: &str) -> anyhow::Result<pb::EncryptionKey> {
@@ -106,8 +97,7 @@ async fn retire(client: &Client, subsystem: &str, key_id: &str) -> anyhow::Resul
 /// Opens a sealed file offline.
 fn open_file(opts: &ClientOpts, file: &Path, recipient: &str, out: &Path, reveal: bool) -> anyhow::Result<()> {
     let sealed = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let service: kerwen_broker::ids::ServiceId = recipient.parse().with_context(|| format!("--recipient {recipient}"))?;
-    let opened = opts.key_store()?.open(&service.subsystem.to_string(), recipient, &sealed)?;
+    let opened = opts.key_store()?.open(recipient, &sealed)?;
     crate::pki::write_file(out, &opened.plaintext, 0o600)?;
     eprintln!("opened with key {}: {} bytes written to {}", opened.key_id, opened.plaintext.len(), out.display());
     if reveal {
@@ -129,13 +119,14 @@ fn prove_file(file: &Path, recipient: &str, payload_key: &str, out: &Path) -> an
     Ok(())
 }
 
+/// A connection to the cluster and the subsystem it sees this client as.
+async fn connect_as_subsystem(opts: &ClientOpts) -> anyhow::Result<(Client, String)> {
+    let client = connect(opts).await?;
+    let subsystem = own_subsystem(&client).await?;
+    Ok((client, subsystem))
+}
+
 pub async fn keys(opts: &ClientOpts, cmd: KeysCommand) -> anyhow::Result<()> {
-    match &cmd {
-        KeysCommand::Open { file, recipient, out, reveal } => return open_file(opts, file, recipient, out, *reveal),
-        KeysCommand::Prove { file, recipient, payload_key, out } => return prove_file(file, recipient, payload_key, out),
-        _ => {}
-    }
-    let mut client = connect(opts).await?;
     let print = |k: &pb::EncryptionKey, what: &str| {
         if opts.json {
             println!("{}", key_json(k, true));
@@ -145,12 +136,12 @@ pub async fn keys(opts: &ClientOpts, cmd: KeysCommand) -> anyhow::Result<()> {
     };
     match cmd {
         KeysCommand::Generate { key_id } => {
-            let subsystem = own_subsystem(&client).await?;
-            print(&generate(opts, &client, &subsystem, key_id).await?, "registered");
+            let (mut client, subsystem) = connect_as_subsystem(opts).await?;
+            print(&generate(opts, &mut client, &subsystem, key_id).await?, "registered");
         }
         KeysCommand::Rotate { key_id } => {
-            let subsystem = own_subsystem(&client).await?;
-            let new = generate(opts, &client, &subsystem, key_id).await?;
+            let (mut client, subsystem) = connect_as_subsystem(opts).await?;
+            let new = generate(opts, &mut client, &subsystem, key_id).await?;
             print(&new, "registered");
             for old in client.encryption_keys(&subsystem).await.map_err(status_error)? {
                 if old.key_id != new.key_id && old.valid_until_unix_ms.is_none() {
@@ -159,10 +150,11 @@ pub async fn keys(opts: &ClientOpts, cmd: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Retire { key_id } => {
-            let subsystem = own_subsystem(&client).await?;
+            let (client, subsystem) = connect_as_subsystem(opts).await?;
             print(&retire(&client, &subsystem, &key_id).await?, "retired");
         }
         KeysCommand::List { subsystem } => {
+            let mut client = connect(opts).await?;
             let subsystem = match subsystem {
                 Some(s) => s,
                 None => own_subsystem(&client).await?,
@@ -180,7 +172,8 @@ pub async fn keys(opts: &ClientOpts, cmd: KeysCommand) -> anyhow::Result<()> {
                 }
             }
         }
-        KeysCommand::Open { .. } | KeysCommand::Prove { .. } => unreachable!("handled above, offline"),
+        KeysCommand::Open { file, recipient, out, reveal } => open_file(opts, &file, &recipient, &out, reveal)?,
+        KeysCommand::Prove { file, recipient, payload_key, out } => prove_file(&file, &recipient, &payload_key, &out)?,
     }
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! Client commands of the `kerwen` binary: mailboxes, publish, consume, dead letters, status
 //! (here), members, access rights, discovery and certificates (`access`), operational data
-//! (`opmon`). Output is for
+//! (`opmon`), encryption keys (`keys`), request/reply (`request`) and scenarios (`scenario`). Output is for
 //! people by default and one JSON document (or one per line for streams) with `--json`.
 
 use std::collections::HashMap;
@@ -23,6 +23,7 @@ pub mod access;
 pub mod keys;
 pub mod opmon;
 pub mod request;
+pub mod scenario;
 
 /// Where and how to talk to the cluster. Without flags, the client profile says it (see
 /// [`crate::profile`]; `kerwen dev` writes one).
@@ -61,7 +62,8 @@ pub struct ClientOpts {
 }
 
 impl ClientOpts {
-    fn load_profile(&self) -> anyhow::Result<Option<Profile>> {
+    /// The client profile these options name, or the default one if it exists.
+    pub fn load_profile(&self) -> anyhow::Result<Option<Profile>> {
         match &self.profile {
             Some(path) => Ok(Some(Profile::load(path)?)),
             None => match crate::profile::default_path() {
@@ -266,6 +268,15 @@ pub struct ConsumeArgs {
 
 pub(crate) fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+/// Prints `value` as JSON with `--json`, else runs `text`.
+pub(crate) fn print_json_or(opts: &ClientOpts, value: serde_json::Value, text: impl FnOnce()) {
+    if opts.json {
+        println!("{value}");
+    } else {
+        text();
+    }
 }
 
 pub(crate) async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
@@ -584,12 +595,11 @@ pub(crate) fn unseal(store: Result<&crate::sealed::KeyStore, &anyhow::Error>, d:
     if !crate::sealed::is_sealed(&m.payload) {
         return None;
     }
-    let subsystem = m.recipient.parse::<kerwen_broker::ids::ServiceId>().ok()?.subsystem.to_string();
     let store = match store {
         Ok(store) => store,
         Err(e) => return Some(Unsealed::Closed { reason: format!("{e:#}") }),
     };
-    Some(match store.open(&subsystem, &m.recipient, &m.payload) {
+    Some(match store.open(&m.recipient, &m.payload) {
         Ok(opened) => {
             m.payload = opened.plaintext.into();
             Unsealed::Opened { key_id: opened.key_id }
@@ -598,7 +608,7 @@ pub(crate) fn unseal(store: Result<&crate::sealed::KeyStore, &anyhow::Error>, d:
     })
 }
 
-fn print_delivery(json_output: bool, d: &pb::Delivery, sealed: Option<&Unsealed>) {
+pub(crate) fn print_delivery(json_output: bool, d: &pb::Delivery, sealed: Option<&Unsealed>) {
     let m = d.message.clone().unwrap_or_default();
     let pos = d.position.unwrap_or_default();
     let text = std::str::from_utf8(&m.payload).ok();

@@ -7,9 +7,8 @@ use std::time::Duration;
 use anyhow::bail;
 use clap::Args;
 use kerwen_proto::v1 as pb;
-use serde_json::json;
 
-use super::{connect, random_id, read_payload, status_error, unseal, ClientOpts, Unsealed};
+use super::{connect, print_delivery, random_id, read_payload, status_error, unseal, ClientOpts};
 use crate::client::{Client, Event};
 
 /// A payload from `--data`, `--file` or standard input.
@@ -73,19 +72,6 @@ pub struct ReplyArgs {
     pub timeout_secs: Option<u64>,
 }
 
-fn print_payload(opts: &ClientOpts, what: &str, d: &pb::Delivery, sealed: Option<&Unsealed>) {
-    let m = d.message.clone().unwrap_or_default();
-    let key_id = match sealed {
-        Some(Unsealed::Opened { key_id }) => Some(key_id.clone()),
-        _ => None,
-    };
-    if opts.json {
-        println!("{}", json!({"kind": what, "id": m.id, "sender": m.sender, "sealed_key_id": key_id, "payload_utf8": String::from_utf8_lossy(&m.payload)}));
-    } else {
-        println!("{what} {} from {}: {}", m.id, m.sender, String::from_utf8_lossy(&m.payload).trim_end());
-    }
-}
-
 pub async fn request(opts: &ClientOpts, args: RequestArgs) -> anyhow::Result<()> {
     let mut client = connect(opts).await?;
     let payload = args.payload.read()?;
@@ -100,7 +86,7 @@ pub async fn request(opts: &ClientOpts, args: RequestArgs) -> anyhow::Result<()>
     let mut reply = exchanged.reply;
     let keys = opts.key_store();
     let sealed = unseal(keys.as_ref(), &mut reply);
-    print_payload(opts, "reply", &reply, sealed.as_ref());
+    print_delivery(opts.json, &reply, sealed.as_ref());
     Ok(())
 }
 
@@ -126,7 +112,7 @@ pub async fn reply(opts: &ClientOpts, args: ReplyArgs) -> anyhow::Result<()> {
         // The reply names the request's hash, over the bytes as delivered: open a copy.
         let mut shown = request.clone();
         let sealed = unseal(keys.as_ref(), &mut shown);
-        print_payload(opts, "request", &shown, sealed.as_ref());
+        print_delivery(opts.json, &shown, sealed.as_ref());
         let requester_reply_to = request.message.as_ref().and_then(|m| m.headers.get(kerwen_broker::request::HEADER_REPLY_TO)).cloned();
         let Some(reply_to) = requester_reply_to else {
             eprintln!("request asks for no reply; acked without one");

@@ -1129,16 +1129,7 @@ pub struct Consumer {
 /// The cluster's published evidence signing keys, as a verifier would fetch them once and
 /// trust them.
 pub async fn trusted_keys(cluster: &ProcessCluster) -> Result<kerwen_broker::evidence::KeyRing> {
-    use kerwen_broker::evidence::{KeyRing, PublicKeyRecord};
-    let client = cluster.client(1).await?;
-    let keys = client.access().list_signing_keys(kerwen_proto::v1::ListSigningKeysRequest {}).await?.into_inner().keys;
-    let mut ring = KeyRing::default();
-    for k in keys {
-        let public_key: [u8; 32] = k.public_key.as_ref().try_into().context("a 32-byte key")?;
-        let record = PublicKeyRecord { key_id: k.key_id.clone(), public_key, valid_from_unix_ms: k.valid_from_unix_ms, valid_until_unix_ms: k.valid_until_unix_ms };
-        ring.keys.insert(k.key_id, record);
-    }
-    Ok(ring)
+    Ok(cluster.client(1).await?.signing_key_ring().await?)
 }
 
 /// Files under `dir` (recursively) that contain `needle`; an error when there are no files.
