@@ -225,6 +225,24 @@ fn open_store(config: &NodeConfig) -> anyhow::Result<Arc<Store>> {
 }
 
 /// Whether these metrics, read on `node`, say that `node` leads the group.
+/// How long a node waits before initializing the groups another node should lead first.
+const INITIALIZE_GRACE: Duration = Duration::from_secs(2);
+
+/// The node that initializes `group` first and so most likely leads it first: the groups go
+/// round robin over the nodes in id order.
+pub fn first_leader(group: GroupId, nodes: &[NodeId]) -> Option<NodeId> {
+    (!nodes.is_empty()).then(|| nodes[group as usize % nodes.len()])
+}
+
+/// Initializes `raft` with `members` as its voters; a group already initialized (by this node
+/// before a restart, or by another node) is fine.
+async fn initialize(raft: &Raft<TypeConfig>, members: &BTreeMap<NodeId, BasicNode>) -> anyhow::Result<()> {
+    match raft.initialize(members.clone()).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub fn leads_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
     m.state == ServerState::Leader && m.current_leader == Some(node)
 }
@@ -278,15 +296,35 @@ impl NodeRuntime {
         };
         let members: BTreeMap<NodeId, BasicNode> =
             runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
-        for (_, raft) in runtime.all_rafts() {
-            match raft.initialize(members.clone()).await {
-                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-                Err(e) => return Err(e.into()),
+        // Every node initializes every group (only the first initialization counts, the rest
+        // are refused as NotAllowed), but each group's `first_leader` goes first and so
+        // campaigns first: a new cluster starts with its leaders spread over the nodes, not
+        // all on whichever node happened to initialize first. The other nodes follow after
+        // INITIALIZE_GRACE, so a group still forms while its first leader is down.
+        let ids: Vec<NodeId> = members.keys().copied().collect();
+        let mut deferred = Vec::new();
+        for (group, raft) in runtime.all_rafts() {
+            if first_leader(group, &ids) == Some(runtime.config.node_id) {
+                initialize(raft, &members).await?;
+            } else {
+                deferred.push(group);
             }
         }
         let config = &runtime.config;
         tracing::info!(node = config.node_id, shards = config.shards, listen = %config.listen, "node started");
         let runtime = Arc::new(runtime);
+        let weak = Arc::downgrade(&runtime);
+        tokio::spawn(async move {
+            tokio::time::sleep(INITIALIZE_GRACE).await;
+            for group in deferred {
+                let Some(runtime) = weak.upgrade() else { return };
+                if let Ok(raft) = runtime.raft(group) {
+                    if let Err(e) = initialize(raft, &members).await {
+                        tracing::warn!(group, error = %e, "initializing the group failed");
+                    }
+                }
+            }
+        });
         runtime.run_sweeper();
         crate::signing::spawn_registration(Arc::downgrade(&runtime), public_key);
         Ok(runtime)
