@@ -75,7 +75,7 @@ impl Connection {
     /// The key store of the subsystems' private encryption keys (beside the CA, as
     /// `kerwen keys` and `kerwen dev --scenario` keep it).
     pub fn keys_dir(&self) -> Option<PathBuf> {
-        self.issuer.as_ref().map(|i| i.pki_dir.join("sealing-keys"))
+        self.issuer.as_ref().map(|i| i.pki_dir.join(kerwen_node::sealed::KEY_STORE_DIR))
     }
 }
 

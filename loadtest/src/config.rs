@@ -224,6 +224,14 @@ impl SizeDist {
         }
     }
 
+    /// A size drawn from the distribution.
+    pub fn sample(&self, rng: &mut impl rand::Rng) -> u64 {
+        match *self {
+            SizeDist::Fixed(n) => n,
+            SizeDist::Uniform { min, max } => rng.random_range(min..=max),
+        }
+    }
+
     pub fn mean(&self) -> f64 {
         match *self {
             SizeDist::Fixed(n) => n as f64,

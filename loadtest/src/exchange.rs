@@ -198,13 +198,8 @@ impl Run {
     }
 
     fn payload(&self, size: SizeDist, rng: &mut SmallRng) -> Vec<u8> {
-        let size = match size {
-            SizeDist::Fixed(n) => n,
-            SizeDist::Uniform { min, max } => rng.random_range(min..=max),
-        };
-        let size = usize::try_from(size).unwrap_or(usize::MAX).min(self.payload_pool.len());
-        let offset = rng.random_range(0..=self.payload_pool.len() - size);
-        self.payload_pool[offset..offset + size].to_vec()
+        let size = size.sample(rng);
+        crate::workload::payload_slice(&self.payload_pool, size, rng).to_vec()
     }
 
     /// `plaintext` sealed to the owner of `recipient`, or as it is when `sealed` is false.
@@ -287,19 +282,16 @@ pub async fn run(config: Arc<Config>, exchange: &Exchange, connection: Connectio
             .await
             .map_err(|s| anyhow::anyhow!("connecting as {}: {}", system.id, s.message()))?;
         if system.sealed {
-            let (key_id, _) = scenario::ensure_sealing_key(&mut client, &mut key_store, &system.id).await?;
-            let registered = admin.encryption_keys(&system.id).await.map_err(|s| anyhow::anyhow!("{}'s keys: {}", system.id, s.message()))?;
-            let key = registered.iter().find(|k| k.key_id == key_id).context("the key just registered")?;
+            let (key, _) = scenario::ensure_sealing_key(&mut client, &mut key_store, &system.id).await?;
             let public_key: [u8; 32] = key.public_key.as_ref().try_into().context("a 32-byte encryption key")?;
-            sealing_keys.insert(system.id.clone(), SealingKey { key_id, public_key });
+            sealing_keys.insert(system.id.clone(), SealingKey { key_id: key.key_id, public_key });
         }
         clients.insert(system.id.clone(), client);
     }
 
     let max_size = exchange.flows.iter().map(|f| f.size.max().max(f.reply_size.max())).max().unwrap_or(1024);
     let mut rng = SmallRng::seed_from_u64(config.seed);
-    let mut pool = vec![0u8; usize::try_from(max_size).unwrap_or(usize::MAX) + 4096];
-    rng.fill_bytes(&mut pool);
+    let payload_pool = crate::workload::payload_pool(max_size, &mut rng)?;
     let consumed = consumed_services(&exchange.flows);
     let run = Arc::new(Run {
         run_id: format!("x{:08x}", rng.next_u32()),
@@ -309,7 +301,7 @@ pub async fn run(config: Arc<Config>, exchange: &Exchange, connection: Connectio
         key_store,
         sealing_keys,
         request_timeout: config.request_timeout,
-        payload_pool: Bytes::from(pool),
+        payload_pool,
         awaiting_receipts: consumed.iter().map(|_| AtomicUsize::new(0)).collect(),
         foreign: AtomicU64::new(0),
     });

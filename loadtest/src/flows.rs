@@ -123,15 +123,11 @@ impl Exchange {
     }
 }
 
-fn service_of<'t>(topology: &'t Topology, service: &str) -> Option<kerwen_node::scenario::ServiceEntry<'t>> {
-    topology.services().find(|e| e.id == service)
-}
-
 fn resolve_flow(topology: &Topology, spec: FlowSpec, rate_scale: f64) -> anyhow::Result<Flow> {
     let name = spec.name.clone();
     let check = || -> anyhow::Result<Flow> {
         let from = topology.system(&spec.from).with_context(|| format!("from {}: not a system of the topology", spec.from))?;
-        let to = service_of(topology, &spec.to).with_context(|| format!("to {}: not a service of the topology", spec.to))?;
+        let to = topology.service(&spec.to).with_context(|| format!("to {}: not a service of the topology", spec.to))?;
         if !topology.may_send(&spec.from, &spec.to) {
             bail!("the topology does not let {} send to {} (add it to the service's senders)", spec.from, spec.to);
         }
@@ -140,7 +136,7 @@ fn resolve_flow(topology: &Topology, spec: FlowSpec, rate_scale: f64) -> anyhow:
         }
         let reply_to = match (spec.kind, &spec.reply_to) {
             (FlowKind::Request, Some(r)) => {
-                let reply = service_of(topology, r).with_context(|| format!("reply_to {r}: not a service of the topology"))?;
+                let reply = topology.service(r).with_context(|| format!("reply_to {r}: not a service of the topology"))?;
                 if reply.owner.id != from.id {
                     bail!("reply_to {r} is not a service of the requester {}", from.id);
                 }

@@ -34,7 +34,7 @@ use tokio::sync::watch;
 use tonic::{Code, Status};
 
 use crate::cluster::{Connection, EmbeddedCluster};
-use crate::config::{format_duration, Config, SizeDist};
+use crate::config::{format_duration, Config};
 use crate::report::HdrLog;
 use crate::stats::{self, corrected_latency, micros, Brief, Clock, Phase, Point, RecorderHandle, Registry, Schedule, Window, SENT_HEADER};
 
@@ -80,11 +80,24 @@ async fn stopped(rx: &mut watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
 }
 
+/// Random bytes that payloads of up to `max_size` are sliced from (with some slack, so that
+/// payloads start at varying offsets).
+pub fn payload_pool(max_size: u64, rng: &mut SmallRng) -> anyhow::Result<Bytes> {
+    let mut pool = vec![0u8; usize::try_from(max_size).context("payload size")? + PAYLOAD_SLACK];
+    rng.fill_bytes(&mut pool);
+    Ok(Bytes::from(pool))
+}
+
+/// `size` bytes (at most the whole pool) from a random offset of `pool`.
+pub fn payload_slice(pool: &Bytes, size: u64, rng: &mut SmallRng) -> Bytes {
+    let size = usize::try_from(size).unwrap_or(usize::MAX).min(pool.len());
+    let offset = rng.random_range(0..=pool.len() - size);
+    pool.slice(offset..offset + size)
+}
+
 impl Run {
     fn payload(&self, size: u64, rng: &mut SmallRng) -> Bytes {
-        let size = usize::try_from(size).unwrap_or(usize::MAX).min(self.payload_pool.len());
-        let offset = rng.random_range(0..=self.payload_pool.len() - size);
-        self.payload_pool.slice(offset..offset + size)
+        payload_slice(&self.payload_pool, size, rng)
     }
 
     fn is_ours(&self, id: &str) -> bool {
@@ -99,13 +112,6 @@ impl Run {
         } else {
             Phase::Drain
         }
-    }
-}
-
-fn sample_size(size: SizeDist, rng: &mut SmallRng) -> u64 {
-    match size {
-        SizeDist::Fixed(n) => n,
-        SizeDist::Uniform { min, max } => rng.random_range(min..=max),
     }
 }
 
@@ -202,9 +208,7 @@ pub async fn run(
     let mailboxes = Arc::new(create_mailboxes(&config, &client).await?);
 
     let mut rng = SmallRng::seed_from_u64(config.seed);
-    let pool_len = usize::try_from(config.size.max()).context("payload size")? + PAYLOAD_SLACK;
-    let mut pool = vec![0u8; pool_len];
-    rng.fill_bytes(&mut pool);
+    let payload_pool = payload_pool(config.size.max(), &mut rng)?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let (consumers_stop_tx, consumers_stop_rx) = watch::channel(false);
@@ -225,7 +229,7 @@ pub async fn run(
         published_ok: AtomicU64::new(0),
         delivered_first: AtomicU64::new(0),
         unsent: AtomicU64::new(0),
-        payload_pool: Bytes::from(pool),
+        payload_pool,
     });
     let registry = Registry::default();
     let started_unix_ms = unix_ms_now() + START_DELAY.as_millis() as u64;
@@ -641,7 +645,7 @@ async fn producer(run: Arc<Run>, index: u32, mailboxes: Arc<Vec<String>>, record
         let mut bytes = 0u64;
         let messages: Vec<Message> = (0..n)
             .map(|_| {
-                let size = sample_size(config.size, &mut rng);
+                let size = config.size.sample(&mut rng);
                 bytes += size;
                 seq += 1;
                 Message {
@@ -807,6 +811,7 @@ async fn consumer(run: Arc<Run>, mailbox: String, recorder: RecorderHandle) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::SizeDist;
 
     #[test]
     fn count_is_split_evenly_over_producers() {
@@ -826,10 +831,10 @@ mod tests {
     fn sizes_stay_in_range() {
         let mut rng = SmallRng::seed_from_u64(7);
         let d = SizeDist::Uniform { min: 512, max: 4096 };
-        let samples: Vec<u64> = (0..10_000).map(|_| sample_size(d, &mut rng)).collect();
+        let samples: Vec<u64> = (0..10_000).map(|_| d.sample(&mut rng)).collect();
         assert!(samples.iter().all(|&s| (512..=4096).contains(&s)));
         let mean = samples.iter().sum::<u64>() as f64 / samples.len() as f64;
         assert!((mean - d.mean()).abs() < 60.0, "mean {mean}");
-        assert_eq!(sample_size(SizeDist::Fixed(1024), &mut rng), 1024);
+        assert_eq!(SizeDist::Fixed(1024).sample(&mut rng), 1024);
     }
 }

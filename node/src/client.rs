@@ -43,6 +43,11 @@ pub struct Client {
     tls: Option<ClientTls>,
 }
 
+/// The key senders seal to, among a subsystem's registered keys: the newest not retired.
+pub fn current_encryption_key(keys: &[EncryptionKey]) -> Option<&EncryptionKey> {
+    keys.iter().filter(|k| k.valid_until_unix_ms.is_none()).max_by_key(|k| (k.valid_from_unix_ms, k.key_id.as_str()))
+}
+
 fn normalise(endpoint: &str, tls: bool) -> String {
     if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
         endpoint.to_owned()
@@ -201,8 +206,7 @@ impl Client {
         let service: kerwen_broker::ids::ServiceId =
             recipient.parse().map_err(|e| Status::invalid_argument(format!("recipient {recipient}: {e}")))?;
         let keys = self.encryption_keys(&service.subsystem.to_string()).await?;
-        let current = keys.iter().filter(|k| k.valid_until_unix_ms.is_none()).max_by_key(|k| (k.valid_from_unix_ms, k.key_id.clone()));
-        let key = current.ok_or_else(|| {
+        let key = current_encryption_key(&keys).ok_or_else(|| {
             Status::failed_precondition(format!("{} has no current encryption key (kerwen keys generate, as that subsystem)", service.subsystem))
         })?;
         let public_key: [u8; 32] =

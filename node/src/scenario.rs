@@ -10,14 +10,15 @@
 //! The built-in scenario [`SMEV`] (`loadtest/scenarios/smev.toml`) is compiled in, so
 //! `kerwen dev --scenario smev` works from any directory.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use anyhow::Context;
 use kerwen_broker::ids::{IdError, ServiceId, SubsystemId};
+use kerwen_proto::v1::EncryptionKey;
 use serde::Deserialize;
 use tonic::Code;
 
-use crate::client::Client;
+use crate::client::{current_encryption_key, Client};
 use crate::sealed::KeyStore;
 
 /// The SMEV scenario: 10 ministries, 12 information systems, their flows.
@@ -183,15 +184,15 @@ impl Topology {
         self.systems.iter().find(|s| s.id == id)
     }
 
-    /// Whether `sender` may send to `service` under this topology: it owns it or is granted.
-    pub fn may_send(&self, sender: &str, service: &str) -> bool {
-        self.services().any(|e| e.id == service && (e.owner.id == sender || e.spec.senders.iter().any(|s| s == sender)))
+    pub fn service(&self, id: &str) -> Option<ServiceEntry<'_>> {
+        self.services().find(|e| e.id == id)
     }
 
-    /// Grants by service, as the cluster should hold them.
-    pub fn grants(&self) -> BTreeMap<String, Vec<String>> {
-        self.services().map(|e| (e.id, e.spec.senders.clone())).collect()
+    /// Whether `sender` may send to `service` under this topology: it owns it or is granted.
+    pub fn may_send(&self, sender: &str, service: &str) -> bool {
+        self.service(service).is_some_and(|e| e.owner.id == sender || e.spec.senders.iter().any(|s| s == sender))
     }
+
 }
 
 /// What [`apply`] changed.
@@ -230,21 +231,17 @@ pub async fn apply(admin: &mut Client, topology: &Topology) -> anyhow::Result<Ap
     Ok(applied)
 }
 
-/// Makes sure `subsystem` (the identity `client` connects as) has a current encryption key
-/// whose private half is in `store`, generating and registering one when it has not. Returns
-/// the current key's id and whether it is new.
-pub async fn ensure_sealing_key(client: &mut Client, store: &mut KeyStore, subsystem: &str) -> anyhow::Result<(String, bool)> {
+/// Makes sure the current encryption key of `subsystem` (the identity `client` connects as),
+/// the one senders seal to, has its private half in `store`; generates and registers a new
+/// current key when not. Returns the current key and whether it is new.
+pub async fn ensure_sealing_key(client: &mut Client, store: &mut KeyStore, subsystem: &str) -> anyhow::Result<(EncryptionKey, bool)> {
     let registered = client.encryption_keys(subsystem).await.map_err(|s| anyhow::anyhow!("listing {subsystem}'s keys: {}", s.message()))?;
-    let usable = registered
-        .iter()
-        .filter(|k| k.valid_until_unix_ms.is_none())
-        .filter(|k| store.keys(subsystem).any(|local| local.key_id == k.key_id))
-        .max_by_key(|k| (k.valid_from_unix_ms, k.key_id.clone()));
-    if let Some(k) = usable {
-        return Ok((k.key_id.clone(), false));
+    if let Some(current) = current_encryption_key(&registered) {
+        if store.keys(subsystem).any(|local| local.key_id == current.key_id) {
+            return Ok((current.clone(), false));
+        }
     }
-    let key = client.generate_encryption_key(store, subsystem, None).await?;
-    Ok((key.key_id, true))
+    Ok((client.generate_encryption_key(store, subsystem, None).await?, true))
 }
 
 #[cfg(test)]

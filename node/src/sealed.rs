@@ -214,6 +214,10 @@ impl SecretKey {
     }
 }
 
+/// Name of the key store directory beside a CA's files (`PKI_DIR/sealing-keys`), where
+/// `kerwen keys` and `kerwen dev --scenario` keep it by default.
+pub const KEY_STORE_DIR: &str = "sealing-keys";
+
 /// A directory of one or more subsystems' private encryption keys, one file per key
 /// (`SUBSYSTEM with / as ~` `.` `KEY ID` `.json`). Old keys stay: they open what was sealed
 /// to them before a rotation.

@@ -80,8 +80,8 @@ impl ClientOpts {
             None => {
                 let profile = self.load_profile()?;
                 match (profile.and_then(|p| p.pki_dir), self.profile.clone().or_else(crate::profile::default_path)) {
-                    (Some(pki), _) => pki.join("sealing-keys"),
-                    (None, Some(path)) => path.parent().map(|d| d.join("sealing-keys")).context("the profile path has no directory")?,
+                    (Some(pki), _) => pki.join(crate::sealed::KEY_STORE_DIR),
+                    (None, Some(path)) => path.parent().map(|d| d.join(crate::sealed::KEY_STORE_DIR)).context("the profile path has no directory")?,
                     (None, None) => bail!("no key store: give --keys-dir (or KERWEN_KEYS_DIR)"),
                 }
             }
