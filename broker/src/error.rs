@@ -39,6 +39,10 @@ pub enum BrokerError {
     /// A bug or an impossible state.
     #[error("internal error: {0}")]
     Internal(String),
+    /// The cluster is not in a state that allows this (a node still holding replicas cannot
+    /// be removed). Retrying as is will not help; changing the state first will.
+    #[error("{0}")]
+    FailedPrecondition(String),
 }
 
 impl BrokerError {

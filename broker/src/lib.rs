@@ -1,6 +1,7 @@
 //! kerwen-broker: the library behind a Kerwen node.
 //!
 //! - [`access`]: caller identities, the member registry, access rights and quotas.
+//! - [`cluster`]: the node registry and the placement planner (where replicas go).
 //! - [`evidence`]: leaves, Merkle trees, signed batches, receipts and their offline checks.
 //! - [`ids`]: X-Road identifiers and their validation.
 //! - [`model`]: the replicated data model (Raft type config, commands, records).
@@ -15,6 +16,7 @@
 //! node's business; the broker only sees openraft traits and its own types.
 
 pub mod access;
+pub mod cluster;
 pub mod delivery;
 pub mod evidence;
 pub mod error;

@@ -578,6 +578,9 @@ pub enum Command {
     /// covering them (see [`Seal`]). Applied only if the batch extends the shard's chain at
     /// exactly this entry's log position; otherwise nothing of it is applied.
     Sealed { seal: Seal, commands: Vec<Command> },
+    /// Metadata group: a change to the node registry. (Last: bincode numbers variants by
+    /// position, and logs written before it existed must still decode.)
+    Cluster(crate::cluster::ClusterCommand),
 }
 
 /// The evidence of one [`Command::Sealed`] entry: the signed batch header and its leaves, in
@@ -652,7 +655,7 @@ impl Command {
             Command::UploadBegin { new, .. } => new.message.id.len() + new.message.recipient.len() + OVERHEAD,
             Command::UploadChunk { data, id, .. } => data.len() + id.len() + OVERHEAD,
             Command::CreateMailbox { service, partitions, .. } => service.len() + *partitions as usize * 4 + OVERHEAD,
-            Command::Access(_) => OVERHEAD * 4,
+            Command::Access(_) | Command::Cluster(_) => OVERHEAD * 4,
             Command::Batch(commands) => commands.iter().map(Command::approximate_size).sum::<usize>() + OVERHEAD,
             Command::Sealed { seal, commands } => {
                 commands.iter().map(Command::approximate_size).sum::<usize>() + seal.leaves.len() * 32 + seal.acks.len() * 64 + 4 * OVERHEAD

@@ -496,6 +496,12 @@ def test_five_replicas_have_five_peers():
     assert "KERWEN_EVIDENCE_BUDGET_BYTES" not in rendered("default.yaml").env()
 
 
+def test_only_the_initial_nodes_form_the_cluster():
+    # Grown from 3 to 5, pods 4 and 5 must join, never form a second cluster.
+    assert rendered("five-replicas.yaml").env()["KERWEN_INITIAL_NODES"]["value"] == "1,2,3"
+    assert rendered("default.yaml").env()["KERWEN_INITIAL_NODES"]["value"] == "1,2,3"
+
+
 @pytest.mark.parametrize("values", GOOD)
 def test_ordinal_and_listen_env(values):
     r = rendered(values)
@@ -609,7 +615,7 @@ def test_optional_objects_off_by_default():
 
 def test_notes_explain_scaling():
     notes = rendered("default.yaml").notes
-    assert "kerwen node join|drain" in notes
+    assert "kerwen node join|drain|remove" in notes and "kerwen node remove ID" in notes
     assert "kerwen-0.kerwen-peers.brokers.svc.cluster.local" in notes
 
 

@@ -284,6 +284,32 @@ impl Client {
         .await
     }
 
+    /// Registers a node (or re-admits a removed one) at its peer address.
+    pub async fn join_node(&mut self, id: u64, address: String, zone: Option<String>) -> Result<(), Status> {
+        let req = kerwen_proto::v1::JoinNodeRequest { id, address, zone };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AdminClient::new(ch).join_node(req).await.map(|_| ()) }
+        })
+        .await
+    }
+
+    /// Starts moving every replica off node `id`.
+    pub async fn drain_node(&mut self, id: u64) -> Result<(), Status> {
+        self.with_failover(|ch| async move {
+            AdminClient::new(ch).drain_node(kerwen_proto::v1::DrainNodeRequest { id }).await.map(|_| ())
+        })
+        .await
+    }
+
+    /// Removes drained node `id` (refused while it holds replicas).
+    pub async fn remove_node(&mut self, id: u64) -> Result<(), Status> {
+        self.with_failover(|ch| async move {
+            AdminClient::new(ch).remove_node(kerwen_proto::v1::RemoveNodeRequest { id }).await.map(|_| ())
+        })
+        .await
+    }
+
     /// Publishes one batch; the response holds one result per message, in order, each
     /// receipt with its signed batch (filled in from the response's table).
     /// When the process exports traces, this is a producer span whose context travels with

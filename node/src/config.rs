@@ -37,9 +37,27 @@ pub struct ServeArgs {
     #[arg(long, env = "KERWEN_PEER_LISTEN")]
     pub peer_listen: Option<SocketAddr>,
     /// All cluster members including this node, at their peer addresses:
-    /// `1=host:port,2=host:port,3=host:port`.
+    /// `1=host:port,2=host:port,3=host:port`. A new cluster is formed from them; a node
+    /// started with `--join` lists at least one existing node and itself. Nodes that join
+    /// later are learned from the cluster's node registry.
     #[arg(long, env = "KERWEN_PEERS")]
     pub peers: Option<String>,
+    /// Join an existing cluster instead of forming one with `--peers`: the node registers
+    /// itself and takes the replicas the cluster moves onto it.
+    #[arg(long, env = "KERWEN_JOIN")]
+    #[serde(default)]
+    pub join: bool,
+    /// The nodes that form a new cluster, by id: `1,2,3` [default: every node of `--peers`].
+    /// A node not among them joins instead (as with `--join`), so an orchestrator can give
+    /// every node the same settings and still grow the cluster later.
+    #[arg(long, env = "KERWEN_INITIAL_NODES")]
+    pub initial_nodes: Option<String>,
+    /// Replicas of each Raft group (metadata and data shards) [default: 3]. Same on every node.
+    #[arg(long, env = "KERWEN_REPLICATION_FACTOR")]
+    pub replication_factor: Option<usize>,
+    /// This node's failure domain (a zone or rack): replicas of a group go to distinct zones.
+    #[arg(long, env = "KERWEN_ZONE")]
+    pub zone: Option<String>,
     /// Address of the plain-HTTP operations port: `/livez`, `/readyz`, `/metrics`
     /// (Prometheus). It serves no data. Off unless given.
     #[arg(long, env = "KERWEN_HTTP_LISTEN")]
@@ -131,6 +149,12 @@ pub struct NodeConfig {
     pub http_listen: Option<SocketAddr>,
     pub security: Security,
     pub peers: BTreeMap<NodeId, String>,
+    /// Join an existing cluster rather than form one.
+    pub join: bool,
+    /// The nodes that form a new cluster (a subset of `peers`).
+    pub initial_nodes: Vec<NodeId>,
+    pub replication_factor: usize,
+    pub zone: Option<String>,
     pub data_dir: PathBuf,
     pub encryption_at_rest: Algorithm,
     pub shards: u32,
@@ -163,6 +187,7 @@ pub enum Security {
 pub const PEER_PORT_OFFSET: u16 = 100;
 
 pub const DEFAULT_SHARDS: u32 = 3;
+pub const DEFAULT_REPLICATION_FACTOR: usize = 3;
 pub const DEFAULT_PARTITIONS: u32 = 4;
 pub const DEFAULT_LEASE_MS: u64 = 30_000;
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 4 * 1024 * 1024;
@@ -254,6 +279,24 @@ impl ServeArgs {
         if shards == 0 || shards > 1024 {
             bail!("--shards must be 1..=1024");
         }
+        // Sorted: every node must place the groups alike.
+        let mut initial_nodes: Vec<NodeId> = match self.initial_nodes.or(file.initial_nodes) {
+            Some(list) => list
+                .split(',')
+                .map(|id| id.trim().parse::<NodeId>().with_context(|| format!("--initial-nodes: bad node id {id:?}")))
+                .collect::<anyhow::Result<_>>()?,
+            None => peers.keys().copied().collect(),
+        };
+        initial_nodes.sort_unstable();
+        initial_nodes.dedup();
+        if let Some(missing) = initial_nodes.iter().find(|id| !peers.contains_key(id)) {
+            bail!("--initial-nodes names node {missing}, which --peers does not list");
+        }
+        let join = self.join || file.join || !initial_nodes.contains(&node_id);
+        let replication_factor = self.replication_factor.or(file.replication_factor).unwrap_or(DEFAULT_REPLICATION_FACTOR);
+        if replication_factor == 0 || replication_factor > 7 {
+            bail!("--replication-factor must be 1..=7");
+        }
         let default_partitions = self.default_partitions.or(file.default_partitions).unwrap_or(DEFAULT_PARTITIONS);
         if default_partitions == 0 || default_partitions > kerwen_broker::storage::state_machine::MAX_PARTITIONS {
             bail!("--default-partitions must be 1..=256");
@@ -274,6 +317,10 @@ impl ServeArgs {
             http_listen,
             security,
             peers,
+            join,
+            initial_nodes,
+            replication_factor,
+            zone: self.zone.or(file.zone),
             data_dir,
             encryption_at_rest,
             shards,
@@ -370,6 +417,20 @@ mod tests {
 
     fn args(listen: &str) -> ServeArgs {
         ServeArgs { node_id: Some(1), listen: Some(listen.parse().unwrap()), data_dir: Some("/tmp/x".into()), ..Default::default() }
+    }
+
+    #[test]
+    fn a_node_outside_the_initial_nodes_joins() {
+        let peers = Some("1=127.0.0.1:7101,2=127.0.0.1:7102,4=127.0.0.1:7104".to_owned());
+        let base = ServeArgs { insecure: true, peers, ..args("127.0.0.1:7001") };
+        let formed = base.clone().resolve().unwrap();
+        assert_eq!((formed.join, formed.initial_nodes), (false, vec![1, 2, 4]), "default: every peer forms it");
+        let later = ServeArgs { node_id: Some(4), initial_nodes: Some("2, 1".into()), listen: Some("127.0.0.1:7004".parse().unwrap()), ..base.clone() };
+        let later = later.resolve().unwrap();
+        assert_eq!((later.join, later.initial_nodes), (true, vec![1, 2]));
+        let unknown = ServeArgs { initial_nodes: Some("1,3".into()), ..base.clone() }.resolve().unwrap_err();
+        assert!(format!("{unknown:#}").contains("node 3"), "{unknown:#}");
+        assert!(ServeArgs { replication_factor: Some(0), ..base }.resolve().is_err());
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //!
 //! - [`config`]: `kerwen serve` settings (flags, env, TOML file).
 //! - [`runtime`]: a running node: store, Raft groups, routing to leaders.
+//! - [`placement`]: the node registry, where replicas are, the move coordinator (join,
+//!   drain, remove).
 //! - [`transport`]: node-to-node gRPC (openraft network, forwarding, fault filter).
 //! - [`services`]: the gRPC services (`Exchange`, `Admin`, internal `Raft`/`Peer`).
 //! - [`server`]: wiring of the services into the client and peer servers.
@@ -27,6 +29,7 @@ pub mod dev;
 pub mod opmon;
 pub mod ops;
 pub mod pki;
+pub mod placement;
 pub mod profile;
 pub mod quota;
 pub mod receipts;

@@ -45,8 +45,13 @@ enum Command {
         #[command(subcommand)]
         command: DlqCommand,
     },
-    /// Show nodes, Raft groups and their leaders.
+    /// Show nodes (state, replicas, leaders), Raft groups and their leaders, moves.
     Status,
+    /// Add, drain and remove cluster nodes.
+    Node {
+        #[command(subcommand)]
+        command: kerwen_node::cli::node::NodeCommand,
+    },
     /// Operational monitoring: each node's records of the publishes, deliveries and acks it
     /// handled, and per-service health over the last 10 minutes.
     Opmon(kerwen_node::cli::opmon::OpmonArgs),
@@ -120,6 +125,7 @@ async fn main() {
         Command::Download(args) => cli::download(&cli.client, args).await,
         Command::Dlq { command } => cli::dlq(&cli.client, command).await,
         Command::Status => cli::status(&cli.client).await,
+        Command::Node { command } => cli::node::node(&cli.client, command).await,
         Command::Opmon(args) => cli::opmon::opmon(&cli.client, args).await,
         Command::Member { command } => cli::access::member(&cli.client, command).await,
         Command::Acl { command } => cli::access::acl(&cli.client, command).await,

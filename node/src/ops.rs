@@ -21,7 +21,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use kerwen_broker::model::{GroupId, NodeId};
+use kerwen_broker::model::{GroupId, NodeId, METADATA_GROUP};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
@@ -131,8 +131,12 @@ pub fn readiness(runtime: &NodeRuntime) -> Result<(), String> {
         if m.running_state.is_err() {
             return Err(format!("group {group} has stopped"));
         }
-        if !m.membership_config.membership().nodes().any(|(id, _)| *id == node) {
-            return Err(format!("node {node} is not a member of group {group}"));
+        if m.membership_config.membership().get_node(&node).is_none() {
+            // A node hosts the replicas placed on it, and every node the metadata group.
+            if group == METADATA_GROUP {
+                return Err(format!("node {node} is not (yet) a member of the cluster's metadata group"));
+            }
+            continue;
         }
         if m.current_leader.is_none() {
             return Err(format!("group {group} has no leader"));
@@ -192,6 +196,10 @@ fn sample_raft(runtime: &NodeRuntime, sampled: &mut Sampled) {
     for (group, raft) in runtime.all_rafts() {
         let metrics = raft.metrics();
         let m = metrics.borrow();
+        if m.membership_config.membership().get_node(&node).is_none() {
+            // No replica here: the group's own replicas report it.
+            continue;
+        }
         let label = group.to_string();
         let leading = leads_per(&m, node);
         metrics::gauge!("kerwen_raft_term", "group" => label.clone()).set(m.current_term as f64);

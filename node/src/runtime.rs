@@ -171,6 +171,10 @@ pub struct NodeRuntime {
     stopping: tokio::sync::watch::Sender<bool>,
     /// Records of the exchanges this node handled (`kerwen opmon`).
     pub opmon: OpMonitor,
+    /// Leaders of groups this node hosts no replica of, as other nodes told it.
+    leader_hints: std::sync::Mutex<std::collections::HashMap<GroupId, NodeId>>,
+    /// Moves this node coordinates (while it leads the metadata group), by group.
+    pub(crate) moves: std::sync::Mutex<BTreeMap<GroupId, kerwen_broker::cluster::Move>>,
 }
 
 /// Held by a subscription until its leases are released.
@@ -224,15 +228,8 @@ fn open_store(config: &NodeConfig) -> anyhow::Result<Arc<Store>> {
     Ok(Store::open_with(&db_dir, cipher)?)
 }
 
-/// Whether these metrics, read on `node`, say that `node` leads the group.
 /// How long a node waits before initializing the groups another node should lead first.
 const INITIALIZE_GRACE: Duration = Duration::from_secs(2);
-
-/// The node that initializes `group` first and so most likely leads it first: the groups go
-/// round robin over the nodes in id order.
-pub fn first_leader(group: GroupId, nodes: &[NodeId]) -> Option<NodeId> {
-    (!nodes.is_empty()).then(|| nodes[group as usize % nodes.len()])
-}
 
 /// Initializes `raft` with `members` as its voters; a group already initialized (by this node
 /// before a restart, or by another node) is fine.
@@ -243,6 +240,7 @@ async fn initialize(raft: &Raft<TypeConfig>, members: &BTreeMap<NodeId, BasicNod
     }
 }
 
+/// Whether these metrics, read on `node`, say that `node` leads the group.
 pub fn leads_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
     m.state == ServerState::Leader && m.current_leader == Some(node)
 }
@@ -293,41 +291,66 @@ impl NodeRuntime {
             evidence_warned: std::sync::atomic::AtomicU64::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
             stopping: tokio::sync::watch::Sender::new(false),
+            leader_hints: Default::default(),
+            moves: Default::default(),
         };
-        let members: BTreeMap<NodeId, BasicNode> =
-            runtime.config.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
-        // Every node initializes every group (only the first initialization counts, the rest
-        // are refused as NotAllowed), but each group's `first_leader` goes first and so
-        // campaigns first: a new cluster starts with its leaders spread over the nodes, not
-        // all on whichever node happened to initialize first. The other nodes follow after
-        // INITIALIZE_GRACE, so a group still forms while its first leader is down.
-        let ids: Vec<NodeId> = members.keys().copied().collect();
+        let config = &runtime.config;
+        tracing::info!(node = config.node_id, shards = config.shards, listen = %config.listen, join = config.join, "node started");
+        let runtime = Arc::new(runtime);
+        runtime.form_cluster().await?;
+        runtime.run_sweeper();
+        crate::signing::spawn_registration(Arc::downgrade(&runtime), public_key);
+        crate::placement::spawn(&runtime);
+        Ok(runtime)
+    }
+
+    /// Forms a new cluster from `--peers`, unless this node already belongs to one or joins
+    /// one (`--join`). Each group gets `replication_factor` voters (`initial_voters`), and
+    /// its first voter initializes it at once and so most likely leads it first: a new
+    /// cluster starts with its replicas and leaders spread over the nodes, not all on
+    /// whichever node happened to initialize first. The other voters follow after
+    /// INITIALIZE_GRACE, so a group still forms while its first voter is down. (Only the
+    /// first initialization counts, the rest are refused as NotAllowed.)
+    async fn form_cluster(self: &Arc<Self>) -> anyhow::Result<()> {
+        let marker = self.config.data_dir.join(crate::placement::MEMBER_MARKER);
+        if self.config.join || marker.exists() {
+            std::fs::write(&marker, b"")?;
+            return Ok(());
+        }
+        let ids = &self.config.initial_nodes;
+        let me = self.node_id();
+        let mut now = Vec::new();
         let mut deferred = Vec::new();
-        for (group, raft) in runtime.all_rafts() {
-            if first_leader(group, &ids) == Some(runtime.config.node_id) {
-                initialize(raft, &members).await?;
-            } else {
-                deferred.push(group);
+        for (group, _) in self.all_rafts() {
+            let voters = kerwen_broker::cluster::initial_voters(group, ids, self.config.replication_factor);
+            let members: BTreeMap<NodeId, BasicNode> =
+                voters.iter().map(|id| (*id, BasicNode { addr: self.config.peers[id].clone() })).collect();
+            match voters.iter().position(|v| *v == me) {
+                Some(0) => now.push((group, members)),
+                Some(_) => deferred.push((group, members)),
+                None => {}
             }
         }
-        let config = &runtime.config;
-        tracing::info!(node = config.node_id, shards = config.shards, listen = %config.listen, "node started");
-        let runtime = Arc::new(runtime);
-        let weak = Arc::downgrade(&runtime);
+        for (group, members) in &now {
+            initialize(self.raft(*group)?, members).await?;
+        }
+        let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             tokio::time::sleep(INITIALIZE_GRACE).await;
-            for group in deferred {
+            for (group, members) in deferred {
                 let Some(runtime) = weak.upgrade() else { return };
                 if let Ok(raft) = runtime.raft(group) {
                     if let Err(e) = initialize(raft, &members).await {
                         tracing::warn!(group, error = %e, "initializing the group failed");
+                        return;
                     }
                 }
             }
+            if let Err(e) = std::fs::write(&marker, b"") {
+                tracing::warn!(error = %e, path = %marker.display(), "cannot write the cluster-member marker");
+            }
         });
-        runtime.run_sweeper();
-        crate::signing::spawn_registration(Arc::downgrade(&runtime), public_key);
-        Ok(runtime)
+        Ok(())
     }
 
     /// Registers a subscription; drop the guard once its leases are released.
@@ -408,8 +431,24 @@ impl NodeRuntime {
         std::iter::once((METADATA_GROUP, &self.meta.raft)).chain(self.shards.iter().map(|(id, g)| (*id, &g.raft)))
     }
 
-    fn leader_of(&self, group: GroupId) -> Result<Option<NodeId>, BrokerError> {
-        let leader = self.raft(group)?.metrics().borrow().current_leader;
+    /// The leader of `group` as far as this node knows: its own replica's view, or for a
+    /// group it hosts no replica of, what another node said (asked when nobody has yet).
+    async fn leader_of(&self, group: GroupId) -> Result<Option<NodeId>, BrokerError> {
+        let leader = if self.hosts(group) {
+            self.raft(group)?.metrics().borrow().current_leader
+        } else {
+            let hint = self.leader_hints.lock().unwrap_or_else(|p| p.into_inner()).get(&group).copied();
+            match hint {
+                Some(leader) => Some(leader),
+                None => {
+                    let found = self.discover_leader(group).await;
+                    if let Some(leader) = found {
+                        self.leader_hints.lock().unwrap_or_else(|p| p.into_inner()).insert(group, leader);
+                    }
+                    found
+                }
+            }
+        };
         // A draining leader is on its way out: wait for its successor rather than use it.
         Ok(leader.filter(|l| *l != self.node_id() || !self.is_draining()))
     }
@@ -478,6 +517,8 @@ impl NodeRuntime {
     {
         let deadline = Instant::now() + self.config.request_timeout;
         let mut last_error = BrokerError::Unavailable(format!("group {group} has no leader"));
+        // The leader a node that refused named: tried next, before this node's own view.
+        let mut redirect: Option<NodeId> = None;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -486,7 +527,11 @@ impl NodeRuntime {
                     self.config.request_timeout
                 )));
             }
-            let attempt = match self.leader_of(group)? {
+            let leader = match redirect.take() {
+                Some(leader) => Some(leader),
+                None => self.leader_of(group).await?,
+            };
+            let attempt = match leader {
                 Some(leader) if leader == self.node_id() => match tokio::time::timeout(left, local()).await {
                     Ok(r) => r,
                     Err(_) => {
@@ -501,10 +546,26 @@ impl NodeRuntime {
             };
             match attempt {
                 Err(e) if e.is_retryable() => {
+                    redirect = self.note_refusal(group, &e);
                     last_error = e;
                     tokio::time::sleep(Duration::from_millis(50).min(left)).await;
                 }
                 other => return other,
+            }
+        }
+    }
+
+    /// Remembers the leader a refusal named (tried next), or forgets the hint that failed.
+    fn note_refusal(&self, group: GroupId, e: &BrokerError) -> Option<NodeId> {
+        let mut hints = self.leader_hints.lock().unwrap_or_else(|p| p.into_inner());
+        match e {
+            BrokerError::NotLeader { leader: Some(named), .. } if *named != self.node_id() => {
+                hints.insert(group, *named);
+                Some(*named)
+            }
+            _ => {
+                hints.remove(&group);
+                None
             }
         }
     }

@@ -15,6 +15,7 @@ pub fn to_status(e: BrokerError) -> Status {
         e @ BrokerError::NotLeader { .. } => Status::unavailable(e.to_string()),
         e @ BrokerError::Storage(_) => Status::internal(e.to_string()),
         e @ BrokerError::Internal(_) => Status::internal(e.to_string()),
+        BrokerError::FailedPrecondition(m) => Status::failed_precondition(m),
     }
 }
 

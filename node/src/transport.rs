@@ -121,6 +121,18 @@ impl Peers {
         self.addresses.read().unwrap_or_else(|p| p.into_inner()).get(&node).cloned()
     }
 
+    /// Sets (or changes) the peer address of `node`; a changed address drops its channel.
+    pub fn set_address(&self, node: NodeId, address: &str) {
+        let mut addresses = self.addresses.write().unwrap_or_else(|p| p.into_inner());
+        if addresses.get(&node).map(String::as_str) == Some(address) {
+            return;
+        }
+        tracing::info!(node, address, "peer address learned");
+        addresses.insert(node, address.to_owned());
+        drop(addresses);
+        self.channels.lock().unwrap_or_else(|p| p.into_inner()).remove(&node);
+    }
+
     /// Whether traffic with `node` is cut by the fault filter.
     pub fn is_blocked(&self, node: NodeId) -> bool {
         self.blocked.read().unwrap_or_else(|p| p.into_inner()).contains(&node)
@@ -199,6 +211,7 @@ impl Peers {
             PeerMethod::Fetch => client.fetch(request).await,
             PeerMethod::Read => client.read(request).await,
             PeerMethod::Opmon => client.opmon(request).await,
+            PeerMethod::Placement => client.placement(request).await,
         };
         let reply = reply.map_err(|s| BrokerError::Unavailable(format!("node {node}: {}", s.message())))?.into_inner();
         self.tap(&reply.body);
@@ -228,6 +241,8 @@ pub enum PeerMethod {
     Read,
     /// Answered by the node called, not forwarded to a leader.
     Opmon,
+    /// Placement questions and moves (`crate::placement`).
+    Placement,
 }
 
 /// Creates openraft connections of one group.
@@ -240,7 +255,11 @@ pub struct RaftTransport {
 impl RaftNetworkFactory<TypeConfig> for RaftTransport {
     type Network = RaftConnection;
 
-    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> Self::Network {
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        // A replica added by a move names its address in the group's membership.
+        if self.peers.address(target).is_none() {
+            self.peers.set_address(target, &node.addr);
+        }
         RaftConnection { group: self.group, target, peers: self.peers.clone() }
     }
 }

@@ -21,6 +21,7 @@
 //! | `state`       | group u32, `B`, batch u64                        | bincode `BatchRecord` (signed header and leaves) |
 //! | `state`       | group u32, `H`                                   | bincode `ChainHead` of the shard's evidence chain |
 //! | `state`       | group u32, `Z`                                   | bytes of the shard's `E` and `B` records |
+//! | `state`       | group u32, `R`, node u64 (metadata group)        | bincode `NodeRecord` (node registry) |
 //!
 //! Dead-letter partitions are partition numbers with the top bit set, so a mailbox's dead
 //! letters sort after its live messages.
@@ -64,6 +65,8 @@ pub const KIND_MEMBER: u8 = b'M';
 pub const KIND_GRANT: u8 = b'g';
 /// Metadata group: a subsystem's membership of a group (`G/group 0 subsystem`).
 pub const KIND_GROUP: u8 = b'G';
+/// Metadata group: a node of the registry (`R/node u64`).
+pub const KIND_NODE: u8 = b'R';
 
 /// The key of a pair of names (`first 0 second`): names never contain a zero byte.
 pub fn pair_key(group: GroupId, kind: u8, first: &str, second: &str) -> Vec<u8> {

@@ -74,6 +74,15 @@ app.kubernetes.io/part-of: kerwen
 {{- join "," $peers -}}
 {{- end -}}
 
+{{/* The ids of the nodes that formed the cluster: 1..initialReplicas (at most replicas). */}}
+{{- define "kerwen.initialNodes" -}}
+{{- $ids := list -}}
+{{- range $i := until (int (min .Values.initialReplicas .Values.replicas)) -}}
+{{- $ids = append $ids (add1 $i | toString) -}}
+{{- end -}}
+{{- join "," $ids -}}
+{{- end -}}
+
 {{/* Name of the Secret holding the node certificate of ordinal .ordinal. */}}
 {{- define "kerwen.tlsSecretName" -}}
 {{- $ctx := .ctx -}}

@@ -21,6 +21,7 @@ use crate::tls::TlsFiles;
 
 pub mod access;
 pub mod keys;
+pub mod node;
 pub mod opmon;
 pub mod request;
 pub mod scenario;
@@ -836,22 +837,40 @@ pub async fn status(opts: &ClientOpts) -> anyhow::Result<()> {
                        "last_applied_index": g.last_applied_index, "voters": g.voters, "local_role": g.local_role})
             })
             .collect();
-        let nodes: Vec<_> = s.nodes.iter().map(|n| json!({"id": n.id, "address": n.address})).collect();
-        println!("{}", json!({"answered_by": s.node_id, "nodes": nodes, "groups": groups}));
+        let nodes: Vec<_> = s
+            .nodes
+            .iter()
+            .map(|n| {
+                json!({"id": n.id, "address": n.address, "state": n.state, "zone": n.zone, "replicas": n.replicas,
+                       "leaders": n.leaders, "reachable": n.reachable})
+            })
+            .collect();
+        let replicas: Vec<_> = s
+            .replicas
+            .iter()
+            .map(|g| json!({"group": g.group, "leader": g.leader, "voters": g.voters, "learners": g.learners, "lag": g.lag}))
+            .collect();
+        println!(
+            "{}",
+            json!({"answered_by": s.node_id, "nodes": nodes, "groups": groups, "replicas": replicas, "moves": s.moves})
+        );
         return Ok(());
     }
     println!("answered by node {} ({})", s.node_id, client.endpoint());
-    println!("nodes:");
-    for n in &s.nodes {
-        println!("  {:>3}  {}", n.id, n.address);
-    }
+    node::print_nodes(&s);
     println!("{:<10} {:>7} {:>6} {:>10} {:>10} {:<10} VOTERS", "GROUP", "LEADER", "TERM", "LAST LOG", "APPLIED", "THIS NODE");
     for g in &s.groups {
         let name = if g.group == 0 { "metadata".to_owned() } else { format!("shard {}", g.group) };
-        let leader = g.leader.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+        // Members as the group's leader reports them (this node may host no replica).
+        let members = s.replicas.iter().find(|r| r.group == g.group);
+        let leader = members.map(|r| r.leader).or(g.leader).map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+        let voters = members.map_or(&g.voters, |r| &r.voters);
+        let learners = members.filter(|r| !r.learners.is_empty()).map(|r| format!(" learners {:?}", r.learners)).unwrap_or_default();
+        let lagging: Vec<String> = members.map(|r| r.lag.iter().filter(|(_, l)| **l > 0).map(|(n, l)| format!("{n}:-{l}")).collect()).unwrap_or_default();
+        let learners = if lagging.is_empty() { learners } else { format!("{learners} lag {}", lagging.join(" ")) };
         println!(
-            "{:<10} {:>7} {:>6} {:>10} {:>10} {:<10} {:?}",
-            name, leader, g.term, g.last_log_index, g.last_applied_index, g.local_role, g.voters
+            "{:<10} {:>7} {:>6} {:>10} {:>10} {:<10} {:?}{}",
+            name, leader, g.term, g.last_log_index, g.last_applied_index, g.local_role, voters, learners
         );
     }
     Ok(())

@@ -289,18 +289,44 @@ impl Admin for AdminService {
     async fn cluster_status(&self, request: Request<pb::ClusterStatusRequest>) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let caller = auth::caller(&self.runtime, &request)?;
         auth::authorize(&self.runtime, &caller, Action::Discover).await?;
-        let nodes = self
-            .runtime
-            .peers
-            .addresses()
-            .into_iter()
-            .map(|(id, address)| pb::NodeInfo { id, address })
+        let map = self.runtime.cluster_map().await;
+        let (replicas, leaders) = (map.replica_counts(), map.leader_counts());
+        let mut nodes: Vec<pb::NodeInfo> = map
+            .nodes
+            .values()
+            .map(|n| pb::NodeInfo {
+                id: n.id,
+                address: n.address.clone(),
+                state: n.state.as_str().to_owned(),
+                zone: n.zone.clone(),
+                replicas: replicas.get(&n.id).copied().unwrap_or(0) as u32,
+                leaders: leaders.get(&n.id).copied().unwrap_or(0) as u32,
+                reachable: map.reachable.contains(&n.id),
+            })
             .collect();
+        // Configured peers that have not registered yet (a cluster still starting).
+        for (id, address) in self.runtime.peers.addresses() {
+            if !map.nodes.contains_key(&id) {
+                let count = |c: &std::collections::BTreeMap<u64, usize>| c.get(&id).copied().unwrap_or(0) as u32;
+                nodes.push(pb::NodeInfo {
+                    id,
+                    address,
+                    state: "unregistered".into(),
+                    zone: None,
+                    replicas: count(&replicas),
+                    leaders: count(&leaders),
+                    reachable: map.reachable.contains(&id),
+                });
+            }
+        }
+        nodes.sort_by_key(|n| n.id);
+        let me = self.runtime.node_id();
         let groups = self
             .runtime
             .all_rafts()
             .map(|(group, raft)| {
                 let m = raft.metrics().borrow().clone();
+                let hosted = m.membership_config.membership().get_node(&me).is_some();
                 pb::GroupStatus {
                     group,
                     leader: m.current_leader,
@@ -308,13 +334,52 @@ impl Admin for AdminService {
                     last_log_index: m.last_log_index.unwrap_or(0),
                     last_applied_index: m.last_applied.map(|l| l.index).unwrap_or(0),
                     voters: m.membership_config.membership().voter_ids().collect(),
-                    local_role: role(m.state).to_owned(),
+                    local_role: if hosted { role(m.state) } else { "none" }.to_owned(),
                     snapshot_index: m.snapshot.map(|l| l.index).unwrap_or(0),
                     purged_index: m.purged.map(|l| l.index).unwrap_or(0),
                 }
             })
             .collect();
-        Ok(Response::new(pb::ClusterStatusResponse { node_id: self.runtime.node_id(), nodes, groups }))
+        let replicas = map
+            .groups
+            .iter()
+            .map(|s| pb::GroupReplicas {
+                group: s.group,
+                leader: s.leader,
+                voters: s.voters.iter().copied().collect(),
+                learners: s.learners.iter().copied().collect(),
+                lag: s.lag.iter().map(|(n, l)| (*n, *l)).collect(),
+            })
+            .collect();
+        let moves = map.moves.iter().map(ToString::to_string).collect();
+        Ok(Response::new(pb::ClusterStatusResponse { node_id: me, nodes, groups, replicas, moves }))
+    }
+
+    async fn join_node(&self, request: Request<pb::JoinNodeRequest>) -> Result<Response<pb::NodeChangeResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        auth::authorize(&self.runtime, &caller, Action::Administer).await?;
+        let req = request.into_inner();
+        self.runtime.register_node(req.id, req.address, req.zone, true).await.map_err(to_status)?;
+        tracing::info!(target: "kerwen::audit", caller = %caller, node = req.id, "node joined");
+        Ok(Response::new(pb::NodeChangeResponse {}))
+    }
+
+    async fn drain_node(&self, request: Request<pb::DrainNodeRequest>) -> Result<Response<pb::NodeChangeResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        auth::authorize(&self.runtime, &caller, Action::Administer).await?;
+        let id = request.into_inner().id;
+        self.runtime.drain_node(id).await.map_err(to_status)?;
+        tracing::info!(target: "kerwen::audit", caller = %caller, node = id, "node draining");
+        Ok(Response::new(pb::NodeChangeResponse {}))
+    }
+
+    async fn remove_node(&self, request: Request<pb::RemoveNodeRequest>) -> Result<Response<pb::NodeChangeResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        auth::authorize(&self.runtime, &caller, Action::Administer).await?;
+        let id = request.into_inner().id;
+        self.runtime.remove_node(id).await.map_err(to_status)?;
+        tracing::info!(target: "kerwen::audit", caller = %caller, node = id, "node removed");
+        Ok(Response::new(pb::NodeChangeResponse {}))
     }
 
     async fn export_evidence(&self, request: Request<pb::ExportEvidenceRequest>) -> Result<Response<pb::ExportEvidenceResponse>, Status> {

@@ -16,6 +16,7 @@ use serde::Serialize;
 use tonic::{Request, Response, Status};
 
 use crate::opmon::OpmonQuery;
+use crate::placement::PlacementRequest;
 use crate::runtime::{FetchArgs, NodeRuntime, ReadQuery};
 use crate::transport::{decode, encode};
 
@@ -111,6 +112,13 @@ impl Peer for InternalService {
         self.admit(req.from)?;
         let query: OpmonQuery = decode(&req.body).map_err(bad_body)?;
         peer_reply(Ok(self.runtime.opmon.query(&query, crate::runtime::now_unix_ms())))
+    }
+
+    async fn placement(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let question: PlacementRequest = decode(&req.body).map_err(bad_body)?;
+        peer_reply(self.runtime.placement_local(req.group, question).await)
     }
 
     async fn inject_fault(&self, request: Request<PeerRequest>) -> Result<Response<PeerReply>, Status> {

@@ -134,6 +134,9 @@ pub struct ClusterConfig {
     /// `--shutdown-drain-ms`: 0 by default, so that stopping a node in a test is quick; tests
     /// of graceful shutdown set the node's default (5000).
     pub shutdown_drain_ms: u64,
+    /// Nodes prepared (ports, certificates, directories) but not started: ids after the
+    /// founding `nodes`, started with `--join` by [`ProcessCluster::join`].
+    pub spare_nodes: u64,
 }
 
 /// The subsystem test clients act as by default; mailboxes of the tests belong to it.
@@ -153,6 +156,7 @@ impl Default for ClusterConfig {
             identity: TEST_SUBSYSTEM.to_owned(),
             env: Vec::new(),
             shutdown_drain_ms: 0,
+            spare_nodes: 0,
         }
     }
 }
@@ -194,6 +198,12 @@ impl ClusterBuilder {
     /// The subsystem [`Cluster::client`] acts as (default [`TEST_SUBSYSTEM`]).
     pub fn identity(mut self, subsystem: impl Into<String>) -> Self {
         self.config.identity = subsystem.into();
+        self
+    }
+
+    /// Prepares `n` more nodes that join the running cluster later ([`ProcessCluster::join`]).
+    pub fn spare_nodes(mut self, n: u64) -> Self {
+        self.config.spare_nodes = n;
         self
     }
 
@@ -261,6 +271,8 @@ pub struct ProcessCluster {
     blocked: Mutex<BTreeMap<NodeId, Vec<NodeId>>>,
     /// Nodes isolated by the current partition.
     isolated: Mutex<Vec<NodeId>>,
+    /// Spare nodes that have joined (they count as cluster nodes from then on).
+    joined: Mutex<BTreeSet<NodeId>>,
     tmp: Option<tempfile::TempDir>,
     /// The cluster's CA and certificates.
     pki_dir: PathBuf,
@@ -305,7 +317,7 @@ impl ProcessCluster {
         let tmp = tempfile::Builder::new().prefix("kerwen-test-").tempdir().context("creating the cluster temp dir")?;
         // Reserve all ports at once (held together so they are distinct), then release them
         // just before the nodes bind them. Each node keeps its port across restarts.
-        let listeners: Vec<TcpListener> = (0..config.nodes * 3)
+        let listeners: Vec<TcpListener> = (0..(config.nodes + config.spare_nodes) * 3)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<io::Result<_>>()
             .context("reserving ports")?;
@@ -329,6 +341,7 @@ impl ProcessCluster {
             nodes,
             blocked: Mutex::new(BTreeMap::new()),
             isolated: Mutex::new(Vec::new()),
+            joined: Mutex::new(BTreeSet::new()),
             tmp: Some(tmp),
             pki_dir,
             admin,
@@ -408,8 +421,27 @@ impl ProcessCluster {
         self.nodes.get(&id).unwrap_or_else(|| panic!("no node {id} in this cluster"))
     }
 
-    fn peers_arg(&self) -> String {
-        self.nodes.values().map(|n| format!("{}=127.0.0.1:{}", n.id, n.peer_port)).collect::<Vec<_>>().join(",")
+    /// Whether `id` is a spare node (started with `--join`).
+    fn is_spare(&self, id: NodeId) -> bool {
+        id > self.config.nodes
+    }
+
+    /// `--peers` of a node: the founding nodes, and a spare node itself.
+    fn peers_arg(&self, node: NodeId) -> String {
+        self.nodes
+            .values()
+            .filter(|n| !self.is_spare(n.id) || n.id == node)
+            .map(|n| format!("{}=127.0.0.1:{}", n.id, n.peer_port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Starts spare node `id`, which joins the running cluster (`kerwen serve --join`).
+    pub async fn join(&self, id: NodeId) -> Result<()> {
+        anyhow::ensure!(self.is_spare(id) && self.nodes.contains_key(&id), "node {id} is not a spare node");
+        self.joined.lock().unwrap().insert(id);
+        trace(format!("node {id} joins"));
+        self.start(id).await
     }
 
     fn command(&self, node: &NodeProcess) -> Result<Command> {
@@ -428,7 +460,8 @@ impl ProcessCluster {
             .arg("--http-listen")
             .arg(format!("127.0.0.1:{}", node.http_port))
             .arg("--peers")
-            .arg(self.peers_arg())
+            .arg(self.peers_arg(node.id))
+            .args(self.is_spare(node.id).then_some("--join"))
             .arg("--tls-ca")
             .arg(self.pki_dir.join(pki::CA_CERT))
             .arg("--tls-cert")
@@ -635,14 +668,17 @@ impl ProcessCluster {
                 .iter()
                 .find(|g| g.group == group)
                 .ok_or_else(|| anyhow!("node {n} does not report group {group}"))?;
-            seen.insert(n, (g.leader, g.local_role.clone(), g.term));
+            // A node without a replica of the group has no say.
+            if g.local_role != "none" {
+                seen.insert(n, (g.leader, g.local_role.clone(), g.term));
+            }
         }
         let leaders: BTreeSet<Option<u64>> = seen.values().map(|v| v.0).collect();
         let describe = || format!("group {group}: (leader, role, term) per node {seen:?}");
         if leaders.len() != 1 {
             bail!("no agreement on the leader, {}", describe());
         }
-        let Some(leader) = *leaders.iter().next().unwrap() else { bail!("no leader, {}", describe()) };
+        let Some(&Some(leader)) = leaders.iter().next() else { bail!("no leader, {}", describe()) };
         if !among.contains(&leader) || exclude.contains(&leader) {
             bail!("leader {leader} is not an eligible node, {}", describe());
         }
@@ -762,7 +798,8 @@ impl ProcessCluster {
 
 impl Cluster for ProcessCluster {
     fn node_ids(&self) -> Vec<NodeId> {
-        self.nodes.keys().copied().collect()
+        let joined = self.joined.lock().unwrap();
+        self.nodes.keys().copied().filter(|id| !self.is_spare(*id) || joined.contains(id)).collect()
     }
 
     fn running(&self) -> Vec<NodeId> {

@@ -10,6 +10,7 @@
 //! Architecture invariant: `apply` reads no clock and draws no randomness.
 
 mod access;
+mod cluster;
 mod delivery;
 mod evidence;
 mod upload;
@@ -74,6 +75,8 @@ struct SnapshotPayload {
 pub struct MetaView {
     mailboxes: RwLock<BTreeMap<String, MailboxInfo>>,
     access: RwLock<AccessControl>,
+    /// The node registry (`R` keys).
+    nodes: RwLock<BTreeMap<crate::model::NodeId, crate::cluster::NodeRecord>>,
 }
 
 impl MetaView {
@@ -105,6 +108,15 @@ impl MetaView {
         read(&self.mailboxes).values().cloned().collect()
     }
 
+    /// The node registry.
+    pub fn nodes(&self) -> BTreeMap<crate::model::NodeId, crate::cluster::NodeRecord> {
+        read(&self.nodes).clone()
+    }
+
+    pub fn node(&self, id: crate::model::NodeId) -> Option<crate::cluster::NodeRecord> {
+        read(&self.nodes).get(&id).cloned()
+    }
+
     fn reload(&self, store: &Store) -> Result<()> {
         let mut map = BTreeMap::new();
         for_each_in_prefix(store, &keys::state_key(METADATA_GROUP, KIND_MAILBOX, &[]), |_, value| {
@@ -114,6 +126,7 @@ impl MetaView {
         })?;
         *write(&self.mailboxes) = map;
         *write(&self.access) = access::load(store)?;
+        *write(&self.nodes) = cluster::load(store)?;
         Ok(())
     }
 }
@@ -423,7 +436,11 @@ impl StateMachine {
     /// The metadata group's state machine and its shared view.
     pub fn open_metadata(store: Arc<Store>) -> Result<(Self, Arc<MetaView>)> {
         let applied = load_applied(&store, METADATA_GROUP)?;
-        let view = Arc::new(MetaView { mailboxes: RwLock::new(BTreeMap::new()), access: RwLock::new(AccessControl::default()) });
+        let view = Arc::new(MetaView {
+            mailboxes: RwLock::new(BTreeMap::new()),
+            access: RwLock::new(AccessControl::default()),
+            nodes: RwLock::new(BTreeMap::new()),
+        });
         view.reload(&store)?;
         let sm = Self { group: METADATA_GROUP, store, kind: GroupKind::Metadata(view.clone()), applied };
         Ok((sm, view))
@@ -468,6 +485,7 @@ impl StateMachine {
                 return apply_create_mailbox(&self.store, view, batch, new, scratch);
             }
             (GroupKind::Metadata(view), Command::Access(cmd)) => return access::apply(&self.store, view, batch, cmd),
+            (GroupKind::Metadata(view), Command::Cluster(cmd)) => return cluster::apply(&self.store, view, batch, cmd),
             (GroupKind::Shard(view), cmd) => (view.clone(), cmd),
             (_, cmd) => return Ok(self.misplaced(&cmd)),
         };
@@ -503,7 +521,11 @@ impl StateMachine {
             Command::UploadChunk { mailbox, id, offset, data } => upload::apply_chunk(&view, batch, scratch, mailbox, &id, offset, data),
             Command::UploadCommit { mailbox, id } => Ok(upload::apply_commit(&view, batch, scratch, cache, (mailbox, &id), None)?.0),
             Command::UploadAbort { mailbox, id } => upload::apply_abort(&view, batch, scratch, mailbox, &id),
-            cmd @ (Command::CreateMailbox { .. } | Command::Access(_) | Command::Batch(_) | Command::Sealed { .. }) => {
+            cmd @ (Command::CreateMailbox { .. }
+            | Command::Access(_)
+            | Command::Cluster(_)
+            | Command::Batch(_)
+            | Command::Sealed { .. }) => {
                 Ok(self.misplaced(&cmd))
             }
         }
@@ -753,6 +775,7 @@ fn command_name(cmd: &Command) -> &'static str {
         Command::UploadCommit { .. } => "UploadCommit",
         Command::UploadAbort { .. } => "UploadAbort",
         Command::Access(_) => "Access",
+        Command::Cluster(_) => "Cluster",
         Command::Batch(_) => "Batch",
         Command::Sealed { .. } => "Sealed",
     }

@@ -1,0 +1,334 @@
+//! Adding and removing nodes (issue 7): a cluster grown from 3 to 5 nodes under load ends
+//! with balanced replicas; a drained node under load gives up every replica and is removed
+//! and killed without loss; the metadata leader killed in the middle of a move leaves every
+//! group whole. Real `kerwen serve` processes; every check polls with a bound.
+
+mod harness;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, ensure, Context, Result};
+use harness::*;
+use kerwen_node::cli::node::balanced;
+use kerwen_proto::v1::ClusterStatusResponse;
+use tonic::Code;
+
+const MAILBOX: &str = "TM/GOV/MINCOM/registry/scaling";
+const BATCH: usize = 20;
+/// Longest the moves of a test may take to settle.
+const SETTLE: Duration = Duration::from_secs(180);
+
+fn builder(nodes: u64, spare: u64) -> ClusterBuilder {
+    ProcessCluster::builder().nodes(nodes).spare_nodes(spare).shards(6).default_partitions(6).lease_ms(5_000).request_timeout_ms(5_000)
+}
+
+/// What the producer had acknowledged and what the consumer received.
+#[derive(Default)]
+struct Outcome {
+    acked: Vec<String>,
+    /// Ids of batches published more than once (a retry may have stored the first attempt).
+    ambiguous: HashSet<String>,
+    /// (id, attempt) of every delivery.
+    delivered: Vec<(String, u32)>,
+}
+
+/// A producer publishing batches through `producer_nodes` and a consumer acking everything
+/// it receives through `consumer_node`, both until stopped.
+struct Load {
+    stop_producer: Arc<AtomicBool>,
+    stop_consumer: Arc<AtomicBool>,
+    batches: Arc<AtomicUsize>,
+    delivered: Arc<Mutex<Vec<(String, u32)>>>,
+    producer: tokio::task::JoinHandle<Result<Outcome>>,
+    consumer: tokio::task::JoinHandle<Result<()>>,
+}
+
+impl Load {
+    async fn start(cluster: &ProcessCluster, producer_nodes: &[NodeId], consumer_nodes: &[NodeId]) -> Result<Self> {
+        let (stop_producer, stop_consumer) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let batches = Arc::new(AtomicUsize::new(0));
+        let delivered = Arc::new(Mutex::new(Vec::new()));
+        let tls = cluster.subsystem_tls(TEST_SUBSYSTEM)?;
+        let mut publisher = cluster.client_with(producer_nodes, tls.clone()).await?;
+        let producer = {
+            let (stop, batches) = (stop_producer.clone(), batches.clone());
+            tokio::spawn(async move {
+                let mut out = Outcome::default();
+                let mut b = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let msgs = batch("s", MAILBOX, b * BATCH, BATCH, 16);
+                    let (_, attempts) = publish_retry(&mut publisher, &msgs, Duration::from_secs(10), Duration::from_secs(60))
+                        .await
+                        .with_context(|| format!("batch {b}"))?;
+                    for m in &msgs {
+                        out.acked.push(m.id.clone());
+                        if attempts > 1 {
+                            out.ambiguous.insert(m.id.clone());
+                        }
+                    }
+                    batches.fetch_add(1, Ordering::SeqCst);
+                    b += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Ok(out)
+            })
+        };
+        let mut subscriber = cluster.client_with(consumer_nodes, tls).await?;
+        let consumer = {
+            let (stop, delivered) = (stop_consumer.clone(), delivered.clone());
+            tokio::spawn(async move {
+                // Runs until told to stop; a failed subscription is opened again (its leases
+                // are released or expire, and the messages come again).
+                let mut reopened = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    let mut consumer = match Consumer::open(&mut subscriber, MAILBOX, 200).await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            trace(format!("consumer: subscribe failed: {e:#}"));
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                            continue;
+                        }
+                    };
+                    let failed = loop {
+                        if stop.load(Ordering::SeqCst) {
+                            break None;
+                        }
+                        match consumer.next(Duration::from_millis(500)).await {
+                            Ok(Some(d)) => {
+                                delivered.lock().unwrap().push((delivered_id(&d)?, d.attempt));
+                                if let Err(e) = consumer.ack(positions_of(&[d])).await {
+                                    break Some(e);
+                                }
+                            }
+                            Ok(None) => {}
+                            Err(e) => break Some(e),
+                        }
+                    };
+                    if let Some(e) = failed {
+                        reopened += 1;
+                        trace(format!("consumer: subscription ended ({e:#}); reopening ({reopened})"));
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                }
+                Ok(())
+            })
+        };
+        Ok(Self { stop_producer, stop_consumer, batches, delivered, producer, consumer })
+    }
+
+    /// Waits until `more` batches were acknowledged (failing at once if the producer gave up).
+    async fn wait_batches(&mut self, more: usize, what: &str) -> Result<()> {
+        let target = self.batches.load(Ordering::SeqCst) + more;
+        let reached = eventually(what, Duration::from_secs(90), || {
+            let n = self.batches.load(Ordering::SeqCst);
+            let gave_up = self.producer.is_finished();
+            async move {
+                ensure!(!gave_up, "the producer stopped");
+                Ok((n >= target).then_some(()))
+            }
+        })
+        .await;
+        if reached.is_err() && self.producer.is_finished() {
+            let producer = std::mem::replace(&mut self.producer, tokio::spawn(async { Ok(Outcome::default()) }));
+            producer.await.map_err(|e| anyhow!("producer panicked: {e}"))?.context("the producer failed")?;
+        }
+        reached
+    }
+
+    /// Stops publishing, waits until every acknowledged message (and every id of `extra`)
+    /// was delivered, stops the consumer and checks: nothing lost, nothing delivered twice
+    /// that was neither published twice nor redelivered.
+    async fn finish(self, extra: &[String]) -> Result<Outcome> {
+        let Load { stop_producer, stop_consumer, delivered, producer, consumer, .. } = self;
+        stop_producer.store(true, Ordering::SeqCst);
+        let mut outcome = producer.await.map_err(|e| anyhow!("producer panicked: {e}"))??;
+        let expected: HashSet<String> = outcome.acked.iter().chain(extra).cloned().collect();
+        let all_in = eventually("every acknowledged message delivered", Duration::from_secs(120), || {
+            let seen: HashSet<String> = delivered.lock().unwrap().iter().map(|(id, _)| id.clone()).collect();
+            let missing: Vec<String> = expected.iter().filter(|id| !seen.contains(*id)).cloned().collect();
+            let total = expected.len();
+            async move {
+                if missing.is_empty() {
+                    Ok(Some(()))
+                } else {
+                    Err(anyhow!("{} of {total} expected messages not delivered yet, e.g. {:?}", missing.len(), &missing[..missing.len().min(5)]))
+                }
+            }
+        })
+        .await;
+        stop_consumer.store(true, Ordering::SeqCst);
+        consumer.await.map_err(|e| anyhow!("consumer panicked: {e}"))??;
+        all_in?;
+        outcome.delivered = delivered.lock().unwrap().clone();
+        let mut times: HashMap<&str, Vec<u32>> = HashMap::new();
+        for (id, attempt) in &outcome.delivered {
+            times.entry(id).or_default().push(*attempt);
+        }
+        let bad: Vec<&&str> = times
+            .iter()
+            .filter(|(id, attempts)| attempts.len() > 1 && !outcome.ambiguous.contains(**id) && attempts.iter().all(|a| *a <= 1))
+            .map(|(id, _)| id)
+            .take(10)
+            .collect();
+        ensure!(bad.is_empty(), "delivered more than once though published once and never redelivered: {bad:?}");
+        trace(format!(
+            "load: {} messages acknowledged, {} deliveries, {} ambiguous publishes",
+            outcome.acked.len(),
+            outcome.delivered.len(),
+            outcome.ambiguous.len()
+        ));
+        Ok(outcome)
+    }
+}
+
+/// Replica counts per node from `node`'s status, with the whole status for messages.
+async fn placement(cluster: &ProcessCluster, node: NodeId) -> Result<(BTreeMap<u64, (String, u32)>, ClusterStatusResponse)> {
+    let status = cluster.status(node).await?;
+    let counts = status.nodes.iter().map(|n| (n.id, (n.state.clone(), n.replicas))).collect();
+    Ok((counts, status))
+}
+
+/// Every data group has `rf` voters on distinct nodes and no learner; the metadata group has
+/// `rf` voters and every other node of `nodes` as a learner.
+fn whole(status: &ClusterStatusResponse, groups: usize, rf: usize, nodes: &[NodeId]) -> Result<()> {
+    ensure!(status.replicas.len() == groups, "{} of {groups} groups answered", status.replicas.len());
+    for g in &status.replicas {
+        ensure!(g.voters.len() == rf, "group {}: voters {:?}", g.group, g.voters);
+        if g.group == 0 {
+            ensure!(g.voters.len() + g.learners.len() == nodes.len(), "metadata group: {:?} + learners {:?}", g.voters, g.learners);
+        } else {
+            ensure!(g.learners.is_empty(), "group {}: learners {:?} left", g.group, g.learners);
+        }
+        ensure!(g.voters.iter().chain(&g.learners).all(|n| nodes.contains(n)), "group {} on {:?} + {:?}", g.group, g.voters, g.learners);
+    }
+    Ok(())
+}
+
+/// Waits until `node` reports balanced replicas over `nodes` (all active), no move left.
+async fn wait_balanced(cluster: &ProcessCluster, node: NodeId, nodes: &[NodeId]) -> Result<ClusterStatusResponse> {
+    eventually("replicas balanced", SETTLE, || async {
+        cluster.check_no_crash()?;
+        let (counts, status) = placement(cluster, node).await?;
+        let active: Vec<u64> = counts.iter().filter(|(_, (state, _))| state == "active").map(|(id, _)| *id).collect();
+        if active != nodes || !balanced(&status) {
+            bail!("not balanced: {counts:?}, moves {:?}", status.moves);
+        }
+        whole(&status, cluster.groups().len(), 3, nodes)?;
+        Ok(Some(status))
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_grows_from_three_to_five_nodes_under_load() {
+    let cluster = builder(3, 2).start().await.expect("cluster start");
+    scenario_grow(&cluster).await.expect("scenario failed");
+}
+
+async fn scenario_grow(cluster: &ProcessCluster) -> Result<()> {
+    create_mailbox(cluster, 1, MAILBOX, 6).await?;
+    wait_balanced(cluster, 1, &[1, 2, 3]).await?;
+    let started = Instant::now();
+    let mut load = Load::start(cluster, &[1, 2, 3], &[2, 3, 1]).await?;
+    load.wait_batches(5, "5 batches before the join").await?;
+    cluster.join(4).await?;
+    cluster.join(5).await?;
+    let status = wait_balanced(cluster, 1, &[1, 2, 3, 4, 5]).await?;
+    let counts: Vec<(u64, u32)> = status.nodes.iter().map(|n| (n.id, n.replicas)).collect();
+    trace(format!("balanced after {:?}: replicas per node {counts:?}", started.elapsed()));
+    // The new nodes serve clients too (forwarding to leaders elsewhere).
+    let via_new = batch("new", MAILBOX, 0, BATCH, 4);
+    let mut client = cluster.client(5).await?;
+    publish_retry(&mut client, &via_new, Duration::from_secs(10), Duration::from_secs(30)).await?;
+    load.wait_batches(5, "5 batches after the moves").await?;
+    let outcome = load.finish(&via_new.iter().map(|m| m.id.clone()).collect::<Vec<_>>()).await?;
+    ensure!(outcome.acked.len() >= 10 * BATCH);
+    wait_pending(cluster, 4, MAILBOX, 0, Duration::from_secs(30)).await?;
+    ensure!(started.elapsed() < Duration::from_secs(300), "took {:?}", started.elapsed());
+    cluster.check_no_crash()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b_a_drained_node_is_removed_and_killed_without_loss() {
+    let cluster = builder(4, 0).start().await.expect("cluster start");
+    scenario_drain(&cluster).await.expect("scenario failed");
+}
+
+async fn scenario_drain(cluster: &ProcessCluster) -> Result<()> {
+    create_mailbox(cluster, 1, MAILBOX, 6).await?;
+    wait_balanced(cluster, 1, &[1, 2, 3, 4]).await?;
+    let mut admin = cluster.admin_client(1).await?;
+    let refused = admin.remove_node(2).await.expect_err("removing an active node");
+    ensure!(refused.code() == Code::FailedPrecondition, "{refused:?}");
+
+    let mut load = Load::start(cluster, &[1, 3, 4], &[3, 4, 1]).await?;
+    load.wait_batches(5, "5 batches before the drain").await?;
+    admin.drain_node(2).await.map_err(|s| anyhow!("drain: {s:?}"))?;
+    eventually("node 2 holds no replica", SETTLE, || async {
+        cluster.check_no_crash()?;
+        let (counts, status) = placement(cluster, 1).await?;
+        if counts.get(&2).map(|c| c.1) != Some(0) || status.replicas.len() != cluster.groups().len() {
+            bail!("replicas per node {counts:?}, moves {:?}", status.moves);
+        }
+        whole(&status, cluster.groups().len(), 3, &[1, 3, 4])?;
+        Ok(Some(()))
+    })
+    .await?;
+    admin.remove_node(2).await.map_err(|s| anyhow!("remove: {s:?}"))?;
+    cluster.kill(2).await?;
+    load.wait_batches(10, "10 batches after node 2 was killed").await?;
+    load.finish(&[]).await?;
+    wait_pending(cluster, 1, MAILBOX, 0, Duration::from_secs(30)).await?;
+    let (counts, _) = placement(cluster, 1).await?;
+    ensure!(counts.get(&2).map(|c| c.0.as_str()) == Some("removed"), "{counts:?}");
+    cluster.check_no_crash()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn c_killing_the_metadata_leader_during_a_move_leaves_every_group_whole() {
+    let cluster = builder(3, 1).start().await.expect("cluster start");
+    scenario_coordinator_killed(&cluster).await.expect("scenario failed");
+}
+
+async fn scenario_coordinator_killed(cluster: &ProcessCluster) -> Result<()> {
+    create_mailbox(cluster, 1, MAILBOX, 6).await?;
+    // Data to move, so that a move takes a moment.
+    let mut client = cluster.client(1).await?;
+    for b in 0..40 {
+        publish_retry(&mut client, &batch("pre", MAILBOX, b * 50, 50, 16), Duration::from_secs(10), Duration::from_secs(30)).await?;
+    }
+    let mut load = Load::start(cluster, &[1, 2, 3], &[1, 2, 3]).await?;
+    load.wait_batches(3, "3 batches before the join").await?;
+    let coordinator = cluster.leader_of(0).await?;
+    cluster.join(4).await?;
+    let moving = eventually("a move in progress", Duration::from_secs(60), || async {
+        let status = cluster.status(coordinator).await?;
+        Ok((!status.moves.is_empty()).then_some(status.moves))
+    })
+    .await?;
+    trace(format!("killing the coordinator, node {coordinator}, during {moving:?}"));
+    cluster.kill(coordinator).await?;
+    let survivors: Vec<NodeId> = [1, 2, 3, 4].into_iter().filter(|n| *n != coordinator).collect();
+    // Every group stays whole: the move completes or is rolled back, none is left half-done.
+    eventually("no move left half-done", SETTLE, || async {
+        let status = cluster.status(survivors[0]).await?;
+        let half_done: Vec<_> = status.replicas.iter().filter(|g| g.group != 0 && !g.learners.is_empty()).collect();
+        if !half_done.is_empty() || status.replicas.len() != cluster.groups().len() || !status.moves.is_empty() {
+            bail!("half-done: {half_done:?}; {} groups answered; moves {:?}", status.replicas.len(), status.moves);
+        }
+        ensure!(status.replicas.iter().all(|g| g.voters.len() == 3), "{:?}", status.replicas);
+        Ok(Some(()))
+    })
+    .await?;
+    load.wait_batches(5, "5 batches after the coordinator was killed").await?;
+    cluster.start(coordinator).await?;
+    wait_balanced(cluster, survivors[0], &[1, 2, 3, 4]).await?;
+    // Everything published before the load is delivered too (the load's consumer takes it).
+    let published_before: Vec<String> = (0..40 * 50).map(|i| format!("pre-{i:06}")).collect();
+    load.finish(&published_before).await?;
+    wait_pending(cluster, 4, MAILBOX, 0, Duration::from_secs(30)).await?;
+    cluster.check_no_crash()
+}
