@@ -325,6 +325,32 @@ fn plan_metadata(
     Some(Move { group, add: Some(missing), remove: None, voter: set.voters.len() < wanted })
 }
 
+/// A leadership handover that evens out leaders: from the node leading the most groups to
+/// the voter of one of them leading the fewest, when the two differ by more than one. Only
+/// active, reachable nodes receive leadership; `None` when leaders are balanced.
+pub fn plan_leader_transfer(
+    nodes: &BTreeMap<NodeId, NodeRecord>,
+    groups: &[ReplicaSet],
+    reachable: &BTreeSet<NodeId>,
+) -> Option<(GroupId, NodeId, NodeId)> {
+    let eligible = |n: NodeId| nodes.get(&n).is_some_and(|r| r.state == NodeState::Active) && reachable.contains(&n);
+    let mut leads: BTreeMap<NodeId, usize> = nodes.keys().copied().filter(|n| eligible(*n)).map(|n| (n, 0)).collect();
+    for set in groups {
+        *leads.entry(set.leader).or_default() += 1;
+    }
+    // Of every (group, voter) pair, the one whose leader leads the most more than the voter.
+    groups
+        .iter()
+        .flat_map(|s| s.voters.iter().map(move |v| (s, *v)))
+        .filter(|(s, v)| *v != s.leader && eligible(*v))
+        .filter_map(|(s, v)| {
+            let (from, to) = (leads.get(&s.leader).copied().unwrap_or(0), leads[&v]);
+            (from >= to + 2).then_some((from - to, std::cmp::Reverse(to), std::cmp::Reverse(s.group), s.group, s.leader, v))
+        })
+        .max()
+        .map(|(_, _, _, group, from, to)| (group, from, to))
+}
+
 /// Replicas per node over `groups` (voters and learners), every node of `nodes` included.
 pub fn replica_counts(nodes: impl IntoIterator<Item = NodeId>, groups: &[ReplicaSet]) -> BTreeMap<NodeId, usize> {
     let mut counts: BTreeMap<NodeId, usize> = nodes.into_iter().map(|n| (n, 0)).collect();
@@ -483,6 +509,31 @@ mod tests {
         registry.get_mut(&2).unwrap().state = NodeState::Draining;
         let input = PlanInput { nodes: &registry, groups: &groups, replication_factor: 3, reachable: &reachable, busy: &busy, max_moves: 4 };
         assert!(plan_moves(&input).is_empty());
+    }
+
+    #[test]
+    fn leaders_move_from_the_busiest_node_to_the_idlest_voter() {
+        let registry = nodes(&[1, 2, 3]);
+        let reachable: BTreeSet<NodeId> = registry.keys().copied().collect();
+        let mut groups = cluster(6, &[1, 2, 3]);
+        let mut handovers = 0;
+        while let Some((group, from, to)) = plan_leader_transfer(&registry, &groups, &reachable) {
+            let set = groups.iter_mut().find(|s| s.group == group).unwrap();
+            assert_eq!(set.leader, from);
+            set.leader = to;
+            handovers += 1;
+            assert!(handovers < 10, "no convergence");
+        }
+        let mut leads = BTreeMap::new();
+        for set in &groups {
+            *leads.entry(set.leader).or_insert(0) += 1;
+        }
+        assert_eq!(leads, BTreeMap::from([(1, 2), (2, 2), (3, 2)]));
+        // An unreachable voter gets nothing.
+        let groups = cluster(6, &[1, 2, 3]);
+        let reachable: BTreeSet<NodeId> = [1, 2].into();
+        let (_, from, to) = plan_leader_transfer(&registry, &groups, &reachable).expect("a handover");
+        assert_eq!((from, to), (1, 2));
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use kerwen_broker::cluster::{plan_moves, replica_counts, ClusterCommand, Move, NodeRecord, NodeState, PlanInput, ReplicaSet};
+use kerwen_broker::cluster::{plan_leader_transfer, plan_moves, replica_counts, ClusterCommand, Move, NodeRecord, NodeState, PlanInput, ReplicaSet};
 use kerwen_broker::model::{Command, CommandResult, GroupId, NodeId, METADATA_GROUP};
 use kerwen_broker::BrokerError;
 use openraft::error::{ClientWriteError, RaftError};
@@ -34,6 +34,10 @@ const COORDINATOR_INTERVAL: Duration = Duration::from_secs(2);
 const MAX_CONCURRENT_MOVES: usize = 2;
 /// Longest a new replica may take to catch up before its move is abandoned (and retried).
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Longest a handover of leadership may take before it is called off.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest a follower holds its elections for a handover.
+const HOLD_LIMIT: Duration = Duration::from_secs(15);
 /// How long a leaving voter gets to learn it is one no more (see `execute_move`).
 const RETIRE_WAIT: Duration = Duration::from_secs(10);
 /// A learner this close to the leader's log counts as caught up.
@@ -55,6 +59,11 @@ pub enum PlacementRequest {
     Replicas,
     /// Carry out a move of a group the node leads; `address` is the added node's.
     Move { step: Move, address: Option<String> },
+    /// Hand the leadership of a group the node leads to voter `to`.
+    HandOver { to: NodeId },
+    /// Do not campaign in the group (for at most `HOLD_LIMIT`) while its leader hands over,
+    /// or campaign again (`hold: false`).
+    HoldElections { hold: bool },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -62,6 +71,9 @@ pub enum PlacementAnswer {
     Leader(Option<NodeId>),
     Replicas(Vec<ReplicaSet>),
     Moved,
+    /// Who leads the group after a handover (the target, unless an election went otherwise).
+    HandedOver(Option<NodeId>),
+    Held,
 }
 
 /// What `kerwen status` shows of the cluster: the registry, every group's replicas as their
@@ -118,21 +130,115 @@ impl NodeRuntime {
         Some(ReplicaSet { group, leader: self.node_id(), voters, learners, lag })
     }
 
+    /// The replica sets of every group this node leads.
+    fn led_replica_sets(&self) -> Vec<ReplicaSet> {
+        self.all_rafts().filter_map(|(group, _)| self.replica_set(group)).collect()
+    }
+
     /// Answers a placement question from another node.
-    pub async fn placement_local(&self, group: GroupId, request: PlacementRequest) -> Result<PlacementAnswer, BrokerError> {
+    pub async fn placement_local(self: &Arc<Self>, group: GroupId, request: PlacementRequest) -> Result<PlacementAnswer, BrokerError> {
         match request {
             PlacementRequest::Leader => {
                 let leader = self.hosts(group).then(|| self.raft(group).ok()?.metrics().borrow().current_leader).flatten();
                 Ok(PlacementAnswer::Leader(leader))
             }
-            PlacementRequest::Replicas => {
-                Ok(PlacementAnswer::Replicas(self.all_rafts().filter_map(|(group, _)| self.replica_set(group)).collect()))
-            }
+            PlacementRequest::Replicas => Ok(PlacementAnswer::Replicas(self.led_replica_sets())),
             PlacementRequest::Move { step, address } => {
                 self.execute_move(step, address).await?;
                 Ok(PlacementAnswer::Moved)
             }
+            PlacementRequest::HandOver { to } => Ok(PlacementAnswer::HandedOver(self.hand_over(group, to).await?)),
+            PlacementRequest::HoldElections { hold } => {
+                self.hold_elections(group, hold)?;
+                Ok(PlacementAnswer::Held)
+            }
         }
+    }
+
+    /// Hands the leadership of `group` (led here) to voter `to`. openraft 0.9 has no
+    /// leadership transfer, so it is steered: the other voters hold their elections, this
+    /// node stops heartbeats and refuses leader work, and the only timer left to fire is the
+    /// target's. Everything is restored however it ends; holds also expire by themselves.
+    async fn hand_over(&self, group: GroupId, to: NodeId) -> Result<Option<NodeId>, BrokerError> {
+        let me = self.node_id();
+        let set = self.replica_set(group).ok_or_else(|| BrokerError::NotLeader { group, leader: None })?;
+        if to == me || !set.voters.contains(&to) {
+            return Err(BrokerError::InvalidArgument(format!("group {group}: node {to} is not another voter")));
+        }
+        let others: Vec<NodeId> = set.voters.iter().copied().filter(|v| *v != me && *v != to).collect();
+        let hold = |hold: bool| {
+            let others = others.clone();
+            async move {
+                let calls = others.into_iter().map(|node| async move {
+                    let request = PlacementRequest::HoldElections { hold };
+                    self.peers.call::<_, PlacementAnswer>(node, group, PeerMethod::Placement, &request, ASK_TIMEOUT).await
+                });
+                futures::future::join_all(calls).await.into_iter().collect::<Result<Vec<_>, _>>()
+            }
+        };
+        let raft = self.raft(group)?;
+        let outcome = async {
+            hold(true).await?;
+            tracing::info!(group, to, "handing leadership over");
+            self.handing_over.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
+            raft.runtime_config().heartbeat(false);
+            raft.runtime_config().elect(false);
+            let deadline = Instant::now() + HANDOVER_TIMEOUT;
+            loop {
+                let leader = raft.metrics().borrow().current_leader;
+                if leader.is_some_and(|l| l != me) || Instant::now() >= deadline {
+                    return Ok(leader);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        .await;
+        self.handing_over.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
+        raft.runtime_config().heartbeat(true);
+        raft.runtime_config().elect(!self.is_draining());
+        if let Err(e) = hold(false).await {
+            tracing::debug!(group, error = %e, "releasing the election holds failed; they expire by themselves");
+        }
+        outcome
+    }
+
+    /// Holds (or releases) this node's elections in `group`. A hold ends by itself after
+    /// `HOLD_LIMIT`, so a leader that dies mid-handover leaves no follower unable to campaign.
+    fn hold_elections(self: &Arc<Self>, group: GroupId, hold: bool) -> Result<(), BrokerError> {
+        let raft = self.raft(group)?;
+        let token = {
+            let mut holds = self.election_holds.lock().unwrap_or_else(|p| p.into_inner());
+            if hold {
+                let token = holds.get(&group).map_or(1, |t| t + 1);
+                holds.insert(group, token);
+                Some(token)
+            } else {
+                holds.remove(&group);
+                None
+            }
+        };
+        raft.runtime_config().elect(!hold && !self.is_draining());
+        if let Some(token) = token {
+            let weak = Arc::downgrade(self);
+            tokio::spawn(async move {
+                tokio::time::sleep(HOLD_LIMIT).await;
+                let Some(runtime) = weak.upgrade() else { return };
+                let expired = {
+                    let mut holds = runtime.election_holds.lock().unwrap_or_else(|p| p.into_inner());
+                    let expired = holds.get(&group) == Some(&token);
+                    if expired {
+                        holds.remove(&group);
+                    }
+                    expired
+                };
+                if expired {
+                    if let Ok(raft) = runtime.raft(group) {
+                        raft.runtime_config().elect(!runtime.is_draining());
+                    }
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Asks the other nodes who leads `group` (for a group this node hosts no replica of).
@@ -259,7 +365,7 @@ impl NodeRuntime {
         ask.extend(self.peers.addresses().into_keys().filter(|n| !nodes.contains_key(n)));
         let asks = ask.into_iter().map(|node| async move {
             let answer = if node == me {
-                self.placement_local(METADATA_GROUP, PlacementRequest::Replicas).await
+                Ok(PlacementAnswer::Replicas(self.led_replica_sets()))
             } else {
                 self.peers.call(node, METADATA_GROUP, PeerMethod::Placement, &PlacementRequest::Replicas, ASK_TIMEOUT).await
             };
@@ -361,6 +467,32 @@ pub fn spawn(runtime: &Arc<NodeRuntime>) {
 }
 
 impl NodeRuntime {
+    /// Hands one group's leadership from the busiest node to an idle voter, if leaders are
+    /// unbalanced (one handover per round: each costs the group a moment without a leader).
+    async fn balance_leaders(self: &Arc<Self>, map: &ClusterMap) {
+        let Some((group, from, to)) = plan_leader_transfer(&map.nodes, &map.groups, &map.reachable) else { return };
+        tracing::info!(group, from, to, "balancing leaders");
+        let request = PlacementRequest::HandOver { to };
+        let result = if from == self.node_id() {
+            self.placement_local(group, request).await
+        } else {
+            let timeout = HANDOVER_TIMEOUT + ASK_TIMEOUT * 2;
+            self.peers.call::<_, PlacementAnswer>(from, group, PeerMethod::Placement, &request, timeout).await
+        };
+        let outcome = match result {
+            Ok(PlacementAnswer::HandedOver(Some(leader))) if leader == to => "done",
+            Ok(answer) => {
+                tracing::debug!(group, ?answer, "the handover ended elsewhere");
+                "elsewhere"
+            }
+            Err(e) => {
+                tracing::debug!(group, error = %e, "the handover failed");
+                "failed"
+            }
+        };
+        metrics::counter!("kerwen_leader_handovers_total", "outcome" => outcome).increment(1);
+    }
+
     /// Adds the registry's addresses to the peer table (a node that joined after this one
     /// started is not in its `--peers`).
     fn learn_peers(&self) {
@@ -403,7 +535,12 @@ impl NodeRuntime {
             busy: &busy,
             max_moves: MAX_CONCURRENT_MOVES.saturating_sub(busy.len()),
         };
-        for step in plan_moves(&input) {
+        let steps = plan_moves(&input);
+        if steps.is_empty() && busy.is_empty() {
+            self.balance_leaders(&map).await;
+            return;
+        }
+        for step in steps {
             let Some(leader) = map.groups.iter().find(|s| s.group == step.group).map(|s| s.leader) else { continue };
             let address = step.add.and_then(|n| map.nodes.get(&n).map(|r| r.address.clone()));
             self.moves.lock().unwrap_or_else(|p| p.into_inner()).insert(step.group, step);

@@ -173,6 +173,10 @@ pub struct NodeRuntime {
     pub opmon: OpMonitor,
     /// Leaders of groups this node hosts no replica of, as other nodes told it.
     leader_hints: std::sync::Mutex<std::collections::HashMap<GroupId, NodeId>>,
+    /// Groups whose leadership this node is handing over (it refuses leader work for them).
+    pub(crate) handing_over: std::sync::Mutex<std::collections::HashSet<GroupId>>,
+    /// Groups in which this node holds its elections for another's handover, by hold.
+    pub(crate) election_holds: std::sync::Mutex<std::collections::HashMap<GroupId, u64>>,
     /// Moves this node coordinates (while it leads the metadata group), by group.
     pub(crate) moves: std::sync::Mutex<BTreeMap<GroupId, kerwen_broker::cluster::Move>>,
 }
@@ -292,6 +296,8 @@ impl NodeRuntime {
             draining: std::sync::atomic::AtomicBool::new(false),
             stopping: tokio::sync::watch::Sender::new(false),
             leader_hints: Default::default(),
+            handing_over: Default::default(),
+            election_holds: Default::default(),
             moves: Default::default(),
         };
         let config = &runtime.config;
@@ -450,7 +456,12 @@ impl NodeRuntime {
             }
         };
         // A draining leader is on its way out: wait for its successor rather than use it.
-        Ok(leader.filter(|l| *l != self.node_id() || !self.is_draining()))
+        Ok(leader.filter(|l| *l != self.node_id() || !self.is_leaving(group)))
+    }
+
+    /// Whether this node is giving up the leadership of `group` (draining, or a handover).
+    fn is_leaving(&self, group: GroupId) -> bool {
+        self.is_draining() || self.handing_over.lock().unwrap_or_else(|p| p.into_inner()).contains(&group)
     }
 
     pub fn is_draining(&self) -> bool {
@@ -460,7 +471,7 @@ impl NodeRuntime {
     /// Refuses work that only a leader does while this node drains: the caller retries and
     /// finds the successor.
     fn refuse_if_draining(&self, group: GroupId) -> Result<(), BrokerError> {
-        if self.is_draining() {
+        if self.is_leaving(group) {
             return Err(BrokerError::NotLeader { group, leader: None });
         }
         Ok(())

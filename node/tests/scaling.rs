@@ -222,6 +222,21 @@ async fn wait_balanced(cluster: &ProcessCluster, node: NodeId, nodes: &[NodeId])
     .await
 }
 
+/// Waits until the groups' leaders are spread: every active node leads within one group of
+/// every other.
+async fn wait_leaders_balanced(cluster: &ProcessCluster, node: NodeId) -> Result<Vec<(u64, u32)>> {
+    eventually("leaders balanced", SETTLE, || async {
+        let status = cluster.status(node).await?;
+        let leads: Vec<(u64, u32)> = status.nodes.iter().filter(|n| n.state == "active").map(|n| (n.id, n.leaders)).collect();
+        let (min, max) = (leads.iter().map(|l| l.1).min(), leads.iter().map(|l| l.1).max());
+        if status.replicas.len() != cluster.groups().len() || max.zip(min).is_none_or(|(max, min)| max > min + 1) {
+            bail!("leaders per node {leads:?} ({} groups answered)", status.replicas.len());
+        }
+        Ok(Some(leads))
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_grows_from_three_to_five_nodes_under_load() {
     let cluster = builder(3, 2).start().await.expect("cluster start");
@@ -239,6 +254,8 @@ async fn scenario_grow(cluster: &ProcessCluster) -> Result<()> {
     let status = wait_balanced(cluster, 1, &[1, 2, 3, 4, 5]).await?;
     let counts: Vec<(u64, u32)> = status.nodes.iter().map(|n| (n.id, n.replicas)).collect();
     trace(format!("balanced after {:?}: replicas per node {counts:?}", started.elapsed()));
+    let leads = wait_leaders_balanced(cluster, 1).await?;
+    trace(format!("leaders balanced after {:?}: {leads:?}", started.elapsed()));
     // The new nodes serve clients too (forwarding to leaders elsewhere).
     let via_new = batch("new", MAILBOX, 0, BATCH, 4);
     let mut client = cluster.client(5).await?;
