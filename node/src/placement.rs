@@ -64,6 +64,8 @@ pub enum PlacementRequest {
     /// Do not campaign in the group (for at most `HOLD_LIMIT`) while its leader hands over,
     /// or campaign again (`hold: false`).
     HoldElections { hold: bool },
+    /// Campaign in the group now (the target of a handover, once the leader's lease ran out).
+    Campaign,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +154,10 @@ impl NodeRuntime {
                 self.hold_elections(group, hold)?;
                 Ok(PlacementAnswer::Held)
             }
+            PlacementRequest::Campaign => {
+                self.raft(group)?.trigger().elect().await.map_err(|e| BrokerError::Unavailable(format!("group {group}: {e}")))?;
+                Ok(PlacementAnswer::Held)
+            }
         }
     }
 
@@ -184,6 +190,13 @@ impl NodeRuntime {
             raft.runtime_config().heartbeat(false);
             raft.runtime_config().elect(false);
             let deadline = Instant::now() + HANDOVER_TIMEOUT;
+            // The followers refuse to vote while their lease on this leader lasts (openraft's
+            // leader lease: the longest election timeout after the last heartbeat); the target
+            // campaigns as soon as it has run out rather than when its own timer fires.
+            tokio::time::sleep(self.leader_lease()).await;
+            if let Err(e) = self.peers.call::<_, PlacementAnswer>(to, group, PeerMethod::Placement, &PlacementRequest::Campaign, ASK_TIMEOUT).await {
+                tracing::debug!(group, to, error = %e, "asking the handover's target to campaign failed; its own timer will");
+            }
             loop {
                 let leader = raft.metrics().borrow().current_leader;
                 if leader.is_some_and(|l| l != me) || Instant::now() >= deadline {
@@ -200,6 +213,12 @@ impl NodeRuntime {
             tracing::debug!(group, error = %e, "releasing the election holds failed; they expire by themselves");
         }
         outcome
+    }
+
+    /// How long a follower keeps refusing votes after the leader's last heartbeat, plus a
+    /// margin for the last heartbeat in flight.
+    fn leader_lease(&self) -> Duration {
+        Duration::from_millis(self.meta.raft.config().election_timeout_max) + Duration::from_millis(200)
     }
 
     /// Holds (or releases) this node's elections in `group`. A hold ends by itself after

@@ -294,7 +294,18 @@ async fn scenario_drain(cluster: &ProcessCluster) -> Result<()> {
         Ok(Some(()))
     })
     .await?;
-    admin.remove_node(2).await.map_err(|s| anyhow!("remove: {s:?}"))?;
+    // The metadata group may be between leaders for a moment (a handover): retry that.
+    eventually("node 2 removed", Duration::from_secs(30), || {
+        let mut admin = admin.clone();
+        async move {
+            match admin.remove_node(2).await {
+                Ok(()) => Ok(Some(())),
+                Err(s) if s.code() == Code::Unavailable => Err(anyhow!("remove: {s:?}")),
+                Err(s) => bail!("remove refused: {s:?}"),
+            }
+        }
+    })
+    .await?;
     cluster.kill(2).await?;
     load.wait_batches(10, "10 batches after node 2 was killed").await?;
     load.finish(&[]).await?;

@@ -315,14 +315,8 @@ impl ProcessCluster {
     fn new(config: ClusterConfig) -> Result<Self> {
         anyhow::ensure!(config.nodes >= 1, "a cluster needs at least one node");
         let tmp = tempfile::Builder::new().prefix("kerwen-test-").tempdir().context("creating the cluster temp dir")?;
-        // Reserve all ports at once (held together so they are distinct), then release them
-        // just before the nodes bind them. Each node keeps its port across restarts.
-        let listeners: Vec<TcpListener> = (0..(config.nodes + config.spare_nodes) * 3)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<io::Result<_>>()
-            .context("reserving ports")?;
-        let ports: Vec<u16> = listeners.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<io::Result<_>>()?;
-        drop(listeners);
+        // Each node keeps its ports across restarts.
+        let ports = reserve_ports(((config.nodes + config.spare_nodes) * 3) as usize)?;
         let mut nodes = BTreeMap::new();
         for (i, triple) in ports.chunks(3).enumerate() {
             let (port, peer_port, http_port) = (triple[0], triple[1], triple[2]);
@@ -982,6 +976,31 @@ impl Drop for ProcessCluster {
 /// Spawns children from one thread that lives as long as the test process, so that
 /// `PR_SET_PDEATHSIG` (which fires when the *thread* that forked exits) kills them only when the
 /// whole process goes away.
+/// Ports below Linux's ephemeral range (32768-60999): the OS never hands these out to
+/// outgoing connections, which took an OS-assigned port between its release here and the
+/// node's bind often enough to fail a test now and then. The candidates start at a point
+/// that differs per process and per call, and are held together until all are found, so
+/// tests running side by side get distinct ports.
+fn reserve_ports(count: usize) -> Result<Vec<u16>> {
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let seed = std::process::id().wrapping_mul(7_919) ^ nanos ^ CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed).wrapping_mul(997);
+    let mut held = Vec::with_capacity(count);
+    for i in 0..SPAN {
+        if held.len() == count {
+            break;
+        }
+        let port = (FIRST + (seed.wrapping_add(i.wrapping_mul(13))) % SPAN) as u16;
+        if let Ok(listener) = TcpListener::bind(("127.0.0.1", port)) {
+            held.push(listener);
+        }
+    }
+    ensure!(held.len() == count, "found only {} of {count} free ports in {FIRST}..{}", held.len(), FIRST + SPAN);
+    held.iter().map(|l| Ok(l.local_addr()?.port())).collect()
+}
+
 fn spawn_child(cmd: Command) -> io::Result<Child> {
     type Request = (Command, std::sync::mpsc::Sender<io::Result<Child>>);
     static SPAWNER: OnceLock<std::sync::mpsc::Sender<Request>> = OnceLock::new();
