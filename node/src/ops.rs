@@ -25,7 +25,7 @@ use kerwen_broker::model::{GroupId, NodeId, METADATA_GROUP};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
 
-use crate::runtime::{leads_per, now_unix_ms, NodeRuntime};
+use crate::runtime::{hosts_per, leads_per, matched_per, now_unix_ms, NodeRuntime};
 
 /// How often gauges are sampled.
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(1);
@@ -131,7 +131,7 @@ pub fn readiness(runtime: &NodeRuntime) -> Result<(), String> {
         if m.running_state.is_err() {
             return Err(format!("group {group} has stopped"));
         }
-        if m.membership_config.membership().get_node(&node).is_none() {
+        if !hosts_per(&m, node) {
             // A node hosts the replicas placed on it, and every node the metadata group.
             if group == METADATA_GROUP {
                 return Err(format!("node {node} is not (yet) a member of the cluster's metadata group"));
@@ -196,7 +196,7 @@ fn sample_raft(runtime: &NodeRuntime, sampled: &mut Sampled) {
     for (group, raft) in runtime.all_rafts() {
         let metrics = raft.metrics();
         let m = metrics.borrow();
-        if m.membership_config.membership().get_node(&node).is_none() {
+        if !hosts_per(&m, node) {
             // No replica here: the group's own replicas report it.
             continue;
         }
@@ -229,7 +229,7 @@ fn sample_raft(runtime: &NodeRuntime, sampled: &mut Sampled) {
                 if *id == node {
                     return Some(last);
                 }
-                m.replication.as_ref()?.get(id).copied().flatten().map(|l| l.index)
+                matched_per(&m, *id)
             };
             let mut behind: Vec<u64> = voters.iter().map(|id| matched(id).map_or(u64::MAX, |i| last.saturating_sub(i))).collect();
             behind.sort_unstable();

@@ -25,7 +25,7 @@ use openraft::{BasicNode, ChangeMembers};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::runtime::{leads_per, NodeRuntime};
+use crate::runtime::{hosts_per, leads_per, matched_per, NodeRuntime};
 use crate::transport::PeerMethod;
 
 /// How often the coordinator looks for moves to make.
@@ -108,7 +108,7 @@ impl ClusterMap {
 impl NodeRuntime {
     /// Whether this node holds a replica (voter or learner) of `group`, as far as it knows.
     pub fn hosts(&self, group: GroupId) -> bool {
-        self.raft(group).is_ok_and(|raft| raft.metrics().borrow().membership_config.membership().get_node(&self.node_id()).is_some())
+        self.raft(group).is_ok_and(|raft| hosts_per(&raft.metrics().borrow(), self.node_id()))
     }
 
     /// The replica set of `group` if this node leads it.
@@ -135,6 +135,14 @@ impl NodeRuntime {
     /// The replica sets of every group this node leads.
     fn led_replica_sets(&self) -> Vec<ReplicaSet> {
         self.all_rafts().filter_map(|(group, _)| self.replica_set(group)).collect()
+    }
+
+    /// Asks `node` a placement question about `group`, answered here when it is this node.
+    async fn ask(self: &Arc<Self>, node: NodeId, group: GroupId, request: PlacementRequest, timeout: Duration) -> Result<PlacementAnswer, BrokerError> {
+        if node == self.node_id() {
+            return Box::pin(self.placement_local(group, request)).await;
+        }
+        self.peers.call(node, group, PeerMethod::Placement, &request, timeout).await
     }
 
     /// Answers a placement question from another node.
@@ -165,7 +173,7 @@ impl NodeRuntime {
     /// leadership transfer, so it is steered: the other voters hold their elections, this
     /// node stops heartbeats and refuses leader work, and the only timer left to fire is the
     /// target's. Everything is restored however it ends; holds also expire by themselves.
-    async fn hand_over(&self, group: GroupId, to: NodeId) -> Result<Option<NodeId>, BrokerError> {
+    async fn hand_over(self: &Arc<Self>, group: GroupId, to: NodeId) -> Result<Option<NodeId>, BrokerError> {
         let me = self.node_id();
         let set = self.replica_set(group).ok_or_else(|| BrokerError::NotLeader { group, leader: None })?;
         if to == me || !set.voters.contains(&to) {
@@ -175,10 +183,7 @@ impl NodeRuntime {
         let hold = |hold: bool| {
             let others = others.clone();
             async move {
-                let calls = others.into_iter().map(|node| async move {
-                    let request = PlacementRequest::HoldElections { hold };
-                    self.peers.call::<_, PlacementAnswer>(node, group, PeerMethod::Placement, &request, ASK_TIMEOUT).await
-                });
+                let calls = others.into_iter().map(|node| self.ask(node, group, PlacementRequest::HoldElections { hold }, ASK_TIMEOUT));
                 futures::future::join_all(calls).await.into_iter().collect::<Result<Vec<_>, _>>()
             }
         };
@@ -194,7 +199,7 @@ impl NodeRuntime {
             // leader lease: the longest election timeout after the last heartbeat); the target
             // campaigns as soon as it has run out rather than when its own timer fires.
             tokio::time::sleep(self.leader_lease()).await;
-            if let Err(e) = self.peers.call::<_, PlacementAnswer>(to, group, PeerMethod::Placement, &PlacementRequest::Campaign, ASK_TIMEOUT).await {
+            if let Err(e) = self.ask(to, group, PlacementRequest::Campaign, ASK_TIMEOUT).await {
                 tracing::debug!(group, to, error = %e, "asking the handover's target to campaign failed; its own timer will");
             }
             loop {
@@ -287,7 +292,7 @@ impl NodeRuntime {
             other => BrokerError::Unavailable(format!("group {group}: membership change failed: {other}")),
         };
         if let Some(add) = step.add {
-            let known = raft.metrics().borrow().membership_config.membership().get_node(&add).is_some();
+            let known = hosts_per(&raft.metrics().borrow(), add);
             if !known {
                 let addr = address.or_else(|| self.peers.address(add)).ok_or_else(|| {
                     BrokerError::FailedPrecondition(format!("node {add} has no known address (is it registered?)"))
@@ -295,7 +300,10 @@ impl NodeRuntime {
                 tracing::info!(group, node = add, "adding a replica as a learner");
                 raft.add_learner(add, BasicNode { addr }, false).await.map_err(write_error)?;
             }
-            self.wait_caught_up(group, add).await?;
+            let caught_up = |matched: u64, last: u64| matched + CATCH_UP_SLACK_ENTRIES >= last;
+            if !self.wait_matched(group, add, CATCH_UP_TIMEOUT, caught_up).await? {
+                return Err(BrokerError::Unavailable(format!("group {group}: node {add} did not catch up within {CATCH_UP_TIMEOUT:?}")));
+            }
         }
         let Some(set) = self.replica_set(group) else { return Err(not_leader()) };
         let mut voters = set.voters.clone();
@@ -315,11 +323,15 @@ impl NodeRuntime {
             // (at ever higher terms) and unseat the group's leader again and again.
             let changed = raft.change_membership(ChangeMembers::ReplaceAllVoters(voters), true).await.map_err(write_error)?;
             if let Some(remove) = step.remove.filter(|r| set.voters.contains(r)) {
-                self.wait_replicated(group, remove, changed.log_id.index, RETIRE_WAIT).await?;
+                let index = changed.log_id.index;
+                if !self.wait_matched(group, remove, RETIRE_WAIT, |matched, _| matched >= index).await? {
+                    // It may be down for good: go on.
+                    tracing::warn!(group, node = remove, "the removed replica did not confirm its removal; dropping it anyway");
+                }
             }
         }
         if let Some(remove) = step.remove {
-            let is_learner = raft.metrics().borrow().membership_config.membership().get_node(&remove).is_some();
+            let is_learner = hosts_per(&raft.metrics().borrow(), remove);
             if is_learner {
                 tracing::info!(group, node = remove, "dropping the replica");
                 raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([remove])), false).await.map_err(write_error)?;
@@ -328,50 +340,27 @@ impl NodeRuntime {
         Ok(())
     }
 
-    /// Waits (at most `limit`, then goes on: the node may be down for good) until `node` has
-    /// `index` of `group`'s log.
-    async fn wait_replicated(&self, group: GroupId, node: NodeId, index: u64, limit: Duration) -> Result<(), BrokerError> {
+    /// Waits until `reached(matched, last)` holds for `node`'s matched index of `group`'s log
+    /// and this leader's last index; `false` after `limit`, `NotLeader` once this node stops
+    /// leading.
+    async fn wait_matched(&self, group: GroupId, node: NodeId, limit: Duration, reached: impl Fn(u64, u64) -> bool) -> Result<bool, BrokerError> {
         let raft = self.raft(group)?;
         let deadline = Instant::now() + limit;
-        while Instant::now() < deadline {
-            {
-                let metrics = raft.metrics();
-                let m = metrics.borrow();
-                if !leads_per(&m, self.node_id()) {
-                    return Err(BrokerError::NotLeader { group, leader: m.current_leader });
-                }
-                let matched = m.replication.as_ref().and_then(|r| r.get(&node).copied().flatten()).map(|l| l.index);
-                if matched.is_some_and(|i| i >= index) {
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        tracing::warn!(group, node, "the removed replica did not confirm its removal; dropping it anyway");
-        Ok(())
-    }
-
-    /// Waits until learner `node` of `group` has (nearly) all of this leader's log.
-    async fn wait_caught_up(&self, group: GroupId, node: NodeId) -> Result<(), BrokerError> {
-        let raft = self.raft(group)?;
-        let deadline = Instant::now() + CATCH_UP_TIMEOUT;
         loop {
             {
                 let metrics = raft.metrics();
                 let m = metrics.borrow();
-                let last = m.last_log_index.unwrap_or(0);
-                let matched = m.replication.as_ref().and_then(|r| r.get(&node).copied().flatten()).map(|l| l.index);
-                if matched.is_some_and(|i| i + CATCH_UP_SLACK_ENTRIES >= last) {
-                    return Ok(());
-                }
                 if !leads_per(&m, self.node_id()) {
                     return Err(BrokerError::NotLeader { group, leader: m.current_leader });
                 }
+                if matched_per(&m, node).is_some_and(|matched| reached(matched, m.last_log_index.unwrap_or(0))) {
+                    return Ok(true);
+                }
             }
             if Instant::now() >= deadline {
-                return Err(BrokerError::Unavailable(format!("group {group}: node {node} did not catch up within {CATCH_UP_TIMEOUT:?}")));
+                return Ok(false);
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -492,12 +481,7 @@ impl NodeRuntime {
         let Some((group, from, to)) = plan_leader_transfer(&map.nodes, &map.groups, &map.reachable) else { return };
         tracing::info!(group, from, to, "balancing leaders");
         let request = PlacementRequest::HandOver { to };
-        let result = if from == self.node_id() {
-            self.placement_local(group, request).await
-        } else {
-            let timeout = HANDOVER_TIMEOUT + ASK_TIMEOUT * 2;
-            self.peers.call::<_, PlacementAnswer>(from, group, PeerMethod::Placement, &request, timeout).await
-        };
+        let result = self.ask(from, group, request, HANDOVER_TIMEOUT + ASK_TIMEOUT * 2).await;
         let outcome = match result {
             Ok(PlacementAnswer::HandedOver(Some(leader))) if leader == to => "done",
             Ok(answer) => {
@@ -569,12 +553,7 @@ impl NodeRuntime {
             tokio::spawn(async move {
                 let request = PlacementRequest::Move { step, address };
                 let started = Instant::now();
-                let result = if leader == runtime.node_id() {
-                    runtime.placement_local(step.group, request).await
-                } else {
-                    let timeout = CATCH_UP_TIMEOUT + runtime.config.request_timeout;
-                    runtime.peers.call::<_, PlacementAnswer>(leader, step.group, PeerMethod::Placement, &request, timeout).await
-                };
+                let result = runtime.ask(leader, step.group, request, CATCH_UP_TIMEOUT + runtime.config.request_timeout).await;
                 let outcome = match &result {
                     Ok(_) => {
                         tracing::info!(%step, took_ms = started.elapsed().as_millis() as u64, "move done");

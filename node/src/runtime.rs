@@ -249,6 +249,16 @@ pub fn leads_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
     m.state == ServerState::Leader && m.current_leader == Some(node)
 }
 
+/// Whether `node` holds a replica (voter or learner) of the group, by these metrics.
+pub fn hosts_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
+    m.membership_config.membership().get_node(&node).is_some()
+}
+
+/// The log index `node` has matched, by the leader's metrics (`None` if it has not heard).
+pub fn matched_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> Option<u64> {
+    m.replication.as_ref()?.get(&node).copied().flatten().map(|l| l.index)
+}
+
 pub fn now_unix_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
@@ -440,8 +450,14 @@ impl NodeRuntime {
     /// The leader of `group` as far as this node knows: its own replica's view, or for a
     /// group it hosts no replica of, what another node said (asked when nobody has yet).
     async fn leader_of(&self, group: GroupId) -> Result<Option<NodeId>, BrokerError> {
-        let leader = if self.hosts(group) {
-            self.raft(group)?.metrics().borrow().current_leader
+        // One look at the metrics: this runs on every routed request.
+        let local = {
+            let metrics = self.raft(group)?.metrics();
+            let m = metrics.borrow();
+            hosts_per(&m, self.node_id()).then_some(m.current_leader)
+        };
+        let leader = if let Some(leader) = local {
+            leader
         } else {
             let hint = self.leader_hints.lock().unwrap_or_else(|p| p.into_inner()).get(&group).copied();
             match hint {

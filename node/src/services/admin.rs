@@ -326,7 +326,7 @@ impl Admin for AdminService {
             .all_rafts()
             .map(|(group, raft)| {
                 let m = raft.metrics().borrow().clone();
-                let hosted = m.membership_config.membership().get_node(&me).is_some();
+                let hosted = crate::runtime::hosts_per(&m, me);
                 pb::GroupStatus {
                     group,
                     leader: m.current_leader,
