@@ -551,7 +551,8 @@ def test_every_ordinal_has_its_certificate_mounted(values):
 def test_cert_manager_certificate_per_ordinal():
     r = rendered("cert-manager.yaml")
     n = r.values["replicas"]
-    certs = {c["metadata"]["name"]: c for c in r.of("Certificate")}
+    certs = {c["metadata"]["name"]: c for c in r.of("Certificate")
+             if c["metadata"]["labels"]["app.kubernetes.io/component"] == "node"}
     assert len(certs) == n
     mounted = {s["secret"]["name"] for v in r.pod["spec"]["volumes"] if v["name"] == "tls"
                for s in v["projected"]["sources"]}
@@ -615,8 +616,158 @@ def test_optional_objects_off_by_default():
 
 def test_notes_explain_scaling():
     notes = rendered("default.yaml").notes
-    assert "kerwen node join|drain|remove" in notes and "kerwen node remove ID" in notes
+    assert "kerwen node join|drain|remove|shrink|list" in notes
+    assert "kerwen-scale-down" in notes and "kerwen node shrink N" in notes
+    assert "Secret kerwen-tls-admin" in notes and "--timeout 2100s" in notes
     assert "kerwen-0.kerwen-peers.brokers.svc.cluster.local" in notes
+    off = rendered("no-scale-down-hook.yaml").notes
+    assert "scale-down hook is off" in off and "kerwen-scale-down" not in off
+
+
+# ---------------------------------------------------------------- scale-down hook
+
+ADMIN_DIR = "/etc/kerwen/admin"
+
+
+def hook_job(r: Rendered) -> dict | None:
+    jobs = [j for j in r.of("Job") if j["metadata"]["name"] == f"{r.fullname}-scale-down"]
+    assert len(jobs) == len(r.of("Job")) <= 1, "the hook is the chart's only Job"
+    return jobs[0] if jobs else None
+
+
+def admin_secret(r: Rendered) -> str:
+    tls = r.values["tls"]
+    if tls["admin"]["existingSecret"]:
+        return tls["admin"]["existingSecret"]
+    if tls["certManager"]["enabled"]:
+        return f"{r.fullname}-admin"
+    return f"{tls['existingSecretPrefix']}-admin"
+
+
+def hook_list(annotations: dict, key: str) -> set[str]:
+    return {x.strip() for x in annotations[key].split(",")}
+
+
+def flags(args: list[str]) -> dict[str, str]:
+    """--flag value pairs after the positional arguments."""
+    first = next(i for i, a in enumerate(args) if a.startswith("--"))
+    pairs = args[first:]
+    assert len(pairs) % 2 == 0 and all(f.startswith("--") for f in pairs[::2]), pairs
+    return dict(zip(pairs[::2], pairs[1::2]))
+
+
+@pytest.mark.parametrize("values", GOOD)
+def test_scale_down_hook_job(values):
+    r = rendered(values)
+    job = hook_job(r)
+    if not r.values["scaleDownHook"]["enabled"]:
+        assert job is None
+        return
+    assert job is not None, "the scale-down hook is on by default"
+    ann = job["metadata"]["annotations"]
+    assert hook_list(ann, "helm.sh/hook") == {"pre-upgrade", "pre-rollback"}
+    assert hook_list(ann, "helm.sh/hook-delete-policy") == {"before-hook-creation",
+                                                            "hook-succeeded"}
+    int(ann["helm.sh/hook-weight"])
+    spec = job["spec"]
+    timeout = r.values["scaleDownHook"]["timeoutSeconds"]
+    assert spec["activeDeadlineSeconds"] > timeout and spec["backoffLimit"] >= 0
+    pod = spec["template"]["spec"]
+    assert pod["restartPolicy"] == "Never"
+    [c] = pod["containers"]
+    # FROM scratch: the binary and its arguments, no shell.
+    assert c["command"] == ["/kerwen"]
+    assert c["image"] == r.container["image"]
+    n = r.values["replicas"]
+    assert c["args"][:3] == ["node", "shrink", str(n)], c["args"]
+    f = flags(c["args"])
+    assert f["--timeout-secs"] == str(timeout)
+    # The client port of each staying pod (nodes 1..N), by the name its certificate carries;
+    # not the client Service, which may route to a node being removed.
+    client = next(p["containerPort"] for p in r.container["ports"] if p["name"] == "client")
+    domain = r.values["clusterDomain"]
+    pods = [f"{r.fullname}-{i}.{r.fullname}-peers.{NAMESPACE}.svc.{domain}:{client}"
+            for i in range(n)]
+    assert f["--endpoint"].split(",") == pods
+    peers = r.one("Service", f"{r.fullname}-peers")
+    assert client in [p["port"] for p in peers["spec"]["ports"]]
+    assert f["--tls-ca"] == f"{ADMIN_DIR}/ca.crt"
+    assert f["--tls-cert"] == f"{ADMIN_DIR}/tls.crt"
+    assert f["--tls-key"] == f"{ADMIN_DIR}/tls.key"
+    # The administrator certificate, from its Secret, read-only.
+    [mount] = c["volumeMounts"]
+    assert mount["mountPath"] == ADMIN_DIR and mount["readOnly"] is True
+    [vol] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    secret = vol["secret"]
+    assert secret["secretName"] == admin_secret(r)
+    assert {(i["key"], i["path"]) for i in secret["items"]} == {
+        ("tls.crt", "tls.crt"), ("tls.key", "tls.key"), ("ca.crt", "ca.crt")}
+    assert secret["defaultMode"] & 0o007 == 0
+    # Numeric non-root, like the nodes.
+    psc, csc = pod["securityContext"], c["securityContext"]
+    assert psc["runAsNonRoot"] is True and psc["runAsUser"] == 65532 and psc["fsGroup"] == 65532
+    assert csc["runAsNonRoot"] is True and isinstance(csc["runAsUser"], int)
+    assert csc["readOnlyRootFilesystem"] is True and csc["allowPrivilegeEscalation"] is False
+    assert csc["capabilities"]["drop"] == ["ALL"]
+    assert pod["automountServiceAccountToken"] is False
+    assert c["resources"]["limits"]["memory"]
+    # The hook pod is no node: no Service or PodDisruptionBudget selects it.
+    labels = spec["template"]["metadata"]["labels"]
+    for s in r.of("Service"):
+        assert not selects(s["spec"]["selector"], labels), s["metadata"]["name"]
+    for pdb in r.of("PodDisruptionBudget"):
+        assert not selects(pdb["spec"]["selector"]["matchLabels"], labels)
+
+
+def test_scale_down_hook_keeps_the_new_replica_count():
+    r = Rendered({**load_values("default.yaml"), "replicas": 2})
+    c = hook_job(r)["spec"]["template"]["spec"]["containers"][0]
+    assert c["args"][:3] == ["node", "shrink", "2"]
+    assert [e.split(".")[0] for e in flags(c["args"])["--endpoint"].split(",")] == \
+        ["kerwen-0", "kerwen-1"]
+    assert r.sts["spec"]["replicas"] == 2
+
+
+def test_scale_down_hook_admin_secret_sources():
+    # Existing Secrets: <prefix>-admin unless named; a missing one fails the Job at once.
+    for values, name in (("default.yaml", "kerwen-tls-admin"), ("five-replicas.yaml", "broker-admin")):
+        r = rendered(values)
+        secret = hook_job(r)["spec"]["template"]["spec"]["volumes"][0]["secret"]
+        assert secret["secretName"] == name and secret["optional"] is True
+        assert not r.of("Certificate")
+    # cert-manager: the chart issues the admin certificate, and the Job waits for it.
+    r = rendered("cert-manager.yaml")
+    job = hook_job(r)
+    secret = job["spec"]["template"]["spec"]["volumes"][0]["secret"]
+    assert secret["secretName"] == f"{r.fullname}-admin" and not secret.get("optional", False)
+    cert = r.one("Certificate", f"{r.fullname}-admin")
+    spec = cert["spec"]
+    assert spec["secretName"] == secret["secretName"]
+    assert spec["uris"] == [f"kerwen-admin:{r.values['tls']['admin']['name']}"]
+    assert "client auth" in spec["usages"] and "server auth" not in spec["usages"]
+    assert not spec.get("dnsNames")
+    node_cert = r.one("Certificate", f"{r.fullname}-node-0")
+    assert spec["issuerRef"] == node_cert["spec"]["issuerRef"]
+    # A hook itself, created before the Job, so the first hook that needs it finds it.
+    ann = cert["metadata"]["annotations"]
+    assert {"pre-upgrade", "pre-rollback"} <= hook_list(ann, "helm.sh/hook")
+    assert int(ann["helm.sh/hook-weight"]) < int(job["metadata"]["annotations"]["helm.sh/hook-weight"])
+    assert "hook-succeeded" not in ann["helm.sh/hook-delete-policy"]
+    # A Secret of one's own with cert-manager: the chart issues none.
+    own = Rendered({**load_values("cert-manager.yaml"),
+                    "tls": {**load_values("cert-manager.yaml")["tls"],
+                            "admin": {"existingSecret": "ops-admin"}}})
+    assert not [c for c in own.of("Certificate") if c["metadata"]["name"].endswith("-admin")]
+    assert hook_job(own)["spec"]["template"]["spec"]["volumes"][0]["secret"]["secretName"] == "ops-admin"
+
+
+def test_scale_down_hook_can_be_disabled():
+    r = rendered("no-scale-down-hook.yaml")
+    assert hook_job(r) is None and not r.of("Job")
+    names = {c["metadata"]["name"] for c in r.of("Certificate")}
+    assert names == {f"{r.fullname}-node-{i}" for i in range(r.values["replicas"])}
+    off = Rendered({**load_values("default.yaml"), "scaleDownHook": {"enabled": False}})
+    assert not off.of("Job")
 
 
 # ---------------------------------------------------------------- monitoring

@@ -1,7 +1,9 @@
 //! Adding and removing nodes (issue 7): a cluster grown from 3 to 5 nodes under load ends
 //! with balanced replicas; a drained node under load gives up every replica and is removed
 //! and killed without loss; the metadata leader killed in the middle of a move leaves every
-//! group whole. Real `kerwen serve` processes; every check polls with a bound.
+//! group whole; `kerwen node shrink N` (the Helm chart's scale-down hook) removes every node
+//! above N and does nothing the second time. Real `kerwen serve` processes; every check polls
+//! with a bound.
 
 mod harness;
 
@@ -358,5 +360,75 @@ async fn scenario_coordinator_killed(cluster: &ProcessCluster) -> Result<()> {
     let published_before: Vec<String> = (0..40 * 50).map(|i| format!("pre-{i:06}")).collect();
     load.finish(&published_before).await?;
     wait_pending(cluster, 4, MAILBOX, 0, Duration::from_secs(30)).await?;
+    cluster.check_no_crash()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn d_shrink_removes_every_node_above_n_and_a_second_run_changes_nothing() {
+    let cluster = builder(4, 0).shards(3).start().await.expect("cluster start");
+    scenario_shrink(&cluster).await.expect("scenario failed");
+}
+
+/// Runs `kerwen node shrink ARGS` as the Helm hook does (the binary with arguments only, an
+/// administrator certificate) through the first of `via` that answers, after one that does
+/// not.
+async fn kerwen_shrink(cluster: &ProcessCluster, via: &[NodeId], args: &[&str]) -> Result<(bool, String)> {
+    let pki = cluster.pki_dir();
+    let endpoints: Vec<String> = std::iter::once("127.0.0.1:1".to_owned()).chain(via.iter().map(|n| cluster.endpoint(*n))).collect();
+    let endpoints = endpoints.join(",");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kerwen"))
+        .args(["node", "shrink"])
+        .args(args)
+        .args(["--endpoint", endpoints.as_str()])
+        .arg("--tls-ca")
+        .arg(pki.join("ca.pem"))
+        .arg("--tls-cert")
+        .arg(pki.join("admin.pem"))
+        .arg("--tls-key")
+        .arg(pki.join("admin.key"))
+        .output()
+        .await?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    trace(format!("kerwen node shrink {args:?}: {}\n{text}", out.status));
+    Ok((out.status.success(), text))
+}
+
+async fn scenario_shrink(cluster: &ProcessCluster) -> Result<()> {
+    let groups = cluster.groups().len();
+    wait_balanced(cluster, 1, &[1, 2, 3, 4]).await?;
+    let (_, before) = placement(cluster, 1).await?;
+    ensure!(before.replication_factor == 3, "replication factor {}", before.replication_factor);
+
+    // Refused before anything changes: two nodes would stay for a factor of three; N = 0;
+    // asked through the node it would remove.
+    let (ok, text) = kerwen_shrink(cluster, &[1], &["2"]).await?;
+    ensure!(!ok && text.contains("replication factor 3"), "{text}");
+    let (ok, text) = kerwen_shrink(cluster, &[1], &["0"]).await?;
+    ensure!(!ok, "N = 0 accepted: {text}");
+    let (ok, text) = kerwen_shrink(cluster, &[4, 1], &["3"]).await?;
+    ensure!(!ok && text.contains("node 4 answered"), "{text}");
+    let (counts, _) = placement(cluster, 1).await?;
+    ensure!(counts.values().all(|(state, _)| state == "active"), "a refused shrink changed {counts:?}");
+
+    let started = Instant::now();
+    let (ok, text) = kerwen_shrink(cluster, &[1, 2], &["3", "--timeout-secs", "120"]).await?;
+    ensure!(ok && text.contains("node 4 removed"), "{text}");
+    trace(format!("shrunk to 3 nodes in {:?}", started.elapsed()));
+    // A group node 4 led elects another leader: give it a moment to answer again.
+    eventually("nodes 1..3 hold every group", Duration::from_secs(30), || async {
+        let (counts, status) = placement(cluster, 1).await?;
+        ensure!(counts.get(&4) == Some(&("removed".to_owned(), 0)), "{counts:?}");
+        whole(&status, groups, 3, &[1, 2, 3])?;
+        Ok(Some(()))
+    })
+    .await?;
+    let states = |counts: BTreeMap<u64, (String, u32)>| counts.into_iter().map(|(id, (state, _))| (id, state)).collect::<Vec<_>>();
+    let before = states(placement(cluster, 1).await?.0);
+
+    // The hook runs again on every upgrade: nothing above N is nothing to do.
+    let (ok, text) = kerwen_shrink(cluster, &[2], &["3"]).await?;
+    ensure!(ok && text.contains("already removed: nodes [4]") && text.contains("nothing changed"), "{text}");
+    let after = states(placement(cluster, 1).await?.0);
+    ensure!(after == before, "a second run changed {before:?} into {after:?}");
     cluster.check_no_crash()
 }

@@ -93,6 +93,36 @@ app.kubernetes.io/part-of: kerwen
 {{- end -}}
 {{- end -}}
 
+{{/* Name of the Secret with the administrator certificate of the scale-down hook. */}}
+{{- define "kerwen.adminSecretName" -}}
+{{- if .Values.tls.admin.existingSecret -}}
+{{- .Values.tls.admin.existingSecret -}}
+{{- else if .Values.tls.certManager.enabled -}}
+{{- printf "%s-admin" (include "kerwen.fullname" .) -}}
+{{- else -}}
+{{- printf "%s-admin" .Values.tls.existingSecretPrefix -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "true" when the chart has cert-manager issue the hook's administrator certificate. */}}
+{{- define "kerwen.issuesAdminCertificate" -}}
+{{- if and .Values.scaleDownHook.enabled .Values.tls.certManager.enabled (not .Values.tls.admin.existingSecret) -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The scale-down hook's endpoints: the client port of each pod that stays, by its stable
+name (in every node certificate). Not the client Service: it may route to a node being
+removed, whose view of the registry stops once it has left the metadata group. */}}
+{{- define "kerwen.stayingEndpoints" -}}
+{{- $ctx := . -}}
+{{- $endpoints := list -}}
+{{- range $i := until (int .Values.replicas) -}}
+{{- $endpoints = append $endpoints (printf "%s:%d" (include "kerwen.podHost" (dict "ctx" $ctx "ordinal" $i)) (int $ctx.Values.ports.client)) -}}
+{{- end -}}
+{{- join "," $endpoints -}}
+{{- end -}}
+
 {{/* Fails the render unless exactly one TLS source is configured. */}}
 {{- define "kerwen.validateTls" -}}
 {{- $cm := .Values.tls.certManager.enabled -}}

@@ -352,7 +352,8 @@ impl Admin for AdminService {
             })
             .collect();
         let moves = map.moves.iter().map(ToString::to_string).collect();
-        Ok(Response::new(pb::ClusterStatusResponse { node_id: me, nodes, groups, replicas, moves }))
+        let replication_factor = u32::try_from(self.runtime.config.replication_factor).unwrap_or(u32::MAX);
+        Ok(Response::new(pb::ClusterStatusResponse { node_id: me, nodes, groups, replicas, moves, replication_factor }))
     }
 
     async fn join_node(&self, request: Request<pb::JoinNodeRequest>) -> Result<Response<pb::NodeChangeResponse>, Status> {
