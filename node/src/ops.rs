@@ -52,6 +52,7 @@ pub fn prometheus() -> PrometheusHandle {
             let builder = PrometheusBuilder::new()
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full("kerwen_storage_entries_per_fsync".into()), COUNTS))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("kerwen_raft_groups_per_append_batch".into()), COUNTS))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full("kerwen_evidence_messages_per_signature".into()), COUNTS));
             let recorder = match builder {
                 Ok(b) => b.build_recorder(),

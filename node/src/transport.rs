@@ -2,17 +2,24 @@
 //! group and by request forwarding; openraft's `RaftNetwork` on top of it; and the fault
 //! filter used by tests to partition nodes (and their wire tap).
 //!
+//! AppendEntries are batched across groups: each group's request joins its peer's queue, and
+//! one task per peer sends everything queued as one `AppendEntriesBatch` call, the next call
+//! leaving only when the previous one is answered. With hundreds of groups a node therefore
+//! sends one replication call per peer per round, and the peer appends them all at once, so
+//! its group commit covers the round with one sync (criterion: fsyncs do not grow with shards).
+//!
 //! Internal bodies are bincode of broker/openraft types (see `proto/kerwen/v1/internal.proto`).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use bytes::Bytes;
 use kerwen_broker::model::{GroupId, NodeId, TypeConfig};
 use kerwen_broker::BrokerError;
 use kerwen_proto::v1::peer_client::PeerClient;
 use kerwen_proto::v1::raft_client::RaftClient;
-use kerwen_proto::v1::{PeerReply, PeerRequest, RaftReply, RaftRequest};
+use kerwen_proto::v1::{PeerReply, PeerRequest, RaftBatchItem, RaftBatchRequest, RaftReply, RaftRequest};
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
@@ -22,6 +29,8 @@ use openraft::raft::{
 use openraft::{BasicNode, Entry, EntryPayload};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::tls::NodeTls;
@@ -74,6 +83,24 @@ pub struct Peers {
     /// every internal request body this node sends and every reply body it receives is
     /// appended, so a test can search what crossed the wire (inside the TLS records).
     wire_tap: Option<Mutex<std::fs::File>>,
+    /// Per peer, the queue of AppendEntries waiting for its next batch call.
+    append_queues: Mutex<HashMap<NodeId, mpsc::UnboundedSender<QueuedAppend>>>,
+}
+
+/// Bytes of AppendEntries bodies in one batch call at most; a single larger body goes alone.
+/// The same budget as one AppendEntries: the follower writes and syncs the whole batch within
+/// openraft's AppendEntries timeout (the heartbeat interval).
+const APPEND_BATCH_BUDGET_BYTES: usize = APPEND_ENTRIES_BUDGET_BYTES;
+
+/// One group's AppendEntries waiting for its peer's next batch call.
+struct QueuedAppend {
+    group: GroupId,
+    /// bincode of the openraft request.
+    body: Bytes,
+    /// When openraft gives up on the request (its hard TTL).
+    deadline: Instant,
+    /// The bincode of the group's reply, or why the call failed.
+    reply: oneshot::Sender<Result<Bytes, BrokerError>>,
 }
 
 /// Names the wire-tap file of a node started with `--enable-fault-injection`.
@@ -89,6 +116,7 @@ impl Peers {
             fault_injection,
             tls,
             wire_tap: fault_injection.then(open_wire_tap).flatten(),
+            append_queues: Mutex::new(HashMap::new()),
         });
         if let Some(tls) = &peers.tls {
             let mut changes = tls.changes();
@@ -217,6 +245,130 @@ impl Peers {
         self.tap(&reply.body);
         decode::<Result<Resp, BrokerError>>(&reply.body)?
     }
+
+    /// Sends one group's AppendEntries body with `node`'s next batch call and returns the
+    /// group's reply body.
+    async fn append(self: &Arc<Self>, node: NodeId, group: GroupId, body: Bytes, ttl: Duration) -> Result<Bytes, BrokerError> {
+        self.check_reachable(node)?;
+        let (reply, answer) = oneshot::channel();
+        let item = QueuedAppend { group, body, deadline: Instant::now() + ttl, reply };
+        let closing = || BrokerError::Unavailable("the node is shutting down".into());
+        self.append_queue(node).send(item).map_err(|_| closing())?;
+        answer.await.map_err(|_| closing())?
+    }
+
+    /// The queue of `node`'s batch sender, started on first use. The sender holds the peers
+    /// weakly, so it ends once they are dropped (and with them its queue's only sender).
+    fn append_queue(self: &Arc<Self>, node: NodeId) -> mpsc::UnboundedSender<QueuedAppend> {
+        let mut queues = self.append_queues.lock().unwrap_or_else(|p| p.into_inner());
+        queues
+            .entry(node)
+            .or_insert_with(|| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(send_append_batches(Arc::downgrade(self), node, rx));
+                tx
+            })
+            .clone()
+    }
+
+    /// One `AppendEntriesBatch` call with the bodies of `batch`; per item, the group's reply
+    /// body or why the callee could not hand it to the group.
+    async fn call_append_batch(&self, node: NodeId, batch: &[QueuedAppend]) -> Result<Vec<Result<Bytes, BrokerError>>, BrokerError> {
+        self.check_reachable(node)?;
+        let mut client = RaftClient::new(self.channel(node)?)
+            .max_decoding_message_size(MAX_INTERNAL_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_INTERNAL_MESSAGE_BYTES);
+        let items = batch
+            .iter()
+            .map(|item| {
+                self.tap(&item.body);
+                RaftBatchItem { group: item.group, body: item.body.clone() }
+            })
+            .collect();
+        // The latest deadline: an item that waited long must not cut the call short for the
+        // fresh ones (under a slow peer every batch would then time out); openraft drops the
+        // older items' answers itself when their own time is up.
+        let deadline = batch.iter().map(|item| item.deadline).max().unwrap_or_else(Instant::now);
+        let mut request = tonic::Request::new(RaftBatchRequest { from: self.me, items });
+        request.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        let reply = client
+            .append_entries_batch(request)
+            .await
+            .map_err(|s| BrokerError::Unavailable(format!("node {node}: {}", s.message())))?
+            .into_inner();
+        if reply.items.len() != batch.len() {
+            return Err(BrokerError::Internal(format!(
+                "node {node} answered {} of {} batched AppendEntries",
+                reply.items.len(),
+                batch.len()
+            )));
+        }
+        Ok(reply
+            .items
+            .into_iter()
+            .map(|item| {
+                if item.error.is_empty() {
+                    self.tap(&item.body);
+                    Ok(item.body)
+                } else {
+                    Err(BrokerError::Unavailable(format!("node {node}: {}", item.error)))
+                }
+            })
+            .collect())
+    }
+}
+
+/// The batch sender of one peer: takes everything queued (within the byte budget), sends it
+/// as one call, hands each group its reply, and only then takes the next batch, so requests
+/// that arrive during a call wait for the next and share it.
+async fn send_append_batches(peers: Weak<Peers>, node: NodeId, mut queue: mpsc::UnboundedReceiver<QueuedAppend>) {
+    let mut carried: Option<QueuedAppend> = None;
+    loop {
+        let first = match carried.take() {
+            Some(item) => item,
+            None => match queue.recv().await {
+                Some(item) => item,
+                None => return,
+            },
+        };
+        let mut bytes = first.body.len();
+        let mut batch = vec![first];
+        while bytes < APPEND_BATCH_BUDGET_BYTES {
+            match queue.try_recv() {
+                Ok(item) if bytes + item.body.len() > APPEND_BATCH_BUDGET_BYTES => {
+                    carried = Some(item);
+                    break;
+                }
+                Ok(item) => {
+                    bytes += item.body.len();
+                    batch.push(item);
+                }
+                Err(_) => break,
+            }
+        }
+        // openraft dropped these when its timeout fired; sending them would be wasted work.
+        batch.retain(|item| !item.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
+        let Some(strong) = peers.upgrade() else { return };
+        metrics::histogram!("kerwen_raft_groups_per_append_batch").record(batch.len() as f64);
+        let replies = strong.call_append_batch(node, &batch).await;
+        drop(strong);
+        match replies {
+            Ok(replies) => {
+                for (item, reply) in batch.into_iter().zip(replies) {
+                    // The group may have given up waiting; nothing to do then.
+                    let _ = item.reply.send(reply);
+                }
+            }
+            Err(e) => {
+                for item in batch {
+                    let _ = item.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 fn open_wire_tap() -> Option<Mutex<std::fs::File>> {
@@ -273,9 +425,12 @@ pub struct RaftConnection {
 
 #[derive(Clone, Copy)]
 enum RaftMethod {
-    AppendEntries,
     Vote,
     InstallSnapshot,
+}
+
+fn unreachable<E: std::error::Error>(e: BrokerError) -> RPCError<NodeId, BasicNode, RaftError<NodeId, E>> {
+    RPCError::Unreachable(Unreachable::new(&e))
 }
 
 impl RaftConnection {
@@ -290,7 +445,6 @@ impl RaftConnection {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let unreachable = |e: BrokerError| RPCError::Unreachable(Unreachable::new(&e));
         self.peers.check_reachable(self.target).map_err(unreachable)?;
         let channel = self.peers.channel(self.target).map_err(unreachable)?;
         let mut client = RaftClient::new(channel)
@@ -301,14 +455,21 @@ impl RaftConnection {
         let mut request = tonic::Request::new(RaftRequest { group: self.group, from: self.peers.me(), body: body.into() });
         request.set_timeout(option.hard_ttl());
         let reply: Result<tonic::Response<RaftReply>, tonic::Status> = match method {
-            RaftMethod::AppendEntries => client.append_entries(request).await,
             RaftMethod::Vote => client.vote(request).await,
             RaftMethod::InstallSnapshot => client.install_snapshot(request).await,
         };
         let reply = reply.map_err(|s| unreachable(BrokerError::Unavailable(s.message().to_owned())))?.into_inner();
         self.peers.tap(&reply.body);
-        let result: Result<Resp, RaftError<NodeId, E>> =
-            decode(&reply.body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.answer(&reply.body)
+    }
+
+    /// The callee's openraft result, from its bincode.
+    fn answer<Resp, E>(&self, body: &[u8]) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let result: Result<Resp, RaftError<NodeId, E>> = decode(body).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
         result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
     }
 }
@@ -321,7 +482,9 @@ impl RaftNetwork<TypeConfig> for RaftConnection {
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
         let sent_all = truncate_to_budget(&mut rpc.entries, APPEND_ENTRIES_BUDGET_BYTES);
         let last_sent = rpc.entries.last().map(|e| e.log_id);
-        match self.call(RaftMethod::AppendEntries, &rpc, &option).await? {
+        let body = encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        let reply = self.peers.append(self.target, self.group, body.into(), option.hard_ttl()).await.map_err(unreachable)?;
+        match self.answer(&reply)? {
             // openraft sends the rest in the next round.
             AppendEntriesResponse::Success if !sent_all => Ok(AppendEntriesResponse::PartialSuccess(last_sent)),
             other => Ok(other),

@@ -40,6 +40,7 @@ const FAMILIES: &[&str] = &[
     "kerwen_raft_log_entries",
     "kerwen_raft_replicas_under_quorum",
     "kerwen_shard_moves_in_progress",
+    "kerwen_raft_groups_per_append_batch",
     "kerwen_storage_fsyncs_total",
     "kerwen_storage_entries_per_fsync",
     "kerwen_storage_fsync_duration_seconds",
@@ -88,7 +89,8 @@ fn check_naming(page: &str) -> Result<()> {
         ensure!(name.starts_with("kerwen_"), "{name} is not in the kerwen_ namespace");
         ensure!((kind == "counter") == name.ends_with("_total"), "{name} is a {kind}: only counters end in _total");
         if kind == "histogram" {
-            ensure!(name.ends_with("_seconds") || name.ends_with("_fsync") || name.ends_with("_signature"), "histogram {name} has no unit");
+            // A duration, or a count per something (entries per fsync, groups per batch).
+            ensure!(name.ends_with("_seconds") || name.contains("_per_"), "histogram {name} has no unit");
         }
     }
     Ok(())

@@ -5,10 +5,16 @@
 //! waiter queued so far, issues one `fsync` of the WAL, and completes them all. Because the
 //! WAL is sequential, that one sync covers every write that happened before the waiter was
 //! queued — appends of every Raft group on the node, votes and state machine writes alike.
+//!
+//! Before syncing, the thread keeps gathering while waiters keep coming close together
+//! ([`GATHER_QUIET`] apart, for at most [`GATHER_MAX`]): the appends of one replication batch,
+//! or of one publish that touches many shards, come from many Raft tasks within microseconds,
+//! and one sync should cover them all rather than the first alone.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use openraft::storage::LogFlushed;
 use rocksdb::DB;
@@ -86,12 +92,19 @@ fn complete(waiter: SyncWaiter, result: Result<(), String>) {
 /// Upper bound of waiters per sync, so one round never starves the first waiter.
 const MAX_WAITERS_PER_SYNC: usize = 65_536;
 
+/// A round keeps gathering while the next waiter comes within this time of the previous one.
+pub const GATHER_QUIET: Duration = Duration::from_micros(100);
+/// A round gathers for at most this long after its first waiter.
+pub const GATHER_MAX: Duration = Duration::from_millis(1);
+
 fn run(db: Arc<DB>, rx: mpsc::Receiver<SyncWaiter>, stats: Arc<SyncStats>) {
     let mut waiters = Vec::new();
     while let Ok(first) = rx.recv() {
+        let gathering_since = Instant::now();
         waiters.push(first);
         while waiters.len() < MAX_WAITERS_PER_SYNC {
-            match rx.try_recv() {
+            let left = GATHER_MAX.saturating_sub(gathering_since.elapsed());
+            match rx.recv_timeout(GATHER_QUIET.min(left)) {
                 Ok(w) => waiters.push(w),
                 Err(_) => break,
             }

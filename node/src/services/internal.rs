@@ -10,7 +10,9 @@ use kerwen_broker::model::{Command, NodeId, TypeConfig};
 use kerwen_broker::BrokerError;
 use kerwen_proto::v1::peer_server::Peer;
 use kerwen_proto::v1::raft_server::Raft;
-use kerwen_proto::v1::{PeerReply, PeerRequest, RaftReply, RaftRequest};
+use kerwen_proto::v1::{
+    PeerReply, PeerRequest, RaftBatchItem, RaftBatchItemReply, RaftBatchReply, RaftBatchRequest, RaftReply, RaftRequest,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tonic::{Request, Response, Status};
@@ -66,12 +68,29 @@ impl InternalService {
         let raft = self.runtime.raft(req.group).map_err(|e| Status::not_found(e.to_string()))?.clone();
         reply(&call(raft, decode(&req.body).map_err(bad_body)?).await)
     }
+
+    /// Hands one batched AppendEntries to its group and encodes the group's answer.
+    async fn append_one(&self, item: RaftBatchItem) -> RaftBatchItemReply {
+        let answer = async {
+            let raft = self.runtime.raft(item.group)?.clone();
+            encode(&raft.append_entries(decode(&item.body)?).await)
+        };
+        match answer.await {
+            Ok(body) => RaftBatchItemReply { body: body.into(), error: String::new() },
+            Err(e) => RaftBatchItemReply { body: Default::default(), error: e.to_string() },
+        }
+    }
 }
 
 #[tonic::async_trait]
 impl Raft for InternalService {
-    async fn append_entries(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
-        self.raft_call(request, |raft, rpc| async move { raft.append_entries(rpc).await }).await
+    /// Every group's append starts at once, so their writes reach the group commit together
+    /// and share one sync; the reply waits for all of them.
+    async fn append_entries_batch(&self, request: Request<RaftBatchRequest>) -> Result<Response<RaftBatchReply>, Status> {
+        let req = request.into_inner();
+        self.admit(req.from)?;
+        let items = futures::future::join_all(req.items.into_iter().map(|item| self.append_one(item))).await;
+        Ok(Response::new(RaftBatchReply { items }))
     }
 
     async fn vote(&self, request: Request<RaftRequest>) -> Result<Response<RaftReply>, Status> {
