@@ -373,11 +373,16 @@ async fn d_shrink_removes_every_node_above_n_and_a_second_run_changes_nothing() 
 /// administrator certificate) through the first of `via` that answers, after one that does
 /// not.
 async fn kerwen_shrink(cluster: &ProcessCluster, via: &[NodeId], args: &[&str]) -> Result<(bool, String)> {
+    kerwen_node(cluster, via, &[&["shrink"], args].concat()).await
+}
+
+/// Runs `kerwen node ARGS` as the administrator through nodes `via` (after a dead endpoint).
+async fn kerwen_node(cluster: &ProcessCluster, via: &[NodeId], args: &[&str]) -> Result<(bool, String)> {
     let pki = cluster.pki_dir();
     let endpoints: Vec<String> = std::iter::once("127.0.0.1:1".to_owned()).chain(via.iter().map(|n| cluster.endpoint(*n))).collect();
     let endpoints = endpoints.join(",");
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kerwen"))
-        .args(["node", "shrink"])
+        .arg("node")
         .args(args)
         .args(["--endpoint", endpoints.as_str()])
         .arg("--tls-ca")
@@ -389,7 +394,7 @@ async fn kerwen_shrink(cluster: &ProcessCluster, via: &[NodeId], args: &[&str]) 
         .output()
         .await?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    trace(format!("kerwen node shrink {args:?}: {}\n{text}", out.status));
+    trace(format!("kerwen node {args:?}: {}\n{text}", out.status));
     Ok((out.status.success(), text))
 }
 
@@ -430,5 +435,13 @@ async fn scenario_shrink(cluster: &ProcessCluster) -> Result<()> {
     ensure!(ok && text.contains("already removed: nodes [4]") && text.contains("nothing changed"), "{text}");
     let after = states(placement(cluster, 1).await?.0);
     ensure!(after == before, "a second run changed {before:?} into {after:?}");
+
+    // Only a join re-admits a removed node: a drain is refused, a second remove is done.
+    let (ok, text) = kerwen_node(cluster, &[3], &["drain", "4"]).await?;
+    ensure!(!ok && text.contains("was removed"), "draining a removed node: {text}");
+    let (ok, text) = kerwen_node(cluster, &[3], &["remove", "4"]).await?;
+    ensure!(ok && text.contains("already removed"), "removing a removed node again: {text}");
+    let after = states(placement(cluster, 1).await?.0);
+    ensure!(after == before, "drain/remove of a removed node changed {before:?} into {after:?}");
     cluster.check_no_crash()
 }

@@ -184,6 +184,11 @@ pub async fn shrink(client: &mut Client, keep: u64, limit: Duration) -> anyhow::
     Ok(plan)
 }
 
+/// Whether the registry, as the answering node sees it, has node `id` removed.
+async fn is_removed(client: &mut Client, id: u64) -> bool {
+    client.cluster_status().await.is_ok_and(|s| s.nodes.iter().any(|n| n.id == id && n.state == "removed"))
+}
+
 /// Drains node `id`, waits until it holds no replica, then removes it from the registry.
 async fn remove(client: &mut Client, id: u64, deadline: Instant) -> anyhow::Result<()> {
     loop {
@@ -193,6 +198,11 @@ async fn remove(client: &mut Client, id: u64, deadline: Instant) -> anyhow::Resu
             Err(s) if s.code() == Code::Unavailable && Instant::now() < deadline => {
                 println!("draining node {id}: {}; retrying", s.message());
                 tokio::time::sleep(POLL_INTERVAL).await;
+            }
+            // A removed node cannot be drained again: removing it twice is done already.
+            Err(s) if s.code() == Code::FailedPrecondition && is_removed(client, id).await => {
+                println!("node {id} is already removed");
+                return Ok(());
             }
             Err(s) => return Err(status_error(s).context(format!("draining node {id}"))),
         }

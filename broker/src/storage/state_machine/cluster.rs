@@ -49,6 +49,13 @@ pub(super) fn apply(store: &Store, view: &MetaView, batch: &mut WriteBatch, cmd:
             let Some(existing) = nodes.get(&id) else {
                 return Ok(CommandResult::Rejected(BrokerError::NotFound(format!("node {id} is not registered"))));
             };
+            // Only a join re-admits a removed node: a drain racing the removal (a retried
+            // `kerwen node remove`, a second scale-down hook) must not make it a member again.
+            if existing.state == NodeState::Removed && state != NodeState::Removed {
+                return Ok(CommandResult::Rejected(BrokerError::FailedPrecondition(format!(
+                    "node {id} was removed from the cluster; an operator re-admits it with `kerwen node join {id} ADDRESS`"
+                ))));
+            }
             NodeRecord { state, ..existing.clone() }
         }
     };
