@@ -249,7 +249,6 @@ impl Peers {
     /// Sends one group's AppendEntries body with `node`'s next batch call and returns the
     /// group's reply body.
     async fn append(self: &Arc<Self>, node: NodeId, group: GroupId, body: Bytes, ttl: Duration) -> Result<Bytes, BrokerError> {
-        self.check_reachable(node)?;
         let (reply, answer) = oneshot::channel();
         let item = QueuedAppend { group, body, deadline: Instant::now() + ttl, reply };
         let closing = || BrokerError::Unavailable("the node is shutting down".into());

@@ -244,16 +244,8 @@ async fn scenario_opmon(cluster: &ProcessCluster, ids: &HashSet<String>) -> Resu
     ensure!(theirs.records.is_empty() && theirs.health.is_empty(), "a stranger sees {} records", theirs.records.len());
 
     // The CLI, as an operator.
-    let (pki, endpoint) = (cluster.pki_dir(), cluster.endpoint(2));
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kerwen"))
-        .args(["opmon", "--json", "--kind", "ack", "--sender", SENDER, "--endpoint", endpoint.as_str()])
-        .arg("--tls-ca")
-        .arg(pki.join("ca.pem"))
-        .arg("--tls-cert")
-        .arg(pki.join("admin.pem"))
-        .arg("--tls-key")
-        .arg(pki.join("admin.key"))
-        .output()?;
+    let endpoint = cluster.endpoint(2);
+    let out = cluster.admin_cli(&["opmon", "--json", "--kind", "ack", "--sender", SENDER, "--endpoint", endpoint.as_str()]).output()?;
     ensure!(out.status.success(), "kerwen opmon: {}", String::from_utf8_lossy(&out.stderr));
     let printed: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let acks = printed["records"].as_array().context("records")?;

@@ -378,21 +378,10 @@ async fn kerwen_shrink(cluster: &ProcessCluster, via: &[NodeId], args: &[&str]) 
 
 /// Runs `kerwen node ARGS` as the administrator through nodes `via` (after a dead endpoint).
 async fn kerwen_node(cluster: &ProcessCluster, via: &[NodeId], args: &[&str]) -> Result<(bool, String)> {
-    let pki = cluster.pki_dir();
     let endpoints: Vec<String> = std::iter::once("127.0.0.1:1".to_owned()).chain(via.iter().map(|n| cluster.endpoint(*n))).collect();
     let endpoints = endpoints.join(",");
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_kerwen"))
-        .arg("node")
-        .args(args)
-        .args(["--endpoint", endpoints.as_str()])
-        .arg("--tls-ca")
-        .arg(pki.join("ca.pem"))
-        .arg("--tls-cert")
-        .arg(pki.join("admin.pem"))
-        .arg("--tls-key")
-        .arg(pki.join("admin.key"))
-        .output()
-        .await?;
+    let cli = cluster.admin_cli(&[&["node"], args, &["--endpoint", endpoints.as_str()]].concat());
+    let out = tokio::process::Command::from(cli).output().await?;
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     trace(format!("kerwen node {args:?}: {}\n{text}", out.status));
     Ok((out.status.success(), text))

@@ -109,7 +109,7 @@ fn run(db: Arc<DB>, rx: mpsc::Receiver<SyncWaiter>, stats: Arc<SyncStats>) {
                 Err(_) => break,
             }
         }
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let result = db.flush_wal(true).map_err(|e| e.to_string());
         metrics::histogram!("kerwen_storage_fsync_duration_seconds").record(started.elapsed().as_secs_f64());
         metrics::counter!("kerwen_storage_fsyncs_total").increment(1);

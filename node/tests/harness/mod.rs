@@ -347,6 +347,19 @@ impl ProcessCluster {
         &self.pki_dir
     }
 
+    /// The `kerwen` CLI with `args` (which name the endpoints), as the cluster's administrator.
+    pub fn admin_cli(&self, args: &[&str]) -> std::process::Command {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_kerwen"));
+        cmd.args(args)
+            .arg("--tls-ca")
+            .arg(self.pki_dir.join("ca.pem"))
+            .arg("--tls-cert")
+            .arg(self.pki_dir.join("admin.pem"))
+            .arg("--tls-key")
+            .arg(self.pki_dir.join("admin.key"));
+        cmd
+    }
+
     /// Where node `id`'s certificate and key are (a test may rotate them in place).
     pub fn node_cert(&self, id: NodeId) -> IdentityFiles {
         let stem = pki::node_file_stem(id);
