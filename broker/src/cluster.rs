@@ -50,6 +50,25 @@ pub struct NodeRecord {
     /// when the nodes carry one.
     pub zone: Option<String>,
     pub state: NodeState,
+    /// `host:port` of the node's client API as the node advertises it: clients that cache
+    /// the shard map send there directly. `None` until the node has advertised it.
+    pub client_address: Option<String>,
+}
+
+/// [`NodeRecord`] as written before nodes advertised a client address: registry records are
+/// bincode, which has no optional trailing fields, so older records are read with this.
+#[derive(Debug, Clone, Deserialize)]
+pub struct NodeRecordV1 {
+    pub id: NodeId,
+    pub address: String,
+    pub zone: Option<String>,
+    pub state: NodeState,
+}
+
+impl From<NodeRecordV1> for NodeRecord {
+    fn from(v1: NodeRecordV1) -> Self {
+        Self { id: v1.id, address: v1.address, zone: v1.zone, state: v1.state, client_address: None }
+    }
 }
 
 /// A change to the node registry (metadata group).
@@ -61,6 +80,8 @@ pub enum ClusterCommand {
     Register { id: NodeId, address: String, zone: Option<String>, admit: bool },
     /// An operator drains a node, or re-activates a draining one.
     SetState { id: NodeId, state: NodeState },
+    /// A registered node announces where clients reach it (on start, when it changed).
+    Advertise { id: NodeId, client_address: String },
 }
 
 /// One Raft group's members, as its leader reports them.
@@ -378,7 +399,7 @@ mod tests {
 
     fn nodes(ids: &[NodeId]) -> BTreeMap<NodeId, NodeRecord> {
         ids.iter()
-            .map(|id| (*id, NodeRecord { id: *id, address: format!("n{id}:1"), zone: None, state: NodeState::Active }))
+            .map(|id| (*id, NodeRecord { id: *id, address: format!("n{id}:1"), zone: None, state: NodeState::Active, client_address: None }))
             .collect()
     }
 

@@ -53,6 +53,18 @@ pub fn is_dead_letter(partition: u32) -> bool {
     partition & DEAD_LETTER_BIT != 0
 }
 
+/// FNV-1a: a stable hash, so a key maps to the same partition on every node, client and release.
+fn stable_hash(key: &str) -> u64 {
+    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// The partition of a mailbox with `partitions` partitions that a message goes to: chosen by
+/// its ordering key, else by its id (so a republished id meets its dedup record). The node
+/// that accepts a publish decides; clients use it only to pick the node to send to.
+pub fn partition_of(ordering_key: Option<&str>, id: &str, partitions: u32) -> u32 {
+    (stable_hash(ordering_key.unwrap_or(id)) % u64::from(partitions.max(1))) as u32
+}
+
 /// A message as the cluster stores it until it is acked.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredMessage {

@@ -394,6 +394,25 @@ async fn access_rights_are_applied_and_survive_a_reopen() {
     assert!(view.authorize(&Principal::Subsystem(sender), &send).is_err(), "out of the group, no grant");
 }
 
+/// A node's advertised client address is kept across its re-registrations and a reopen; an
+/// unregistered node cannot advertise one.
+#[tokio::test]
+async fn advertised_client_addresses_are_kept_by_the_registry() {
+    use kerwen_broker::cluster::ClusterCommand;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let (mut sm, view) = StateMachine::open_metadata(store.clone()).unwrap();
+    let register = Command::Cluster(ClusterCommand::Register { id: 1, address: "n1:7101".into(), zone: None, admit: false });
+    let advertise = |id| Command::Cluster(ClusterCommand::Advertise { id, client_address: format!("n{id}:7001") });
+    let r = sm.apply(vec![entry(1, advertise(1)), entry(2, register.clone()), entry(3, advertise(1)), entry(4, register)]).await.unwrap();
+    assert!(matches!(&r[0], CommandResult::Rejected(kerwen_broker::BrokerError::NotFound(_))), "{:?}", r[0]);
+    assert_eq!((&r[1], &r[2], &r[3]), (&CommandResult::Changed(1), &CommandResult::Changed(1), &CommandResult::Changed(0)));
+    assert_eq!(view.node(1).and_then(|n| n.client_address).as_deref(), Some("n1:7001"));
+    drop((sm, view));
+    let (_sm, view) = StateMachine::open_metadata(store).unwrap();
+    assert_eq!(view.node(1).and_then(|n| n.client_address).as_deref(), Some("n1:7001"), "survives a reopen");
+}
+
 /// A coalesced entry applies its commands in order, each with its own result: a later
 /// command sees an earlier one's effects, and a refused command does not spoil the others.
 #[tokio::test]

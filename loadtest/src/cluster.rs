@@ -46,6 +46,8 @@ pub struct Connection {
     pub admin: Option<ClientTls>,
     /// Where other subsystems' certificates come from (`None` on an insecure cluster).
     pub issuer: Option<Issuer>,
+    /// Publish through the endpoint (forwarded) instead of straight to the shard leaders.
+    pub forwarded: bool,
 }
 
 /// A development CA on disk that issues subsystem certificates on first use.
@@ -57,7 +59,8 @@ pub struct Issuer {
 
 impl Connection {
     pub async fn connect(&self) -> Result<Client, tonic::Status> {
-        Client::connect_list_with(&self.endpoints, self.tls.clone()).await
+        let client = Client::connect_list_with(&self.endpoints, self.tls.clone()).await?;
+        Ok(if self.forwarded { client.without_direct_routing() } else { client })
     }
 
     pub async fn connect_admin(&self) -> Result<Client, tonic::Status> {
@@ -98,11 +101,11 @@ pub async fn external(endpoints: Option<String>, profile: Option<PathBuf>, insec
     // Mailboxes belong to registered subsystems, also on an insecure cluster.
     register_bench(&endpoints, admin.clone()).await?;
     if insecure {
-        return Ok(Connection { endpoints, tls: None, admin: None, issuer: None });
+        return Ok(Connection { endpoints, tls: None, admin: None, issuer: None, forwarded: false });
     }
     let issuer = opts.load_profile()?.and_then(|p| Some(Issuer { ca: p.ca, pki_dir: p.pki_dir? }));
     let (endpoints, tls) = ClientOpts { as_subsystem: Some(BENCH_SUBSYSTEM.to_owned()), ..opts }.resolve()?;
-    Ok(Connection { endpoints, tls, admin, issuer })
+    Ok(Connection { endpoints, tls, admin, issuer, forwarded: false })
 }
 
 pub struct EmbeddedCluster {
@@ -172,9 +175,9 @@ impl EmbeddedCluster {
             nodes.push((id, runtime.spawn(kerwen_node::server::serve(config, shutdown))));
         }
         let connection = if insecure {
-            Connection { endpoints, tls: None, admin: None, issuer: None }
+            Connection { endpoints, tls: None, admin: None, issuer: None, forwarded: false }
         } else {
-            Connection { endpoints, tls: Some(bench), admin: Some(admin), issuer: Some(Issuer { ca, pki_dir }) }
+            Connection { endpoints, tls: Some(bench), admin: Some(admin), issuer: Some(Issuer { ca, pki_dir }), forwarded: false }
         };
         let mut cluster = EmbeddedCluster { connection, stop, nodes, runtime: Some(runtime), dir: Some(dir) };
         let ready = async {

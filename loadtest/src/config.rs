@@ -73,6 +73,11 @@ pub struct Knobs {
     #[arg(long, requires = "embedded")]
     #[serde(default)]
     pub no_evidence: bool,
+    /// Send every publish to the client's endpoint, which forwards to the shard leaders,
+    /// instead of straight to the leaders (to measure what direct routing saves).
+    #[arg(long)]
+    #[serde(default)]
+    pub forwarded: bool,
     /// Data shards of the embedded cluster [default: 3].
     #[arg(long)]
     pub shards: Option<u32>,
@@ -168,6 +173,7 @@ impl Knobs {
             profile: self.profile.or(file.profile),
             insecure: self.insecure || file.insecure,
             no_evidence: self.no_evidence || file.no_evidence,
+            forwarded: self.forwarded || file.forwarded,
             producers: self.producers.or(file.producers),
             consumers: self.consumers.or(file.consumers),
             mailboxes: self.mailboxes.or(file.mailboxes),
@@ -380,6 +386,8 @@ pub struct Config {
     pub description: Option<String>,
     pub scenario_file: Option<PathBuf>,
     pub target: Target,
+    /// Publishes go through the endpoint (forwarded) rather than straight to shard leaders.
+    pub forwarded: bool,
     pub producers: u32,
     pub consumers: u32,
     pub mailboxes: u32,
@@ -536,6 +544,7 @@ impl Config {
             description: k.description,
             scenario_file: None,
             target,
+            forwarded: k.forwarded,
             producers,
             consumers,
             mailboxes,

@@ -117,6 +117,7 @@ async fn app(config: Config) -> anyhow::Result<ExitCode> {
         }
         Target::Cluster { endpoints, profile, insecure } => (None, cluster::external(endpoints.clone(), profile.clone(), *insecure).await?),
     };
+    let connection = cluster::Connection { forwarded: config.forwarded, ..connection };
 
     if let Some(exchange) = config.exchange.clone() {
         let result = exchange::run(config.clone(), &exchange, connection, interrupt_rx).await;

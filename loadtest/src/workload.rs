@@ -253,10 +253,11 @@ pub async fn run(
         None => "closed loop".to_owned(),
     };
     eprintln!(
-        "load: {mode}, {} producers x {} in flight x batch {}, {} consumer streams, {} mailbox(es), size {}; warm-up {}, measure {}{}",
+        "load: {mode}, {} producers x {} in flight x batch {} ({}), {} consumer streams, {} mailbox(es), size {}; warm-up {}, measure {}{}",
         config.producers,
         config.inflight,
         config.batch,
+        if config.forwarded { "forwarded by the endpoint" } else { "straight to shard leaders" },
         streams,
         config.mailboxes,
         config.size,

@@ -62,6 +62,15 @@ pub fn service_id(field: &str, value: &str) -> Result<ServiceId, Status> {
     value.parse().map_err(|e| Status::invalid_argument(format!("{field}: {e}")))
 }
 
+/// Whether this node's metadata view allows `action` to `caller`, without asking the leader or
+/// auditing: for answers that only leave things out (routes), never for the action itself.
+pub fn allowed_locally(runtime: &NodeRuntime, caller: &Caller, action: &Action) -> bool {
+    match caller {
+        Caller::Authenticated(who) => runtime.meta_view().authorize(who, action).is_ok(),
+        Caller::Anonymous => true,
+    }
+}
+
 /// Checks `action` for `caller`; a refusal is audited and becomes `PERMISSION_DENIED`.
 ///
 /// This node's metadata view may lag the group by a few entries: before refusing, the

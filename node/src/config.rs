@@ -36,6 +36,11 @@ pub struct ServeArgs {
     /// Address of the node-to-node API (Raft, forwarding) [default: the client port + 100].
     #[arg(long, env = "KERWEN_PEER_LISTEN")]
     pub peer_listen: Option<SocketAddr>,
+    /// `host:port` at which clients reach this node's client API, published in the node
+    /// registry so clients can send straight to shard leaders [default: the host of this
+    /// node's peer address (in `--peers`) with the client port].
+    #[arg(long, env = "KERWEN_ADVERTISE_CLIENT")]
+    pub advertise_client: Option<String>,
     /// All cluster members including this node, at their peer addresses:
     /// `1=host:port,2=host:port,3=host:port`. A new cluster is formed from them; a node
     /// started with `--join` lists at least one existing node and itself. Nodes that join
@@ -145,6 +150,8 @@ pub struct NodeConfig {
     pub node_id: NodeId,
     pub listen: SocketAddr,
     pub peer_listen: SocketAddr,
+    /// Where clients reach this node (`--advertise-client`), published in the node registry.
+    pub advertise_client: Option<String>,
     /// The operations port (probes, metrics), if enabled.
     pub http_listen: Option<SocketAddr>,
     pub security: Security,
@@ -200,6 +207,20 @@ pub const DEFAULT_SHUTDOWN_DRAIN_MS: u64 = 5_000;
 pub const DEFAULT_OPMON_RECORDS: usize = 100_000;
 /// X-Road's default retention of operational data.
 pub const DEFAULT_OPMON_RETENTION_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+/// The host part of `host:port` (`[v6]:port` keeps its brackets).
+fn host_of(address: &str) -> Option<&str> {
+    address.rsplit_once(':').map(|(host, _)| host).filter(|h| !h.is_empty())
+}
+
+/// Checks that `address` is `host:port` with a port above 0.
+fn check_host_port(address: &str) -> anyhow::Result<&str> {
+    let address = address.trim();
+    match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0) => Ok(address),
+        _ => bail!("{address:?} is not host:port"),
+    }
+}
 
 /// Parses `1=host:port,2=host:port`.
 pub fn parse_peers(s: &str) -> anyhow::Result<BTreeMap<NodeId, String>> {
@@ -269,6 +290,11 @@ impl ServeArgs {
         if !peers.contains_key(&node_id) {
             bail!("--peers must include this node ({node_id})");
         }
+        let advertise_client = match self.advertise_client.or(file.advertise_client) {
+            Some(address) => Some(check_host_port(&address).context("--advertise-client")?.to_owned()),
+            None if listen.port() == 0 => None,
+            None => peers.get(&node_id).and_then(|peer| host_of(peer)).map(|host| format!("{host}:{}", listen.port())),
+        };
         let data_dir = self.data_dir.or(file.data_dir).context("--data-dir is required")?;
         // The flag is checked by clap; the config file's value only here.
         let encryption_at_rest = match self.encryption_at_rest.or(file.encryption_at_rest) {
@@ -314,6 +340,7 @@ impl ServeArgs {
             node_id,
             listen,
             peer_listen,
+            advertise_client,
             http_listen,
             security,
             peers,
@@ -413,6 +440,18 @@ mod tests {
         std::fs::write(&path, format!("{file}encryption_at_rest = \"rot13\"\n")).unwrap();
         let e = format!("{:#}", ServeArgs { config: Some(path), ..Default::default() }.resolve().unwrap_err());
         assert!(e.contains("--encryption-at-rest") && e.contains("aes-256-gcm"), "{e}");
+    }
+
+    #[test]
+    fn clients_are_told_the_peer_host_with_the_client_port_unless_advertised() {
+        let peers = Some("1=kerwen-0.kerwen-peers:7101,2=kerwen-1.kerwen-peers:7101".to_owned());
+        let base = ServeArgs { peers, tls_ca: Some("ca".into()), tls_cert: Some("c".into()), tls_key: Some("k".into()), ..args("0.0.0.0:7001") };
+        assert_eq!(base.clone().resolve().unwrap().advertise_client.as_deref(), Some("kerwen-0.kerwen-peers:7001"));
+        let told = ServeArgs { advertise_client: Some("kerwen.example.gov.tm:443".into()), ..base.clone() };
+        assert_eq!(told.resolve().unwrap().advertise_client.as_deref(), Some("kerwen.example.gov.tm:443"));
+        for bad in ["kerwen", ":7001", "host:0", "host:x"] {
+            assert!(ServeArgs { advertise_client: Some(bad.into()), ..base.clone() }.resolve().is_err(), "{bad}");
+        }
     }
 
     fn args(listen: &str) -> ServeArgs {

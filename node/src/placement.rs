@@ -457,6 +457,8 @@ pub fn spawn(runtime: &Arc<NodeRuntime>) {
                 last_registration = Some(Instant::now());
                 runtime.register_self().await;
             }
+            // Every tick until it is in the registry: clients route by it.
+            runtime.advertise_self().await;
         }
     });
     let weak = Arc::downgrade(runtime);
@@ -520,6 +522,20 @@ impl NodeRuntime {
         match self.register_node(me, address.clone(), self.config.zone.clone(), false).await {
             Ok(()) => tracing::info!(node = me, address, "registered in the cluster's node registry"),
             Err(e) => tracing::debug!(error = %e, "registering this node failed; retrying"),
+        }
+    }
+
+    /// Publishes where clients reach this node, once it is registered and whenever it changed.
+    async fn advertise_self(&self) {
+        let me = self.node_id();
+        let Some(client_address) = self.config.advertise_client.clone() else { return };
+        match self.meta_view().node(me) {
+            Some(n) if n.state != NodeState::Removed && n.client_address.as_ref() != Some(&client_address) => {}
+            _ => return,
+        }
+        match self.registry_write(ClusterCommand::Advertise { id: me, client_address: client_address.clone() }).await {
+            Ok(()) => tracing::info!(node = me, client_address, "advertised the client address"),
+            Err(e) => tracing::debug!(error = %e, "advertising the client address failed; retrying"),
         }
     }
 

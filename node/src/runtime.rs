@@ -449,7 +449,7 @@ impl NodeRuntime {
 
     /// The leader of `group` as far as this node knows: its own replica's view, or for a
     /// group it hosts no replica of, what another node said (asked when nobody has yet).
-    async fn leader_of(&self, group: GroupId) -> Result<Option<NodeId>, BrokerError> {
+    pub(crate) async fn leader_of(&self, group: GroupId) -> Result<Option<NodeId>, BrokerError> {
         // One look at the metrics: this runs on every routed request.
         let local = {
             let metrics = self.raft(group)?.metrics();
@@ -521,6 +521,11 @@ impl NodeRuntime {
     }
 
     /// This node's term if it currently leads `group`, else a `NotLeader` error.
+    /// Whether this node leads `group` now.
+    pub fn leads(&self, group: GroupId) -> bool {
+        self.leading_term(group).is_ok()
+    }
+
     fn leading_term(&self, group: GroupId) -> Result<u64, BrokerError> {
         // Called on every fetch: read the fields in place rather than clone the metrics
         // (membership and replication maps included).
@@ -568,7 +573,10 @@ impl NodeRuntime {
                         )))
                     }
                 },
-                Some(leader) => self.peers.call(leader, group, method, args, left).await,
+                Some(leader) => {
+                    metrics::counter!("kerwen_requests_forwarded_total", "method" => method.as_str()).increment(1);
+                    self.peers.call(leader, group, method, args, left).await
+                }
                 None => Err(BrokerError::NotLeader { group, leader: None }),
             };
             match attempt {

@@ -396,6 +396,19 @@ pub enum PeerMethod {
     Placement,
 }
 
+impl PeerMethod {
+    /// The metrics label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Write => "write",
+            Self::Fetch => "fetch",
+            Self::Read => "read",
+            Self::Opmon => "opmon",
+            Self::Placement => "placement",
+        }
+    }
+}
+
 /// Creates openraft connections of one group.
 #[derive(Clone)]
 pub struct RaftTransport {

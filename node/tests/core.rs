@@ -645,7 +645,8 @@ async fn scenario_partition(cluster: &ProcessCluster) -> Result<()> {
 
     trace("publishing through the isolated node");
     // The isolated node cannot commit anything: bounded UNAVAILABLE.
-    let mut ci = cluster.client(old_leader).await?;
+    // Through that node only: a routing client would go around it to the new leaders.
+    let mut ci = cluster.client(old_leader).await?.without_direct_routing();
     let isolated_msgs = batch("f-isolated", MAILBOX, 0, 8, 8);
     let bound = Duration::from_millis(REQUEST_TIMEOUT_MS) + Duration::from_secs(4);
     let started = Instant::now();

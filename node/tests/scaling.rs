@@ -2,8 +2,9 @@
 //! with balanced replicas; a drained node under load gives up every replica and is removed
 //! and killed without loss; the metadata leader killed in the middle of a move leaves every
 //! group whole; `kerwen node shrink N` (the Helm chart's scale-down hook) removes every node
-//! above N and does nothing the second time. Real `kerwen serve` processes; every check polls
-//! with a bound.
+//! above N and does nothing the second time; a client sends publishes straight to the shard
+//! leaders and keeps doing so after a leader dies. Real `kerwen serve` processes; every check
+//! polls with a bound.
 
 mod harness;
 
@@ -15,7 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{anyhow, bail, ensure, Context, Result};
 use harness::*;
 use kerwen_node::cli::node::balanced;
-use kerwen_proto::v1::ClusterStatusResponse;
+use kerwen_node::client::Client;
+use kerwen_proto::v1::{ClusterStatusResponse, Message};
 use tonic::Code;
 
 const MAILBOX: &str = "TM/GOV/MINCOM/registry/scaling";
@@ -432,5 +434,121 @@ async fn scenario_shrink(cluster: &ProcessCluster) -> Result<()> {
     ensure!(ok && text.contains("already removed"), "removing a removed node again: {text}");
     let after = states(placement(cluster, 1).await?.0);
     ensure!(after == before, "drain/remove of a removed node changed {before:?} into {after:?}");
+    cluster.check_no_crash()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn e_publishes_go_straight_to_shard_leaders_and_follow_a_leader_change() {
+    let cluster = builder(3, 0).start().await.expect("cluster start");
+    scenario_direct(&cluster).await.expect("scenario failed");
+}
+
+/// Publishes the nodes of `nodes` forwarded to another shard leader.
+async fn forwarded_writes(cluster: &ProcessCluster, nodes: &[NodeId]) -> Result<f64> {
+    let mut total = 0.0;
+    for node in nodes {
+        let (_, page) = http_get(&cluster.http_endpoint(*node), "/metrics", Duration::from_secs(5)).await?;
+        total += page
+            .lines()
+            .filter(|l| l.starts_with("kerwen_requests_forwarded_total{") && l.contains("method=\"write\""))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    Ok(total)
+}
+
+/// Every group's leader as `node` sees it.
+async fn leaders(cluster: &ProcessCluster, node: NodeId) -> Result<BTreeMap<u32, u64>> {
+    Ok(cluster.status(node).await?.replicas.iter().map(|g| (g.group, g.leader)).collect())
+}
+
+/// 20 messages with one ordering key: one partition, so one shard.
+fn keyed_batch(prefix: &str) -> Vec<Message> {
+    (0..20).map(|i| message(format!("{prefix}-{i:02}"), MAILBOX, Some(prefix.to_owned()), format!("payload {i}").into_bytes())).collect()
+}
+
+/// Publishes `rounds` batches, each to one shard (a key per round), through `client` and
+/// returns what the nodes of `nodes` forwarded meanwhile, or `None` when a leader changed in
+/// between (forwarding is then due).
+async fn forwarded_while_publishing(
+    cluster: &ProcessCluster,
+    client: &mut Client,
+    nodes: &[NodeId],
+    prefix: &str,
+    rounds: usize,
+    sent: &mut Vec<Message>,
+) -> Result<Option<f64>> {
+    let leaders_before = leaders(cluster, nodes[0]).await?;
+    let before = forwarded_writes(cluster, nodes).await?;
+    for round in 0..rounds {
+        let b = keyed_batch(&format!("{prefix}-{round}"));
+        publish_retry(client, &b, Duration::from_secs(10), Duration::from_secs(60)).await?;
+        sent.extend(b);
+    }
+    let forwarded = forwarded_writes(cluster, nodes).await? - before;
+    Ok((leaders(cluster, nodes[0]).await? == leaders_before).then_some(forwarded))
+}
+
+async fn scenario_direct(cluster: &ProcessCluster) -> Result<()> {
+    create_mailbox(cluster, 1, MAILBOX, 6).await?;
+    let leads = wait_leaders_balanced(cluster, 1).await?;
+    ensure!(leads.iter().all(|(_, n)| *n > 0), "every node leads some group: {leads:?}");
+    eventually("every node advertises its client address", Duration::from_secs(30), || async {
+        let status = cluster.status(1).await?;
+        let advertised: Vec<(u64, Option<String>)> = status.nodes.iter().map(|n| (n.id, n.client_address.clone())).collect();
+        for (id, address) in &advertised {
+            ensure!(address.as_deref() == Some(cluster.endpoint(*id).as_str()), "{advertised:?}");
+        }
+        Ok(Some(()))
+    })
+    .await?;
+    let all = cluster.node_ids();
+    let mut sent = Vec::new();
+
+    // Through node 1 without routing: node 1 forwards whatever the other nodes lead.
+    let mut through_one = cluster.client(1).await?.without_direct_routing();
+    let forwarded = forwarded_while_publishing(cluster, &mut through_one, &all, "via-1", 12, &mut sent).await?;
+    trace(format!("a client without routing: {forwarded:?} of 12 publishes forwarded"));
+    ensure!(forwarded.is_none_or(|f| f >= 1.0), "node 1 forwarded none of 12 publishes to 6 shards it does not all lead");
+
+    // A routing client (connected to node 1 too): after its first publish, none is forwarded.
+    let mut direct = cluster.client(1).await?;
+    let warm = keyed_batch("warm");
+    publish_retry(&mut direct, &warm, Duration::from_secs(10), Duration::from_secs(60)).await?;
+    sent.extend(warm);
+    let forwarded = forwarded_while_publishing(cluster, &mut direct, &all, "direct", 12, &mut sent).await?;
+    trace(format!("a routing client: {forwarded:?} of 12 publishes forwarded"));
+    ensure!(forwarded.is_none_or(|f| f == 0.0), "{forwarded:?} publishes of a routing client were forwarded");
+
+    // The node leading the most groups, node 1 aside, dies: publishes keep succeeding (through
+    // node 1 while the groups elect) and then go straight to the new leaders.
+    let status = cluster.status(1).await?;
+    let victim = status.nodes.iter().filter(|n| n.id != 1).max_by_key(|n| n.leaders).map(|n| n.id).context("no other node")?;
+    trace(format!("killing node {victim}"));
+    cluster.kill(victim).await?;
+    let survivors: Vec<NodeId> = all.iter().copied().filter(|n| *n != victim).collect();
+    let started = Instant::now();
+    for round in 0..5 {
+        let b = keyed_batch(&format!("failover-{round}"));
+        publish_retry(&mut direct, &b, Duration::from_secs(10), Duration::from_secs(60)).await?;
+        sent.extend(b);
+    }
+    trace(format!("5 batches published across the leader change in {:?}", started.elapsed()));
+    cluster.wait_leaders(&survivors, &[victim], Duration::from_secs(60)).await?;
+    let settle = keyed_batch("settle");
+    publish_retry(&mut direct, &settle, Duration::from_secs(10), Duration::from_secs(60)).await?;
+    sent.extend(settle);
+    // The map refreshes at most twice a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let forwarded = forwarded_while_publishing(cluster, &mut direct, &survivors, "after", 12, &mut sent).await?;
+    trace(format!("after the leader change: {forwarded:?} publishes forwarded"));
+    ensure!(forwarded.is_none_or(|f| f == 0.0), "{forwarded:?} publishes forwarded once the new leaders were known");
+
+    // Everything acknowledged is delivered.
+    let expected: HashSet<String> = sent.iter().map(|m| m.id.clone()).collect();
+    let mut client = cluster.client(1).await?;
+    let mut consumer = Consumer::open(&mut client, MAILBOX, 1000).await?;
+    let deliveries = consume_all_of(&mut consumer, &expected, Duration::from_secs(60), Duration::from_secs(2)).await?;
+    ensure!(deliveries.len() >= expected.len(), "{} deliveries of {} messages", deliveries.len(), expected.len());
     cluster.check_no_crash()
 }

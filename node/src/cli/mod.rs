@@ -282,7 +282,8 @@ pub(crate) fn print_json_or(opts: &ClientOpts, value: serde_json::Value, text: i
 
 pub(crate) async fn connect(opts: &ClientOpts) -> anyhow::Result<Client> {
     let (endpoints, tls) = opts.resolve()?;
-    Client::connect_list_with(&endpoints, tls).await.map_err(status_error)
+    // One-shot commands: a second connection to a leader costs more than the hop it saves.
+    Client::connect_list_with(&endpoints, tls).await.map(Client::without_direct_routing).map_err(status_error)
 }
 
 fn mailbox_json(m: &pb::MailboxInfo) -> serde_json::Value {
@@ -841,7 +842,7 @@ pub async fn status(opts: &ClientOpts) -> anyhow::Result<()> {
             .nodes
             .iter()
             .map(|n| {
-                json!({"id": n.id, "address": n.address, "state": n.state, "zone": n.zone, "replicas": n.replicas,
+                json!({"id": n.id, "address": n.address, "client_address": n.client_address, "state": n.state, "zone": n.zone, "replicas": n.replicas,
                        "leaders": n.leaders, "reachable": n.reachable})
             })
             .collect();

@@ -263,12 +263,13 @@ async fn wait_for(
 
 /// The node table of `kerwen status` and `kerwen node list`.
 pub fn print_nodes(s: &pb::ClusterStatusResponse) {
-    println!("{:>4}  {:<22} {:<12} {:<8} {:>8} {:>7}  ANSWERED", "NODE", "ADDRESS", "STATE", "ZONE", "REPLICAS", "LEADS");
+    println!("{:>4}  {:<22} {:<22} {:<12} {:<8} {:>8} {:>7}  ANSWERED", "NODE", "ADDRESS", "CLIENTS AT", "STATE", "ZONE", "REPLICAS", "LEADS");
     for n in &s.nodes {
         println!(
-            "{:>4}  {:<22} {:<12} {:<8} {:>8} {:>7}  {}",
+            "{:>4}  {:<22} {:<22} {:<12} {:<8} {:>8} {:>7}  {}",
             n.id,
             n.address,
+            n.client_address.as_deref().unwrap_or("-"),
             n.state,
             n.zone.as_deref().unwrap_or("-"),
             n.replicas,

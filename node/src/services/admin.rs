@@ -302,6 +302,7 @@ impl Admin for AdminService {
                 replicas: replicas.get(&n.id).copied().unwrap_or(0) as u32,
                 leaders: leaders.get(&n.id).copied().unwrap_or(0) as u32,
                 reachable: map.reachable.contains(&n.id),
+                client_address: n.client_address.clone(),
             })
             .collect();
         // Configured peers that have not registered yet (a cluster still starting).
@@ -316,6 +317,7 @@ impl Admin for AdminService {
                     replicas: count(&replicas),
                     leaders: count(&leaders),
                     reachable: map.reachable.contains(&id),
+                    client_address: None,
                 });
             }
         }

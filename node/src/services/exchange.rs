@@ -23,8 +23,8 @@ use kerwen_broker::access::Action;
 use kerwen_broker::ids::ServiceId;
 use kerwen_broker::request;
 use kerwen_broker::model::{
-    AttemptOutcome, Command, CommandResult, DeadLetter, GroupId, Leased, MailboxInfo, NewMessage, Position, SettleAction,
-    StoredMessage,
+    partition_of, AttemptOutcome, Command, CommandResult, DeadLetter, GroupId, Leased, MailboxInfo, NewMessage, Position,
+    SettleAction, StoredMessage,
 };
 use kerwen_broker::BrokerError;
 use kerwen_proto::v1 as pb;
@@ -68,10 +68,10 @@ impl ExchangeService {
     }
 }
 
-/// FNV-1a: a stable hash, so a key maps to the same partition on every node and release.
-fn stable_hash(key: &str) -> u64 {
-    key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
-}
+/// Response header of a publish that this node forwarded to another shard leader.
+pub const ROUTE_STALE_HEADER: &str = "kerwen-route-stale";
+/// Most mailboxes one `Routes` call may ask about.
+const MAX_ROUTED_SERVICES: usize = 1024;
 
 /// Checks everything of a message but its payload.
 pub(crate) fn validate_header(m: &pb::Message, index: usize) -> Result<(), Status> {
@@ -114,8 +114,7 @@ pub(crate) fn routed_message(
     accepted_unix_ms: i64,
     trace_context: Option<&str>,
 ) -> Result<(GroupId, NewMessage), Status> {
-    let routing_key = m.ordering_key.as_deref().unwrap_or(&m.id);
-    let partition = (stable_hash(routing_key) % u64::from(info.partitions)) as u32;
+    let partition = partition_of(m.ordering_key.as_deref(), &m.id, info.partitions);
     let shard = info.shard_of(partition).ok_or_else(|| Status::internal("partition without shard"))?;
     let ttl_ms = m.ttl_ms.or((info.policy.default_ttl_ms > 0).then_some(info.policy.default_ttl_ms));
     let expires_unix_ms = ttl_ms.map(|ttl| accepted_unix_ms.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)));
@@ -271,6 +270,7 @@ impl ExchangeService {
             entry.1.push(new);
         }
 
+        let shards: Vec<GroupId> = by_shard.keys().copied().collect();
         let writes = by_shard.into_iter().map(|(shard, (indices, batch))| {
             let runtime = self.runtime.clone();
             let limits = mailboxes
@@ -316,7 +316,13 @@ impl ExchangeService {
         }
         let results = results.into_iter().collect::<Option<Vec<_>>>().ok_or_else(|| Status::internal("missing result"))?;
         record_published(&sender, per_mailbox, started);
-        Ok((Response::new(pb::PublishResponse { results, batches: encoder.into_batches() }), duplicates))
+        let mut response = Response::new(pb::PublishResponse { results, batches: encoder.into_batches() });
+        // A shard led elsewhere was forwarded to: a client sending straight to leaders should
+        // refresh its routes.
+        if shards.iter().any(|s| !self.runtime.leads(*s)) {
+            response.metadata_mut().insert(ROUTE_STALE_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        }
+        Ok((response, duplicates))
     }
 
     /// Whether `m` is a reply (see [`kerwen_broker::request`]); an error when it claims to be
@@ -443,6 +449,34 @@ impl Exchange for ExchangeService {
         let outcome = self.publish_traced(caller, request, trace_context).instrument(span).await;
         self.record_publish(client, sent, started, &outcome);
         outcome.map(|(response, _)| response)
+    }
+
+    async fn routes(&self, request: Request<pb::RoutesRequest>) -> Result<Response<pb::RoutesResponse>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        let services: BTreeSet<String> = request.into_inner().services.into_iter().collect();
+        if services.len() > MAX_ROUTED_SERVICES {
+            return Err(Status::invalid_argument(format!("ask for at most {MAX_ROUTED_SERVICES} mailboxes at once")));
+        }
+        let mut mailboxes = Vec::new();
+        let mut shards = BTreeSet::new();
+        for service in services {
+            let Ok(id) = service.parse::<ServiceId>() else { continue };
+            let usable = [Action::Send(id.clone()), Action::Consume(id)].iter().any(|a| auth::allowed_locally(&self.runtime, &caller, a));
+            if !usable {
+                continue;
+            }
+            let Ok(info) = self.runtime.mailbox(&service).await else { continue };
+            shards.extend(info.partition_shards.iter().copied());
+            mailboxes.push(pb::MailboxRoute { service, partitions: info.partitions, partition_shards: info.partition_shards });
+        }
+        let registry = self.runtime.meta_view().nodes();
+        let mut routes = Vec::with_capacity(shards.len());
+        for shard in shards {
+            let leader = self.runtime.leader_of(shard).await.ok().flatten();
+            let client_address = leader.and_then(|l| registry.get(&l)).and_then(|n| n.client_address.clone()).unwrap_or_default();
+            routes.push(pb::ShardRoute { shard, leader: leader.unwrap_or(0), client_address });
+        }
+        Ok(Response::new(pb::RoutesResponse { mailboxes, shards: routes }))
     }
 
     type SubscribeStream = SubscribeStream;

@@ -2,8 +2,12 @@
 //!
 //! A client is given several endpoints and uses the first that answers; calls that fail with
 //! `UNAVAILABLE` are retried on the next endpoint (the cluster forwards everything else to the
-//! right leader itself, so one healthy node is enough).
+//! right leader itself, so one healthy node is enough). A publish goes straight to the leader
+//! of its messages' shard when the client knows it ([`routes`]), saving the forwarding hop.
 
+mod routes;
+
+use std::sync::Arc;
 use std::time::Duration;
 
 use kerwen_proto::v1::access_client::AccessClient;
@@ -16,7 +20,7 @@ use kerwen_proto::v1::exchange_client::ExchangeClient;
 use kerwen_proto::v1::{
     subscribe_request, subscribe_response, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest, DeadLetter,
     DescribeMailboxRequest, Delivery, Extend, ListDeadLettersRequest, ListMailboxesRequest, MailboxInfo, Message, Position,
-    PublishRequest, PublishResponse, PublishResult, RedriveRequest, Settle, SubscribeRequest, SubscribeStart,
+    PublishRequest, PublishResponse, PublishResult, RedriveRequest, RoutesRequest, Settle, SubscribeRequest, SubscribeStart,
 };
 use kerwen_proto::v1::{upload_request, upload_response, DownloadChunk, DownloadRequest, UploadChunk, UploadRequest, UploadStart};
 use tokio::sync::mpsc;
@@ -41,6 +45,9 @@ pub struct Client {
     current: usize,
     channel: Channel,
     tls: Option<ClientTls>,
+    /// The shard map, shared by the clones of this client; `None` sends everything to the
+    /// current endpoint.
+    routes: Option<Arc<routes::Routes>>,
 }
 
 /// The key senders seal to, among a subsystem's registered keys: the newest not retired.
@@ -48,7 +55,7 @@ pub fn current_encryption_key(keys: &[EncryptionKey]) -> Option<&EncryptionKey> 
     keys.iter().filter(|k| k.valid_until_unix_ms.is_none()).max_by_key(|k| (k.valid_from_unix_ms, k.key_id.as_str()))
 }
 
-fn normalise(endpoint: &str, tls: bool) -> String {
+pub(crate) fn normalise(endpoint: &str, tls: bool) -> String {
     if endpoint.starts_with("http://") || endpoint.starts_with("https://") {
         endpoint.to_owned()
     } else if tls {
@@ -82,7 +89,10 @@ impl Client {
         let mut last_error = String::new();
         for (i, endpoint) in endpoints.iter().enumerate() {
             match open(endpoint, tls.as_ref()).await {
-                Ok(channel) => return Ok(Self { endpoints: endpoints.clone(), current: i, channel, tls }),
+                Ok(channel) => {
+                    let routes = Some(Arc::new(routes::Routes::new(tls.clone())));
+                    return Ok(Self { endpoints: endpoints.clone(), current: i, channel, tls, routes });
+                }
                 Err(e) => last_error = format!("{endpoint}: {}", error_chain(&e)),
             }
         }
@@ -98,6 +108,14 @@ impl Client {
     pub async fn connect_list_with(list: &str, tls: Option<ClientTls>) -> Result<Self, Status> {
         let endpoints: Vec<&str> = list.split(',').collect();
         Self::connect_with(&endpoints, tls).await
+    }
+
+    /// Sends every publish to the current endpoint, which forwards to the shard leaders,
+    /// instead of straight to the leaders (for clients that cannot reach the nodes' advertised
+    /// addresses, or to measure forwarding).
+    pub fn without_direct_routing(mut self) -> Self {
+        self.routes = None;
+        self
     }
 
     /// The endpoint currently in use.
@@ -330,24 +348,57 @@ impl Client {
             messaging.destination.name = destination,
             messaging.batch.message_count = messages.len(),
         );
-        let req = PublishRequest { messages };
-        self.with_failover(|ch| {
-            let mut request = tonic::Request::new(req.clone());
-            crate::telemetry::inject_current(request.metadata_mut());
-            async move {
-                ExchangeClient::new(ch)
-                    .max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES)
-                    .publish(request)
-                    .await
-                    .map(|r| r.into_inner())
-            }
-        })
-        .instrument(span)
-        .await
-        .map(|mut response| {
+        self.publish_routed(messages).instrument(span).await.map(|mut response| {
             crate::receipts::fill_batches(&mut response);
             response
         })
+    }
+
+    /// Sends the batch to the node leading the shard of most of its messages, when the shard
+    /// map knows it, else to the current endpoint.
+    async fn publish_routed(&mut self, messages: Vec<Message>) -> Result<PublishResponse, Status> {
+        let Some(routes) = self.routes.clone() else { return self.publish_here(messages).await };
+        let wanted = routes.to_refresh(&messages);
+        if !wanted.is_empty() {
+            self.refresh_routes(&routes, wanted).await;
+        }
+        let Some((address, channel)) = routes.target(&messages) else { return self.publish_here(messages).await };
+        let req = PublishRequest { messages };
+        match send_publish(channel, req.clone()).await {
+            Err(status) if status.code() == Code::Unavailable && is_transport_error(&status) => {
+                routes.mark_unreachable(&address);
+                self.publish_here(req.messages).await
+            }
+            other => other.map(|answer| routes.note(answer)),
+        }
+    }
+
+    /// Publishes through the current endpoint (which forwards what it does not lead), failing
+    /// over to the next endpoint when it is down.
+    async fn publish_here(&mut self, messages: Vec<Message>) -> Result<PublishResponse, Status> {
+        let req = PublishRequest { messages };
+        let answer = self.with_failover(|ch| send_publish(ch, req.clone())).await?;
+        Ok(match &self.routes {
+            Some(routes) => routes.note(answer),
+            None => answer.0,
+        })
+    }
+
+    /// Fetches the routes of `services`; without them the publish simply goes through the
+    /// current endpoint, and a node too old to answer turns direct routing off.
+    async fn refresh_routes(&mut self, routes: &routes::Routes, services: Vec<String>) {
+        let req = RoutesRequest { services };
+        let answer = self
+            .with_failover(|ch| {
+                let req = req.clone();
+                async move { ExchangeClient::new(ch).routes(req).await.map(|r| r.into_inner()) }
+            })
+            .await;
+        match answer {
+            Ok(answer) => routes.update(answer),
+            Err(status) if status.code() == Code::Unimplemented => self.routes = None,
+            Err(status) => tracing::debug!(error = %status, "fetching routes failed; publishing through the endpoint"),
+        }
     }
 
     /// Dead letters of a mailbox (up to `limit`, 0 for the server's default), without payloads.
@@ -628,6 +679,16 @@ impl Subscription {
 
 /// An error with its causes, for messages where the outermost one says little
 /// ("transport error") and the cause says what went wrong (a refused certificate).
+/// One `Publish` call on `channel`, carrying the current trace context; also whether the node
+/// forwarded some of it (it does not lead every shard the messages went to).
+async fn send_publish(channel: Channel, req: PublishRequest) -> Result<(PublishResponse, bool), Status> {
+    let mut request = tonic::Request::new(req);
+    crate::telemetry::inject_current(request.metadata_mut());
+    let response = ExchangeClient::new(channel).max_encoding_message_size(MAX_GRPC_MESSAGE_BYTES).publish(request).await?;
+    let forwarded = response.metadata().contains_key(crate::services::exchange::ROUTE_STALE_HEADER);
+    Ok((response.into_inner(), forwarded))
+}
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
