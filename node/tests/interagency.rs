@@ -80,7 +80,8 @@ async fn scenario_sealed(cluster: &ProcessCluster) -> Result<()> {
         let refused = client.access().register_encryption_key(forged.clone()).await;
         ensure!(refused.as_ref().is_err_and(|s| s.code() == Code::PermissionDenied), "{who} registered the provider's key: {refused:?}");
     }
-    let mut requester = cluster.client(publish_via).await?;
+    // Through a follower only, so every publish crosses the peer wire to the leader.
+    let mut requester = cluster.client(publish_via).await?.without_direct_routing();
     let none_yet = requester.seal_for(MAILBOX, b"x").await;
     ensure!(none_yet.as_ref().is_err_and(|s| s.code() == Code::FailedPrecondition), "sealed without a key: {none_yet:?}");
     register_key(cluster, publish_via, &k1).await?;
