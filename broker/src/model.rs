@@ -58,11 +58,16 @@ fn stable_hash(key: &str) -> u64 {
     key.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
-/// The partition of a mailbox with `partitions` partitions that a message goes to: chosen by
-/// its ordering key, else by its id (so a republished id meets its dedup record). The node
-/// that accepts a publish decides; clients use it only to pick the node to send to.
-pub fn partition_of(ordering_key: Option<&str>, id: &str, partitions: u32) -> u32 {
-    (stable_hash(ordering_key.unwrap_or(id)) % u64::from(partitions.max(1))) as u32
+/// The partition a message goes to in a mailbox with `partitions` partitions, of which the
+/// first `key_partitions` take ordering keys: a keyed message by its key among those (a key
+/// keeps its partition, and so its order, when the mailbox grows), an unkeyed one by its id
+/// among all (so a republished id meets its dedup record). The node that accepts a publish
+/// decides; clients use it only to pick the node to send to.
+pub fn partition_of(ordering_key: Option<&str>, id: &str, partitions: u32, key_partitions: u32) -> u32 {
+    match ordering_key {
+        Some(key) => (stable_hash(key) % u64::from(key_partitions.clamp(1, partitions.max(1)))) as u32,
+        None => (stable_hash(id) % u64::from(partitions.max(1))) as u32,
+    }
 }
 
 /// A message as the cluster stores it until it is acked.
@@ -409,6 +414,29 @@ pub struct MailboxInfo {
     pub created_unix_ms: i64,
     pub limits: MailboxLimits,
     pub policy: DeliveryPolicy,
+    /// The partitions ordering keys hash over: the count the mailbox was created with. Added
+    /// partitions take unkeyed messages only, so every key keeps its partition and its order.
+    pub key_partitions: u32,
+}
+
+/// [`MailboxInfo`] as written before mailboxes could grow (bincode has no optional trailing
+/// fields): its keys hash over all its partitions.
+#[derive(Debug, Clone, Deserialize)]
+pub struct MailboxInfoV1 {
+    pub id: MailboxId,
+    pub service: String,
+    pub partitions: u32,
+    pub partition_shards: Vec<GroupId>,
+    pub created_unix_ms: i64,
+    pub limits: MailboxLimits,
+    pub policy: DeliveryPolicy,
+}
+
+impl From<MailboxInfoV1> for MailboxInfo {
+    fn from(v1: MailboxInfoV1) -> Self {
+        let MailboxInfoV1 { id, service, partitions, partition_shards, created_unix_ms, limits, policy } = v1;
+        Self { id, service, partitions, partition_shards, created_unix_ms, limits, policy, key_partitions: partitions }
+    }
 }
 
 /// A mailbox's retention and idempotency settings, chosen at creation.
@@ -467,6 +495,11 @@ pub struct ShardLimits {
 }
 
 impl MailboxInfo {
+    /// The partition a message with this ordering key and id goes to (see [`partition_of`]).
+    pub fn partition_for(&self, ordering_key: Option<&str>, id: &str) -> u32 {
+        partition_of(ordering_key, id, self.partitions, self.key_partitions)
+    }
+
     /// The shard storing `partition`, if the partition exists.
     pub fn shard_of(&self, partition: u32) -> Option<GroupId> {
         self.partition_shards.get(partition as usize).copied()
@@ -593,6 +626,9 @@ pub enum Command {
     /// Metadata group: a change to the node registry. (Last: bincode numbers variants by
     /// position, and logs written before it existed must still decode.)
     Cluster(crate::cluster::ClusterCommand),
+    /// Metadata group: add partitions to a mailbox, up to `partitions` in all, placed over
+    /// `shard_count` shards as creation places them. (After `Cluster`, for the same reason.)
+    GrowMailbox { service: String, partitions: u32, shard_count: u32 },
 }
 
 /// The evidence of one [`Command::Sealed`] entry: the signed batch header and its leaves, in
@@ -666,7 +702,9 @@ impl Command {
             Command::ReleaseConsumer { .. } | Command::UploadCommit { .. } | Command::UploadAbort { .. } => OVERHEAD,
             Command::UploadBegin { new, .. } => new.message.id.len() + new.message.recipient.len() + OVERHEAD,
             Command::UploadChunk { data, id, .. } => data.len() + id.len() + OVERHEAD,
-            Command::CreateMailbox { service, partitions, .. } => service.len() + *partitions as usize * 4 + OVERHEAD,
+            Command::CreateMailbox { service, partitions, .. } | Command::GrowMailbox { service, partitions, .. } => {
+                service.len() + *partitions as usize * 4 + OVERHEAD
+            }
             Command::Access(_) | Command::Cluster(_) => OVERHEAD * 4,
             Command::Batch(commands) => commands.iter().map(Command::approximate_size).sum::<usize>() + OVERHEAD,
             Command::Sealed { seal, commands } => {
@@ -693,6 +731,7 @@ pub enum SettleAction {
 pub enum CommandResult {
     /// Entries without an application command (membership, blank).
     Nothing,
+    /// A mailbox created or grown: its record now.
     MailboxCreated(MailboxInfo),
     /// Positions of the published messages, in command order. A message deduplicated
     /// against an earlier publish gets the earlier position.

@@ -236,6 +236,7 @@ async fn evidence_is_filed_at_ack_and_purged_after_its_retention() {
             service: "TM/GOV/MINFIN/tax/declarations".into(),
             partitions: 2,
             partition_shards: vec![1, 1],
+            key_partitions: 2,
             created_unix_ms: 0,
             limits: MailboxLimits::default(),
             policy: Default::default(),

@@ -3,8 +3,9 @@
 //! and killed without loss; the metadata leader killed in the middle of a move leaves every
 //! group whole; `kerwen node shrink N` (the Helm chart's scale-down hook) removes every node
 //! above N and does nothing the second time; a client sends publishes straight to the shard
-//! leaders and keeps doing so after a leader dies. Real `kerwen serve` processes; every check
-//! polls with a bound.
+//! leaders and keeps doing so after a leader dies; a mailbox grows and every ordering key
+//! keeps its partition and order. Real `kerwen serve` processes; every check polls with a
+//! bound.
 
 mod harness;
 
@@ -550,5 +551,65 @@ async fn scenario_direct(cluster: &ProcessCluster) -> Result<()> {
     let mut consumer = Consumer::open(&mut client, MAILBOX, 1000).await?;
     let deliveries = consume_all_of(&mut consumer, &expected, Duration::from_secs(60), Duration::from_secs(2)).await?;
     ensure!(deliveries.len() >= expected.len(), "{} deliveries of {} messages", deliveries.len(), expected.len());
+    cluster.check_no_crash()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn f_a_mailbox_grows_and_every_key_keeps_its_partition_and_order() {
+    let cluster = builder(3, 0).shards(3).start().await.expect("cluster start");
+    scenario_grow_mailbox(&cluster).await.expect("scenario failed");
+}
+
+async fn scenario_grow_mailbox(cluster: &ProcessCluster) -> Result<()> {
+    const GROWN: &str = "TM/GOV/MINCOM/registry/growing";
+    let created = create_mailbox(cluster, 1, GROWN, 2).await?;
+    ensure!(created.key_partitions == 2, "{created:?}");
+    let mut client = cluster.client(2).await?;
+    let mut consumer = Consumer::open(&mut client, GROWN, 1000).await?;
+    // Ten keys, five messages each, then the mailbox grows to 6 partitions.
+    let mut sent = batch("before", GROWN, 0, 50, 10);
+    publish_retry(&mut client, &sent, Duration::from_secs(10), Duration::from_secs(60)).await?;
+    let grown = client.grow_mailbox(GROWN, 6).await.map_err(|s| anyhow!("grow: {s:?}"))?;
+    ensure!(grown.partitions == 6 && grown.key_partitions == 2 && grown.partition_shards.len() == 6, "{grown:?}");
+    ensure!(grown.partition_shards[..2] == created.partition_shards[..], "existing partitions moved: {grown:?}");
+    for bad in [6, 2, 257] {
+        let refused = client.grow_mailbox(GROWN, bad).await;
+        ensure!(refused.as_ref().is_err_and(|s| s.code() == Code::InvalidArgument), "growing to {bad}: {refused:?}");
+    }
+
+    // The open subscription ends, so that its reopening covers the new partitions.
+    let ended = async {
+        loop {
+            match consumer.next_event(Duration::from_secs(1)).await {
+                Ok(_) => continue,
+                Err(e) => return e,
+            }
+        }
+    };
+    let error = tokio::time::timeout(Duration::from_secs(15), ended).await.context("the subscription outlived the growth")?;
+    ensure!(format!("{error:#}").contains("grew to 6 partitions"), "{error:#}");
+
+    // The same keys again, and unkeyed messages.
+    let after = batch("after", GROWN, 50, 50, 10);
+    publish_retry(&mut client, &after, Duration::from_secs(10), Duration::from_secs(60)).await?;
+    let unkeyed: Vec<Message> = (0..60).map(|i| message(format!("unkeyed-{i:02}"), GROWN, None, format!("payload {i}").into_bytes())).collect();
+    publish_retry(&mut client, &unkeyed, Duration::from_secs(10), Duration::from_secs(60)).await?;
+    sent.extend(after);
+
+    let mut consumer = Consumer::open(&mut client, GROWN, 1000).await?;
+    let mut expected: HashSet<String> = sent.iter().map(|m| m.id.clone()).collect();
+    expected.extend(unkeyed.iter().map(|m| m.id.clone()));
+    let deliveries = consume_all_of(&mut consumer, &expected, Duration::from_secs(60), Duration::from_secs(2)).await?;
+    let position: HashMap<String, (u32, u64)> = deliveries.iter().map(|d| Ok((delivered_id(d)?, delivered_pos(d)?))).collect::<Result<_>>()?;
+    // Every key's messages sit on one of the first two partitions, in publish order.
+    for key in 0..10 {
+        let of_key: Vec<(u32, u64)> = sent.iter().filter(|m| m.ordering_key.as_deref() == Some(&format!("k{key}"))).map(|m| position[&m.id]).collect();
+        ensure!(of_key.len() == 10, "key k{key}: {} messages", of_key.len());
+        ensure!(of_key.iter().all(|(p, _)| *p == of_key[0].0 && *p < 2), "key k{key} spread over {of_key:?}");
+        ensure!(of_key.windows(2).all(|w| w[0].1 < w[1].1), "key k{key} out of order: {of_key:?}");
+    }
+    let on_new = unkeyed.iter().filter(|m| position[&m.id].0 >= 2).count();
+    trace(format!("{on_new} of 60 unkeyed messages on the added partitions"));
+    ensure!(on_new > 0, "no unkeyed message reached an added partition");
     cluster.check_no_crash()
 }

@@ -145,6 +145,15 @@ pub enum MailboxCommand {
         #[command(flatten)]
         delivery: DeliveryOpts,
     },
+    /// Add partitions to a mailbox. Messages with an ordering key keep their partition, so
+    /// per-key order holds; the new partitions take unkeyed messages. Open subscriptions end
+    /// and are reopened over every partition.
+    Grow {
+        service: String,
+        /// The new number of partitions (more than now, at most 256).
+        #[arg(long)]
+        partitions: u32,
+    },
     /// List all mailboxes.
     List,
     /// Show a mailbox with its pending message count.
@@ -291,6 +300,7 @@ fn mailbox_json(m: &pb::MailboxInfo) -> serde_json::Value {
         "service": m.service,
         "id": m.id,
         "partitions": m.partitions,
+        "key_partitions": m.key_partitions,
         "partition_shards": m.partition_shards,
         "pending_messages": m.pending_messages,
         "pending_bytes": m.pending_bytes,
@@ -335,6 +345,17 @@ pub async fn mailbox(opts: &ClientOpts, cmd: MailboxCommand) -> anyhow::Result<(
                 println!("created mailbox {} ({} partitions)", m.service, m.partitions);
             }
         }
+        MailboxCommand::Grow { service, partitions } => {
+            let m = client.grow_mailbox(&service, partitions).await.map_err(status_error)?;
+            if opts.json {
+                println!("{}", mailbox_json(&m));
+            } else {
+                println!(
+                    "mailbox {} has {} partitions (on shards {:?}); ordering keys stay on the first {}",
+                    m.service, m.partitions, m.partition_shards, m.key_partitions
+                );
+            }
+        }
         MailboxCommand::List => {
             let list = client.list_mailboxes().await.map_err(status_error)?;
             if opts.json {
@@ -354,7 +375,7 @@ pub async fn mailbox(opts: &ClientOpts, cmd: MailboxCommand) -> anyhow::Result<(
                 println!("{}", mailbox_json(&m));
             } else {
                 println!("mailbox     {}", m.service);
-                println!("partitions  {} (on shards {:?})", m.partitions, m.partition_shards);
+                println!("partitions  {} (on shards {:?}; ordering keys on the first {})", m.partitions, m.partition_shards, m.key_partitions);
                 println!("pending     {} messages, {} bytes", m.pending_messages, m.pending_bytes);
                 println!("dead letters {} messages, {} bytes", m.dead_letter_messages, m.dead_letter_bytes);
                 println!("limits      {} messages, {} bytes; dedup window {} ms", m.max_messages, m.max_bytes, m.dedup_window_ms);

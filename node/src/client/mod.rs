@@ -19,7 +19,7 @@ use kerwen_proto::v1::{
 use kerwen_proto::v1::exchange_client::ExchangeClient;
 use kerwen_proto::v1::{
     subscribe_request, subscribe_response, ClusterStatusRequest, ClusterStatusResponse, CreateMailboxRequest, DeadLetter,
-    DescribeMailboxRequest, Delivery, Extend, ListDeadLettersRequest, ListMailboxesRequest, MailboxInfo, Message, Position,
+    DescribeMailboxRequest, Delivery, Extend, GrowMailboxRequest, ListDeadLettersRequest, ListMailboxesRequest, MailboxInfo, Message, Position,
     PublishRequest, PublishResponse, PublishResult, RedriveRequest, RoutesRequest, Settle, SubscribeRequest, SubscribeStart,
 };
 use kerwen_proto::v1::{upload_request, upload_response, DownloadChunk, DownloadRequest, UploadChunk, UploadRequest, UploadStart};
@@ -275,6 +275,16 @@ impl Client {
         self.with_failover(|ch| {
             let req = req.clone();
             async move { AdminClient::new(ch).create_mailbox(req).await.map(|r| r.into_inner()) }
+        })
+        .await
+    }
+
+    /// Adds partitions to a mailbox, up to `partitions` in all.
+    pub async fn grow_mailbox(&mut self, service: &str, partitions: u32) -> Result<MailboxInfo, Status> {
+        let req = GrowMailboxRequest { service: service.to_owned(), partitions };
+        self.with_failover(|ch| {
+            let req = req.clone();
+            async move { AdminClient::new(ch).grow_mailbox(req).await.map(|r| r.into_inner()) }
         })
         .await
     }

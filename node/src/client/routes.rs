@@ -27,6 +27,7 @@ const MIN_REFRESH_INTERVAL: Duration = Duration::from_millis(500);
 
 struct MailboxRoute {
     partitions: u32,
+    key_partitions: u32,
     partition_shards: Vec<GroupId>,
 }
 
@@ -80,7 +81,10 @@ impl Routes {
     pub(crate) fn update(&self, answer: RoutesResponse) {
         let mut state = self.state();
         for m in answer.mailboxes {
-            state.mailboxes.insert(m.service, MailboxRoute { partitions: m.partitions, partition_shards: m.partition_shards });
+            // 0: a node that predates growing mailboxes, whose keys hash over every partition.
+            let key_partitions = if m.key_partitions == 0 { m.partitions } else { m.key_partitions };
+            let route = MailboxRoute { partitions: m.partitions, key_partitions, partition_shards: m.partition_shards };
+            state.mailboxes.insert(m.service, route);
         }
         for s in answer.shards {
             if s.client_address.is_empty() {
@@ -121,7 +125,7 @@ impl Routes {
         let mut best: Option<(&str, usize)> = None;
         for m in messages {
             let Some(route) = state.mailboxes.get(&m.recipient) else { continue };
-            let partition = partition_of(m.ordering_key.as_deref(), &m.id, route.partitions);
+            let partition = partition_of(m.ordering_key.as_deref(), &m.id, route.partitions, route.key_partitions);
             let Some(address) = route.partition_shards.get(partition as usize).and_then(|shard| state.leaders.get(shard)) else { continue };
             if state.unreachable.contains_key(address) {
                 continue;
@@ -168,13 +172,13 @@ mod tests {
     async fn a_batch_goes_to_the_leader_of_most_of_its_messages() {
         let routes = Routes::new(None);
         let mail = |i: usize| message(&format!("m{i}"), "TM/X/Y/z/mail");
-        let shard_of = |m: &Message| [1, 2, 3, 1][partition_of(None, &m.id, 4) as usize];
+        let shard_of = |m: &Message| [1, 2, 3, 1][partition_of(None, &m.id, 4, 4) as usize];
         let batch: Vec<Message> = (0..40).map(mail).chain([message("o", "TM/X/Y/z/other")]).collect();
         assert_eq!(routes.to_refresh(&batch), vec!["TM/X/Y/z/mail".to_owned(), "TM/X/Y/z/other".to_owned()]);
         assert!(routes.target(&batch).is_none(), "nothing known: the client's endpoint");
 
         routes.update(RoutesResponse {
-            mailboxes: vec![PbMailboxRoute { service: "TM/X/Y/z/mail".into(), partitions: 4, partition_shards: vec![1, 2, 3, 1] }],
+            mailboxes: vec![PbMailboxRoute { service: "TM/X/Y/z/mail".into(), partitions: 4, partition_shards: vec![1, 2, 3, 1], key_partitions: 4 }],
             shards: vec![
                 ShardRoute { shard: 1, leader: 1, client_address: "n1:7001".into() },
                 ShardRoute { shard: 2, leader: 2, client_address: "n2:7001".into() },

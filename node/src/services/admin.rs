@@ -51,6 +51,7 @@ fn to_proto(info: MailboxInfo) -> pb::MailboxInfo {
         dead_letter_messages: 0,
         dead_letter_bytes: 0,
         evidence_retention_ms: info.limits.evidence_retention_ms,
+        key_partitions: info.key_partitions,
     }
 }
 
@@ -176,6 +177,22 @@ impl Admin for AdminService {
         match self.runtime.write(METADATA_GROUP, cmd).await.map_err(to_status)?.1 {
             CommandResult::MailboxCreated(info) => {
                 tracing::info!(mailbox = %info.service, partitions = info.partitions, "mailbox created");
+                Ok(Response::new(to_proto(info)))
+            }
+            CommandResult::Rejected(e) => Err(to_status(e)),
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
+
+    async fn grow_mailbox(&self, request: Request<pb::GrowMailboxRequest>) -> Result<Response<pb::MailboxInfo>, Status> {
+        let caller = auth::caller(&self.runtime, &request)?;
+        let req = request.into_inner();
+        let service = auth::service_id("service", &req.service)?;
+        auth::authorize(&self.runtime, &caller, Action::ManageMailbox(service.clone())).await?;
+        let cmd = Command::GrowMailbox { service: service.to_string(), partitions: req.partitions, shard_count: self.runtime.config.shards };
+        match self.runtime.write(METADATA_GROUP, cmd).await.map_err(to_status)?.1 {
+            CommandResult::MailboxCreated(info) => {
+                tracing::info!(mailbox = %info.service, partitions = info.partitions, key_partitions = info.key_partitions, "mailbox grown");
                 Ok(Response::new(to_proto(info)))
             }
             CommandResult::Rejected(e) => Err(to_status(e)),

@@ -23,7 +23,7 @@ use kerwen_broker::access::Action;
 use kerwen_broker::ids::ServiceId;
 use kerwen_broker::request;
 use kerwen_broker::model::{
-    partition_of, AttemptOutcome, Command, CommandResult, DeadLetter, GroupId, Leased, MailboxInfo, NewMessage, Position,
+    AttemptOutcome, Command, CommandResult, DeadLetter, GroupId, Leased, MailboxInfo, NewMessage, Position,
     SettleAction, StoredMessage,
 };
 use kerwen_broker::BrokerError;
@@ -67,6 +67,9 @@ impl ExchangeService {
         Self { runtime }
     }
 }
+
+/// How often an open subscription checks whether its mailbox grew.
+const GROWTH_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Response header of a publish that this node forwarded to another shard leader.
 pub const ROUTE_STALE_HEADER: &str = "kerwen-route-stale";
@@ -114,7 +117,7 @@ pub(crate) fn routed_message(
     accepted_unix_ms: i64,
     trace_context: Option<&str>,
 ) -> Result<(GroupId, NewMessage), Status> {
-    let partition = partition_of(m.ordering_key.as_deref(), &m.id, info.partitions);
+    let partition = info.partition_for(m.ordering_key.as_deref(), &m.id);
     let shard = info.shard_of(partition).ok_or_else(|| Status::internal("partition without shard"))?;
     let ttl_ms = m.ttl_ms.or((info.policy.default_ttl_ms > 0).then_some(info.policy.default_ttl_ms));
     let expires_unix_ms = ttl_ms.map(|ttl| accepted_unix_ms.saturating_add(i64::try_from(ttl).unwrap_or(i64::MAX)));
@@ -467,7 +470,8 @@ impl Exchange for ExchangeService {
             }
             let Ok(info) = self.runtime.mailbox(&service).await else { continue };
             shards.extend(info.partition_shards.iter().copied());
-            mailboxes.push(pb::MailboxRoute { service, partitions: info.partitions, partition_shards: info.partition_shards });
+            let key_partitions = info.key_partitions;
+            mailboxes.push(pb::MailboxRoute { service, partitions: info.partitions, partition_shards: info.partition_shards, key_partitions });
         }
         let registry = self.runtime.meta_view().nodes();
         let mut routes = Vec::with_capacity(shards.len());
@@ -545,6 +549,8 @@ impl Exchange for ExchangeService {
         let mailbox = info.id;
         let ack_slots = Arc::new(Semaphore::new(MAX_ACKS_IN_FLIGHT));
         let ending = self.runtime.subscriptions_ending();
+        let mut growth_check = tokio::time::interval(GROWTH_CHECK_INTERVAL);
+        growth_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tokio::spawn(async move {
             tokio::pin!(ending);
             loop {
@@ -556,6 +562,18 @@ impl Exchange for ExchangeService {
                     () = &mut ending => {
                         let _ = out_tx.send(Err(Status::unavailable("this node is shutting down; subscribe again (through another node)"))).await;
                         break;
+                    }
+                    _ = growth_check.tick() => {
+                        // The pumps cover the partitions the mailbox had when the stream began:
+                        // a grown mailbox's stream ends, and the reopened one covers them all.
+                        match runtime.meta_view().mailbox(&info.service) {
+                            Some(now) if now.partitions > info.partitions => {
+                                let message = format!("mailbox {} grew to {} partitions; subscribe again", info.service, now.partitions);
+                                let _ = out_tx.send(Err(Status::unavailable(message))).await;
+                                break;
+                            }
+                            _ => continue,
+                        }
                     }
                 };
                 if let Err(status) = validate_settle(&request) {

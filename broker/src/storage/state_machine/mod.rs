@@ -40,7 +40,7 @@ use crate::request::{RequestRecord, HEADER_REPLY_TO};
 use crate::error::{BrokerError, Result};
 use crate::model::{
     dead_letter_partition, is_dead_letter, Command, CommandResult, DeliveryPolicy, DeliveryState, GroupId, MailboxId,
-    EvidenceRef, MailboxInfo, MailboxLimits, NewMessage, NodeId, PartitionStats, Position, Seal, ShardLimits, StoredMessage,
+    EvidenceRef, MailboxInfo, MailboxInfoV1, MailboxLimits, NewMessage, NodeId, PartitionStats, Position, Seal, ShardLimits, StoredMessage,
     TypeConfig, METADATA_GROUP,
 };
 
@@ -120,7 +120,9 @@ impl MetaView {
     fn reload(&self, store: &Store) -> Result<()> {
         let mut map = BTreeMap::new();
         for_each_in_prefix(store, &keys::state_key(METADATA_GROUP, KIND_MAILBOX, &[]), |_, value| {
-            let info: MailboxInfo = store.decode(value)?;
+            // Records written before mailboxes could grow have one field less.
+            let plain = store.open_bytes(value)?;
+            let info = decode_plain::<MailboxInfo>(&plain).or_else(|_| decode_plain::<MailboxInfoV1>(&plain).map(MailboxInfo::from))?;
             map.insert(info.service.clone(), info);
             Ok(true)
         })?;
@@ -484,6 +486,9 @@ impl StateMachine {
                 let new = NewMailbox { service, partitions, shard_count, created_unix_ms, limits, policy };
                 return apply_create_mailbox(&self.store, view, batch, new, scratch);
             }
+            (GroupKind::Metadata(view), Command::GrowMailbox { service, partitions, shard_count }) => {
+                return apply_grow_mailbox(&self.store, view, batch, &service, partitions, shard_count);
+            }
             (GroupKind::Metadata(view), Command::Access(cmd)) => return access::apply(&self.store, view, batch, cmd),
             (GroupKind::Metadata(view), Command::Cluster(cmd)) => return cluster::apply(&self.store, view, batch, cmd),
             (GroupKind::Shard(view), cmd) => (view.clone(), cmd),
@@ -522,6 +527,7 @@ impl StateMachine {
             Command::UploadCommit { mailbox, id } => Ok(upload::apply_commit(&view, batch, scratch, cache, (mailbox, &id), None)?.0),
             Command::UploadAbort { mailbox, id } => upload::apply_abort(&view, batch, scratch, mailbox, &id),
             cmd @ (Command::CreateMailbox { .. }
+            | Command::GrowMailbox { .. }
             | Command::Access(_)
             | Command::Cluster(_)
             | Command::Batch(_)
@@ -763,6 +769,7 @@ impl ApplyScratch {
 fn command_name(cmd: &Command) -> &'static str {
     match cmd {
         Command::CreateMailbox { .. } => "CreateMailbox",
+        Command::GrowMailbox { .. } => "GrowMailbox",
         Command::Publish { .. } => "Publish",
         Command::Ack { .. } => "Ack",
         Command::Lease { .. } => "Lease",
@@ -821,13 +828,38 @@ fn apply_create_mailbox(
         None => store.get(CF_STATE, &counter_key)?.unwrap_or(1),
     };
     scratch.next_mailbox_id = Some(id + 1);
-    let partition_shards = (0..partitions)
-        .map(|p| 1 + ((id + u64::from(p)) % u64::from(shard_count)) as GroupId)
-        .collect();
-    let info = MailboxInfo { id, service: service.clone(), partitions, partition_shards, created_unix_ms, limits, policy };
+    let partition_shards = (0..partitions).map(|p| placed_shard(id, p, shard_count)).collect();
+    let info = MailboxInfo { id, service: service.clone(), partitions, partition_shards, created_unix_ms, limits, policy, key_partitions: partitions };
     batch.put_cf(&cf, &counter_key, store.encode(&(id + 1))?);
     batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_MAILBOX, service.as_bytes()), store.encode(&info)?);
     write(&view.mailboxes).insert(service, info.clone());
+    Ok(CommandResult::MailboxCreated(info))
+}
+
+/// The shard partition `partition` of mailbox `id` is placed on: consecutive partitions on
+/// consecutive shards, starting at a shard that depends on the mailbox.
+fn placed_shard(id: MailboxId, partition: u32, shard_count: u32) -> GroupId {
+    1 + ((id + u64::from(partition)) % u64::from(shard_count.max(1))) as GroupId
+}
+
+/// Adds partitions to a mailbox (placed as creation places them). Its ordering keys keep
+/// hashing over `key_partitions`, so no key changes partition.
+fn apply_grow_mailbox(store: &Store, view: &MetaView, batch: &mut WriteBatch, service: &str, partitions: u32, shard_count: u32) -> Result<CommandResult> {
+    let Some(mut info) = read(&view.mailboxes).get(service).cloned() else {
+        return Ok(CommandResult::Rejected(BrokerError::NotFound(format!("mailbox {service} does not exist"))));
+    };
+    if partitions <= info.partitions || partitions > MAX_PARTITIONS || shard_count == 0 {
+        return Ok(CommandResult::Rejected(BrokerError::InvalidArgument(format!(
+            "mailbox {service} has {} partitions: it can grow to {}..={MAX_PARTITIONS}, not {partitions}",
+            info.partitions,
+            info.partitions + 1
+        ))));
+    }
+    info.partition_shards.extend((info.partitions..partitions).map(|p| placed_shard(info.id, p, shard_count)));
+    info.partitions = partitions;
+    let cf = store.cf(CF_STATE)?;
+    batch.put_cf(&cf, keys::state_key(METADATA_GROUP, KIND_MAILBOX, service.as_bytes()), store.encode(&info)?);
+    write(&view.mailboxes).insert(service.to_owned(), info.clone());
     Ok(CommandResult::MailboxCreated(info))
 }
 
