@@ -32,6 +32,10 @@ use std::sync::Arc;
 use clap::Parser;
 use tokio::sync::watch;
 
+/// The nodes' allocator (see the workspace `Cargo.toml`): the embedded cluster runs here.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use crate::cluster::EmbeddedCluster;
 use crate::config::{Cli, Config, Target};
 

@@ -1,6 +1,10 @@
 //! The `kerwen` binary: `serve` and `dev` run nodes; every other command is a client.
 
 use clap::{Parser, Subcommand};
+
+/// See the workspace `Cargo.toml`: the allocator is chosen for the nodes' hot paths.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use kerwen_node::cli::access::{AclCommand, CertsCommand, EvidenceCommand, GroupCommand, MemberCommand};
 use kerwen_node::cli::{self, ClientOpts, ConsumeArgs, DlqCommand, DownloadArgs, MailboxCommand, PublishArgs};
 use kerwen_node::config::ServeArgs;
