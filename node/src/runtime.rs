@@ -520,12 +520,12 @@ impl NodeRuntime {
         self.all_rafts().filter(|(_, raft)| leads_per(&raft.metrics().borrow(), self.node_id())).map(|(group, _)| group).collect()
     }
 
-    /// This node's term if it currently leads `group`, else a `NotLeader` error.
     /// Whether this node leads `group` now.
     pub fn leads(&self, group: GroupId) -> bool {
         self.leading_term(group).is_ok()
     }
 
+    /// This node's term if it currently leads `group`, else a `NotLeader` error.
     fn leading_term(&self, group: GroupId) -> Result<u64, BrokerError> {
         // Called on every fetch: read the fields in place rather than clone the metrics
         // (membership and replication maps included).

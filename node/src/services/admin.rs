@@ -143,6 +143,18 @@ impl AdminService {
             other => Err(Status::internal(format!("unexpected result {other:?}"))),
         }
     }
+
+    /// Writes a mailbox-creating or -growing command and answers with the mailbox it left.
+    async fn write_mailbox(&self, cmd: Command, done: &str) -> Result<Response<pb::MailboxInfo>, Status> {
+        match self.runtime.write(METADATA_GROUP, cmd).await.map_err(to_status)?.1 {
+            CommandResult::MailboxCreated(info) => {
+                tracing::info!(mailbox = %info.service, partitions = info.partitions, key_partitions = info.key_partitions, "mailbox {done}");
+                Ok(Response::new(to_proto(info)))
+            }
+            CommandResult::Rejected(e) => Err(to_status(e)),
+            other => Err(Status::internal(format!("unexpected result {other:?}"))),
+        }
+    }
 }
 
 fn role(state: ServerState) -> &'static str {
@@ -174,14 +186,7 @@ impl Admin for AdminService {
             limits: requested_limits(&req)?,
             policy: requested_policy(&req, self.runtime.config.lease.as_millis() as u64)?,
         };
-        match self.runtime.write(METADATA_GROUP, cmd).await.map_err(to_status)?.1 {
-            CommandResult::MailboxCreated(info) => {
-                tracing::info!(mailbox = %info.service, partitions = info.partitions, "mailbox created");
-                Ok(Response::new(to_proto(info)))
-            }
-            CommandResult::Rejected(e) => Err(to_status(e)),
-            other => Err(Status::internal(format!("unexpected result {other:?}"))),
-        }
+        self.write_mailbox(cmd, "created").await
     }
 
     async fn grow_mailbox(&self, request: Request<pb::GrowMailboxRequest>) -> Result<Response<pb::MailboxInfo>, Status> {
@@ -190,14 +195,7 @@ impl Admin for AdminService {
         let service = auth::service_id("service", &req.service)?;
         auth::authorize(&self.runtime, &caller, Action::ManageMailbox(service.clone())).await?;
         let cmd = Command::GrowMailbox { service: service.to_string(), partitions: req.partitions, shard_count: self.runtime.config.shards };
-        match self.runtime.write(METADATA_GROUP, cmd).await.map_err(to_status)?.1 {
-            CommandResult::MailboxCreated(info) => {
-                tracing::info!(mailbox = %info.service, partitions = info.partitions, key_partitions = info.key_partitions, "mailbox grown");
-                Ok(Response::new(to_proto(info)))
-            }
-            CommandResult::Rejected(e) => Err(to_status(e)),
-            other => Err(Status::internal(format!("unexpected result {other:?}"))),
-        }
+        self.write_mailbox(cmd, "grown").await
     }
 
     async fn list_mailboxes(&self, request: Request<pb::ListMailboxesRequest>) -> Result<Response<pb::ListMailboxesResponse>, Status> {

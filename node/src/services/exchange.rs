@@ -23,8 +23,8 @@ use kerwen_broker::access::Action;
 use kerwen_broker::ids::ServiceId;
 use kerwen_broker::request;
 use kerwen_broker::model::{
-    AttemptOutcome, Command, CommandResult, DeadLetter, GroupId, Leased, MailboxInfo, NewMessage, Position,
-    SettleAction, StoredMessage,
+    AttemptOutcome, Command, CommandResult, DeadLetter, GroupId, Leased, MailboxInfo, NewMessage, Position, SettleAction,
+    StoredMessage,
 };
 use kerwen_broker::BrokerError;
 use kerwen_proto::v1 as pb;
