@@ -206,11 +206,11 @@ impl EmbeddedCluster {
             let last = match self.connection.connect_admin().await {
                 Ok(mut client) => match tokio::time::timeout(Duration::from_secs(3), client.cluster_status()).await {
                     Ok(Ok(status)) => {
-                        let leaderless: Vec<u32> = status.groups.iter().filter(|g| g.leader.is_none()).map(|g| g.group).collect();
-                        if !status.groups.is_empty() && leaderless.is_empty() {
-                            return Ok(());
+                        match Client::leaderless_groups(&status) {
+                            Some(leaderless) if leaderless.is_empty() => return Ok(()),
+                            Some(leaderless) => format!("groups without a leader: {leaderless:?}"),
+                            None => "no groups yet".to_owned(),
                         }
-                        format!("{} groups, without a leader: {leaderless:?}", status.groups.len())
                     }
                     Ok(Err(s)) => format!("cluster status: {s}"),
                     Err(_) => "cluster status timed out".to_owned(),

@@ -117,7 +117,7 @@ async fn wait_healthy(endpoints: &str, tls: &ClientTls, timeout: Duration) -> an
     loop {
         if let Ok(mut client) = Client::connect_list_with(endpoints, Some(tls.clone())).await {
             if let Ok(status) = client.cluster_status().await {
-                if !status.groups.is_empty() && status.groups.iter().all(|g| g.leader.is_some()) {
+                if Client::leaderless_groups(&status).is_some_and(|l| l.is_empty()) {
                     return Ok(());
                 }
             }

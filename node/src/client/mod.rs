@@ -312,6 +312,16 @@ impl Client {
         .await
     }
 
+    /// The Raft groups without a known leader in `status`, `None` while it lists no group yet.
+    /// A group counts as led when the answering node knows its leader or the cluster-wide
+    /// replica map has one: a node whose replica of a group was moved away no longer hears
+    /// from that group's leader, so its own view alone would never look complete.
+    pub fn leaderless_groups(status: &ClusterStatusResponse) -> Option<Vec<u32>> {
+        let led: std::collections::HashSet<u32> = status.replicas.iter().filter(|r| r.leader != 0).map(|r| r.group).collect();
+        let leaderless = status.groups.iter().filter(|g| g.leader.is_none() && !led.contains(&g.group)).map(|g| g.group).collect();
+        (!status.groups.is_empty()).then_some(leaderless)
+    }
+
     /// Registers a node (or re-admits a removed one) at its peer address.
     pub async fn join_node(&mut self, id: u64, address: String, zone: Option<String>) -> Result<(), Status> {
         let req = kerwen_proto::v1::JoinNodeRequest { id, address, zone };
@@ -708,4 +718,26 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use kerwen_proto::v1::{GroupReplicas, GroupStatus};
+
+    use super::*;
+
+    fn local(group: u32, leader: Option<u64>) -> GroupStatus {
+        GroupStatus { group, leader, ..Default::default() }
+    }
+
+    #[test]
+    fn a_group_is_led_when_the_node_or_the_cluster_map_knows_its_leader() {
+        let mut status = ClusterStatusResponse::default();
+        assert_eq!(Client::leaderless_groups(&status), None, "no groups listed yet");
+        status.groups = vec![local(0, Some(1)), local(1, None), local(2, None)];
+        assert_eq!(Client::leaderless_groups(&status), Some(vec![1, 2]));
+        // Group 1's replica moved off the answering node; the cluster map knows its leader.
+        status.replicas = vec![GroupReplicas { group: 1, leader: 5, ..Default::default() }, GroupReplicas { group: 2, leader: 0, ..Default::default() }];
+        assert_eq!(Client::leaderless_groups(&status), Some(vec![2]));
+    }
 }
