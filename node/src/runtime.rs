@@ -244,9 +244,12 @@ async fn initialize(raft: &Raft<TypeConfig>, members: &BTreeMap<NodeId, BasicNod
     }
 }
 
-/// Whether these metrics, read on `node`, say that `node` leads the group.
+/// Whether these metrics, read on `node`, say that `node` leads the group. A leader that
+/// removed itself from the group's membership does not count: openraft keeps it in the leader
+/// state, but the remaining replicas elect another leader it never hears from, so its view
+/// goes stale (a fetch served there would long-poll a log nothing appends to any more).
 pub fn leads_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
-    m.state == ServerState::Leader && m.current_leader == Some(node)
+    m.state == ServerState::Leader && m.current_leader == Some(node) && hosts_per(m, node)
 }
 
 /// Whether `node` holds a replica (voter or learner) of the group, by these metrics.
@@ -534,7 +537,8 @@ impl NodeRuntime {
         if leads_per(&m, self.node_id()) {
             Ok(m.current_term)
         } else {
-            Err(BrokerError::NotLeader { group, leader: m.current_leader })
+            // A removed leader names itself; naming nobody makes the caller look elsewhere.
+            Err(BrokerError::NotLeader { group, leader: m.current_leader.filter(|l| *l != self.node_id()) })
         }
     }
 

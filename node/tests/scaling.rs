@@ -613,3 +613,27 @@ async fn scenario_grow_mailbox(cluster: &ProcessCluster) -> Result<()> {
     ensure!(on_new > 0, "no unkeyed message reached an added partition");
     cluster.check_no_crash()
 }
+
+/// A node with no replica of a shard serves a consumer through the shard's leader, also once
+/// the leader it first heard of has moved its own replica away. Six nodes and one shard:
+/// placement moves the shard's replicas at once, the first leader's among them. Openraft
+/// keeps a leader that removed itself in the leader state with a log nothing appends to any
+/// more; it used to answer node 1's fetches as if it still led, and the consumer starved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn g_a_consumer_through_a_node_without_the_shard_follows_its_leader_away() {
+    let cluster = builder(6, 0).shards(1).start().await.expect("cluster start");
+    scenario_consumer_off_shard(&cluster).await.expect("scenario failed");
+}
+
+async fn scenario_consumer_off_shard(cluster: &ProcessCluster) -> Result<()> {
+    create_mailbox(cluster, 2, MAILBOX, 1).await?;
+    let mut load = Load::start(cluster, &[2, 3, 4, 5, 6], &[1]).await?;
+    load.wait_batches(10, "10 batches").await?;
+    let status = wait_balanced(cluster, 2, &[1, 2, 3, 4, 5, 6]).await?;
+    let shard = status.replicas.iter().find(|g| g.group == 1).ok_or_else(|| anyhow!("shard 1 is not in the map"))?;
+    trace(format!("shard 1: voters {:?}, leader {}", shard.voters, shard.leader));
+    load.wait_batches(10, "10 batches after the moves").await?;
+    let outcome = load.finish(&[]).await?;
+    ensure!(outcome.acked.len() >= 20 * BATCH);
+    cluster.check_no_crash()
+}
