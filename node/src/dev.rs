@@ -202,6 +202,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let profile_path = args.profile.clone().or_else(crate::profile::default_path).context("no home directory: give --profile")?;
     profile.save(&profile_path)?;
     let tls = ClientTls::from_files(&profile.tls_files())?;
+    // Registered before any node starts (one poll installs the handlers): a SIGTERM or
+    // Ctrl-C from then on stops the nodes too, instead of killing this process and leaving
+    // them running.
+    let shutdown = crate::server::shutdown_signal();
+    tokio::pin!(shutdown);
+    if futures::poll!(&mut shutdown).is_ready() {
+        return Ok(());
+    }
     for i in 0..nodes.len() {
         match spawn_node(&exe, &dir, &nodes[i], &peers, args.shards) {
             Ok(child) => nodes[i].child = Some(child),
@@ -211,7 +219,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             }
         }
     }
-    if let Err(e) = wait_healthy(&endpoints, &tls, Duration::from_secs(60)).await {
+    let healthy = tokio::select! {
+        healthy = wait_healthy(&endpoints, &tls, Duration::from_secs(60)) => healthy,
+        _ = &mut shutdown => {
+            println!("stopping the cluster...");
+            stop_all(&mut nodes);
+            println!("stopped");
+            return Ok(());
+        }
+    };
+    if let Err(e) = healthy {
         stop_all(&mut nodes);
         return Err(e.context(format!("see the node logs in {}", dir.display())));
     }
@@ -238,8 +255,6 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     println!("Press Ctrl-C to stop the cluster.");
 
     let mut reported = vec![false; nodes.len()];
-    let shutdown = crate::server::shutdown_signal();
-    tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => break,

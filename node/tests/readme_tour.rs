@@ -172,3 +172,53 @@ fn readme_national_exchange_works_as_written() {
     assert!(stdout.contains("certificate 2026/BC/000123: born 1980-01-01, Ashgabat"), "the requester opened the sealed reply");
     assert!(stdout.contains("from TM/GOV/MINJUST/civil-registry"), "the reply shows its authenticated sender");
 }
+
+/// `kerwen dev` stopped with SIGTERM while its nodes are still starting (as `timeout` or a
+/// supervisor stops it) stops them too, and exits cleanly: no node outlives it. Before, the
+/// signal handler was installed only once the cluster was up, so an early SIGTERM killed
+/// `kerwen dev` outright and left its nodes running.
+#[test]
+fn kerwen_dev_stopped_while_starting_leaves_no_node_running() {
+    let kerwen = PathBuf::from(env!("CARGO_BIN_EXE_kerwen"));
+    let work = tempfile::tempdir().expect("temp dir");
+    let dev_dir = work.path().join("kerwen-dev");
+    let base = free_port_triple();
+    let child = Command::new(&kerwen)
+        .args(["dev", "--base-port", &base.to_string(), "--data-dir"])
+        .arg(&dev_dir)
+        .env("KERWEN_PROFILE", work.path().join("profile.toml"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start kerwen dev");
+    let mut cluster = DevCluster { child, dir: dev_dir.clone() };
+
+    // Every node has been started once its pid file exists.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let pids: Vec<libc::pid_t> = loop {
+        let read: Vec<_> = (1..=3)
+            .filter_map(|id| std::fs::read_to_string(dev_dir.join(format!("node-{id}.pid"))).ok()?.trim().parse().ok())
+            .collect();
+        if read.len() == 3 {
+            break read;
+        }
+        assert!(Instant::now() < deadline, "kerwen dev did not start its nodes within 60 s");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    unsafe {
+        libc::kill(cluster.child.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = cluster.child.try_wait().expect("wait for kerwen dev") {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "kerwen dev did not stop within 30 s of SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "kerwen dev ended with {status} instead of stopping its nodes");
+    // kerwen dev reaps its nodes before it exits; an orphan would still have a /proc entry.
+    let running: Vec<_> = pids.iter().filter(|pid| Path::new(&format!("/proc/{pid}")).exists()).collect();
+    assert!(running.is_empty(), "nodes still running after kerwen dev stopped: {running:?}");
+}
