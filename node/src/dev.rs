@@ -222,9 +222,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let healthy = tokio::select! {
         healthy = wait_healthy(&endpoints, &tls, Duration::from_secs(60)) => healthy,
         _ = &mut shutdown => {
-            println!("stopping the cluster...");
-            stop_all(&mut nodes);
-            println!("stopped");
+            stop_on_request(&mut nodes);
             return Ok(());
         }
     };
@@ -272,8 +270,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             }
         }
     }
-    println!("stopping the cluster...");
-    stop_all(&mut nodes);
-    println!("stopped");
+    stop_on_request(&mut nodes);
     Ok(())
+}
+
+/// Stops every node because the user asked (Ctrl-C or SIGTERM), saying so.
+fn stop_on_request(nodes: &mut [DevNode]) {
+    println!("stopping the cluster...");
+    stop_all(nodes);
+    println!("stopped");
 }

@@ -48,13 +48,7 @@ impl Drop for DevCluster {
         unsafe {
             libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
         }
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let _ = exited_within(&mut self.child, Duration::from_secs(20));
         let _ = self.child.kill();
         let _ = self.child.wait();
         // Belt and braces: no node may outlive the test.
@@ -67,6 +61,20 @@ impl Drop for DevCluster {
                 }
             }
         }
+    }
+}
+
+/// How `child` ended, if it did within `limit`.
+fn exited_within(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -209,14 +217,7 @@ fn kerwen_dev_stopped_while_starting_leaves_no_node_running() {
     unsafe {
         libc::kill(cluster.child.id() as libc::pid_t, libc::SIGTERM);
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = cluster.child.try_wait().expect("wait for kerwen dev") {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "kerwen dev did not stop within 30 s of SIGTERM");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exited_within(&mut cluster.child, Duration::from_secs(30)).expect("kerwen dev stopped within 30 s of SIGTERM");
     assert!(status.success(), "kerwen dev ended with {status} instead of stopping its nodes");
     // kerwen dev reaps its nodes before it exits; an orphan would still have a /proc entry.
     let running: Vec<_> = pids.iter().filter(|pid| Path::new(&format!("/proc/{pid}")).exists()).collect();
