@@ -191,7 +191,8 @@ async fn consume(cluster: Arc<DockerCluster>, ledger: Arc<Mutex<Ledger>>, stop: 
     let mut subscriptions = 0usize;
     while !stop.load(Ordering::Relaxed) {
         let opened = async {
-            let mut client = cluster.client_from(first).await?;
+            // Pinned to the endpoint: the consumer's own rotation is what recovers it here.
+            let mut client = cluster.client_from(first).await?.without_direct_routing();
             let endpoint = client.endpoint().to_owned();
             Ok::<_, anyhow::Error>((Consumer::open(&mut client, MAILBOX, 256).await?, endpoint))
         };

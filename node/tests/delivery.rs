@@ -228,7 +228,7 @@ async fn scenario_redelivery(cluster: &ProcessCluster) -> Result<()> {
     let victim = cluster.leader_of(shard).await?;
     // The consumer talks to a node that survives, so its stream (and leases) outlive the kill.
     let survivor = cluster.node_ids().into_iter().find(|&n| n != victim).ok_or_else(|| anyhow!("one node only"))?;
-    let mut client = cluster.client(survivor).await?;
+    let mut client = cluster.client(survivor).await?.without_direct_routing();
     let poison = vec![message("poison-1", MAILBOX, None, "cannot be processed")];
     publish_retry(&mut client, &poison, Duration::from_secs(10), Duration::from_secs(30)).await?;
     let mut consumer = Consumer::open(&mut client, MAILBOX, 10).await?;

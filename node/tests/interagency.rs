@@ -107,7 +107,7 @@ async fn scenario_sealed(cluster: &ProcessCluster) -> Result<()> {
     ensure!(r1.payload_sha256.as_ref() == Sha256::digest(&sealed_1).as_slice(), "the receipt covers other bytes");
 
     // The recipient consumes through the other follower (Peer.Fetch from the leader) and opens both.
-    let mut consumer = Consumer::open(&mut cluster.client_as(consume_via, PROVIDER).await?, MAILBOX, 16).await?;
+    let mut consumer = Consumer::open(&mut cluster.client_as(consume_via, PROVIDER).await?.without_direct_routing(), MAILBOX, 16).await?;
     let delivered = consumer.take(3, Duration::from_secs(30)).await?;
     let mut opened = Vec::new();
     for d in &delivered {

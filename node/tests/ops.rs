@@ -117,7 +117,7 @@ async fn scenario_metrics(cluster: &ProcessCluster) -> Result<()> {
     // One refused publish: a mailbox that does not exist.
     let refused = client.publish(vec![message("m-refused", NO_SUCH_MAILBOX, None, b"x".to_vec())]).await;
     ensure!(refused.is_err(), "a publish to a missing mailbox was accepted");
-    let mut consumer = Consumer::open(&mut cluster.client(2).await?, MAILBOX, 64).await?;
+    let mut consumer = Consumer::open(&mut cluster.client(2).await?.without_direct_routing(), MAILBOX, 64).await?;
     let delivered = consume_all_of(&mut consumer, &ids, Duration::from_secs(30), Duration::from_millis(300)).await?;
     ack_all(&mut consumer, &delivered).await?;
     // A client without a certificate: one refused handshake on node 3's client port.
@@ -315,7 +315,7 @@ async fn scenario_drain(cluster: &ProcessCluster) -> Result<()> {
     let batch: Vec<_> = (0..8).map(|i| message(format!("after-drain-{i}"), MAILBOX, None, b"x".to_vec())).collect();
     let ids: HashSet<String> = batch.iter().map(|m| m.id.clone()).collect();
     publish_retry(&mut client, &batch, Duration::from_secs(10), Duration::from_secs(30)).await?;
-    let mut consumer = Consumer::open(&mut cluster.client(node).await?, MAILBOX, 64).await?;
+    let mut consumer = Consumer::open(&mut cluster.client(node).await?.without_direct_routing(), MAILBOX, 64).await?;
     let delivered = consume_all_of(&mut consumer, &ids, Duration::from_secs(30), Duration::from_millis(300)).await?;
     ack_all(&mut consumer, &delivered).await?;
     // Draining again is harmless and answers at once.
@@ -380,7 +380,7 @@ async fn scenario_sigterm(cluster: &ProcessCluster) -> Result<()> {
     harness::trace(format!("node {victim} (leading {} groups) exited {took:?} after SIGTERM; {} messages published", led[&victim], ids.len()));
     // Nothing accepted is lost: every message is delivered by the remaining nodes.
     let survivor = cluster.running()[0];
-    let mut consumer = Consumer::open(&mut cluster.client(survivor).await?, MAILBOX, 1000).await?;
+    let mut consumer = Consumer::open(&mut cluster.client(survivor).await?.without_direct_routing(), MAILBOX, 1000).await?;
     let delivered = consume_all_of(&mut consumer, &ids, Duration::from_secs(60), Duration::from_millis(300)).await?;
     ack_all(&mut consumer, &delivered).await?;
     cluster.start(victim).await?;

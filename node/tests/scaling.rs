@@ -81,7 +81,9 @@ impl Load {
                 Ok(out)
             })
         };
-        let mut subscriber = cluster.client_with(consumer_nodes, tls).await?;
+        // Pinned to `consumer_nodes` (no routed subscription), so the stream avoids the node
+        // the test drains or kills.
+        let mut subscriber = cluster.client_with(consumer_nodes, tls).await?.without_direct_routing();
         let consumer = {
             let (stop, delivered) = (stop_consumer.clone(), delivered.clone());
             tokio::spawn(async move {

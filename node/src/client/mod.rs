@@ -3,7 +3,8 @@
 //! A client is given several endpoints and uses the first that answers; calls that fail with
 //! `UNAVAILABLE` are retried on the next endpoint (the cluster forwards everything else to the
 //! right leader itself, so one healthy node is enough). A publish goes straight to the leader
-//! of its messages' shard when the client knows it ([`routes`]), saving the forwarding hop.
+//! of its messages' shard when the client knows it ([`routes`]), saving the forwarding hop,
+//! and a subscription opens at the leader of most of its mailbox's shards.
 
 mod routes;
 
@@ -110,9 +111,10 @@ impl Client {
         Self::connect_with(&endpoints, tls).await
     }
 
-    /// Sends every publish to the current endpoint, which forwards to the shard leaders,
-    /// instead of straight to the leaders (for clients that cannot reach the nodes' advertised
-    /// addresses, or to measure forwarding).
+    /// Sends every publish and opens every subscription at the current endpoint, which
+    /// forwards to the shard leaders, instead of going straight to the leaders (for clients
+    /// that cannot reach the nodes' advertised addresses, to measure forwarding, or to use one
+    /// node on purpose).
     pub fn without_direct_routing(mut self) -> Self {
         self.routes = None;
         self
@@ -524,23 +526,35 @@ impl Client {
     }
 
     /// Opens a consumer stream on the mailbox's dead-letter queue (`dead_letters`) or on the
-    /// mailbox itself.
+    /// mailbox itself: at the node leading most of the mailbox's shards when the shard map knows
+    /// it (fewer fetches and acks forwarded), else at the current endpoint.
     pub async fn subscribe_to(&mut self, mailbox: &str, credits: u32, dead_letters: bool) -> Result<Subscription, Status> {
-        let mailbox = mailbox.to_owned();
-        self.with_failover(|ch| {
-            let mailbox = mailbox.clone();
-            async move {
-                let (tx, rx) = mpsc::channel(64);
-                let start = SubscribeStart { mailbox, initial_credits: credits, dead_letters };
-                let start = SubscribeRequest { request: Some(subscribe_request::Request::Start(start)) };
-                tx.send(start).await.map_err(|_| Status::internal("request stream closed"))?;
-                let mut client = ExchangeClient::new(ch).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
-                let inbound = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
-                Ok(Subscription { tx, inbound, acked: 0, received: Default::default(), ack_receipts: Vec::new() })
+        if let Some(routes) = self.routes.clone() {
+            // Always asked afresh: subscriptions are long-lived and rare, and one reopened after
+            // a failure should not go back to where a stale map says.
+            self.refresh_routes(&routes, vec![mailbox.to_owned()]).await;
+            if let Some((address, channel)) = routes.subscription_target(mailbox) {
+                match open_subscription(channel, mailbox.to_owned(), credits, dead_letters).await {
+                    Err(status) if status.code() == Code::Unavailable && is_transport_error(&status) => {
+                        routes.mark_unreachable(&address);
+                    }
+                    other => return other,
+                }
             }
-        })
-        .await
+        }
+        self.with_failover(|ch| open_subscription(ch, mailbox.to_owned(), credits, dead_letters)).await
     }
+}
+
+/// Opens a consumer stream at the node behind `channel`.
+async fn open_subscription(channel: Channel, mailbox: String, credits: u32, dead_letters: bool) -> Result<Subscription, Status> {
+    let (tx, rx) = mpsc::channel(64);
+    let start = SubscribeStart { mailbox, initial_credits: credits, dead_letters };
+    let start = SubscribeRequest { request: Some(subscribe_request::Request::Start(start)) };
+    tx.send(start).await.map_err(|_| Status::internal("request stream closed"))?;
+    let mut client = ExchangeClient::new(channel).max_decoding_message_size(MAX_GRPC_MESSAGE_BYTES);
+    let inbound = client.subscribe(ReceiverStream::new(rx)).await?.into_inner();
+    Ok(Subscription { tx, inbound, acked: 0, received: Default::default(), ack_receipts: Vec::new() })
 }
 
 /// A large message to upload: the message without payload, and its payload's size and hash.

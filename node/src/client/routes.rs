@@ -1,6 +1,7 @@
 //! The client's shard map: which node leads the shard of each partition of the mailboxes it
 //! publishes to, and where clients reach that node, so a publish goes straight to a leader
-//! instead of through a node that forwards it.
+//! instead of through a node that forwards it, and a subscription opens at the node leading
+//! most of its mailbox's shards.
 //!
 //! A batch is never split: it goes whole to the leader of most of its messages, which
 //! validates it as one (the wire contract accepts or refuses a batch whole) and forwards any
@@ -119,14 +120,35 @@ impl Routes {
     /// it whole (accepted or refused as one) and forwards any part another node leads.
     pub(crate) fn target(&self, messages: &[Message]) -> Option<(String, Channel)> {
         let mut state = self.state();
+        let shards: Vec<GroupId> = messages
+            .iter()
+            .filter_map(|m| {
+                let route = state.mailboxes.get(&m.recipient)?;
+                let partition = partition_of(m.ordering_key.as_deref(), &m.id, route.partitions, route.key_partitions);
+                route.partition_shards.get(partition as usize).copied()
+            })
+            .collect();
+        self.leader_of_most(&mut state, &shards)
+    }
+
+    /// The node to open a subscription to `service` at: the leader of most of its partitions'
+    /// shards, whose pumps then lease locally, while the node forwards the fetches and acks of
+    /// the other shards. A leader that moves later costs a hop per fetch, nothing more.
+    pub(crate) fn subscription_target(&self, service: &str) -> Option<(String, Channel)> {
+        let mut state = self.state();
+        let shards = state.mailboxes.get(service)?.partition_shards.clone();
+        self.leader_of_most(&mut state, &shards)
+    }
+
+    /// The reachable leader of most of `shards` (one entry per message or partition), and its
+    /// channel; `None` when the map knows none of their leaders.
+    fn leader_of_most(&self, state: &mut State, shards: &[GroupId]) -> Option<(String, Channel)> {
         let now = Instant::now();
         state.unreachable.retain(|_, until| *until > now);
         let mut counts: HashMap<&str, usize> = HashMap::new();
         let mut best: Option<(&str, usize)> = None;
-        for m in messages {
-            let Some(route) = state.mailboxes.get(&m.recipient) else { continue };
-            let partition = partition_of(m.ordering_key.as_deref(), &m.id, route.partitions, route.key_partitions);
-            let Some(address) = route.partition_shards.get(partition as usize).and_then(|shard| state.leaders.get(shard)) else { continue };
+        for shard in shards {
+            let Some(address) = state.leaders.get(shard) else { continue };
             if state.unreachable.contains_key(address) {
                 continue;
             }
@@ -137,8 +159,8 @@ impl Routes {
             }
         }
         let address = best?.0.to_owned();
-        // An address that is no valid endpoint: the client's own endpoint takes the batch.
-        let channel = channel(&mut state, &address, self.tls.as_ref())?;
+        // An address that is no valid endpoint: the client's own endpoint takes the work.
+        let channel = channel(state, &address, self.tls.as_ref())?;
         Some((address, channel))
     }
 }
@@ -199,5 +221,26 @@ mod tests {
         tokio::time::sleep(MIN_REFRESH_INTERVAL).await;
         let again = routes.to_refresh(&batch);
         assert!(again.contains(&"TM/X/Y/z/mail".to_owned()), "stale: cached mailboxes are refreshed too: {again:?}");
+    }
+
+    #[tokio::test]
+    async fn a_subscription_opens_at_the_leader_of_most_of_its_mailbox_shards() {
+        let routes = Routes::new(None);
+        assert!(routes.subscription_target("TM/X/Y/z/mail").is_none(), "nothing known: the client's endpoint");
+        routes.update(RoutesResponse {
+            mailboxes: vec![PbMailboxRoute { service: "TM/X/Y/z/mail".into(), partitions: 4, partition_shards: vec![1, 2, 3, 2], key_partitions: 4 }],
+            shards: vec![
+                ShardRoute { shard: 1, leader: 1, client_address: "n1:7001".into() },
+                ShardRoute { shard: 2, leader: 2, client_address: "n2:7001".into() },
+                ShardRoute { shard: 3, leader: 1, client_address: "n1:7001".into() },
+            ],
+        });
+        let target = || routes.subscription_target("TM/X/Y/z/mail").map(|(a, _)| a);
+        // n1 leads shards 1 and 3, n2 leads shard 2, which holds two of the four partitions:
+        // the first to reach the most partitions wins the tie.
+        assert_eq!(target().as_deref(), Some("n1:7001"));
+        routes.mark_unreachable("n1:7001");
+        assert_eq!(target().as_deref(), Some("n2:7001"), "an unreachable leader is avoided");
+        assert!(routes.subscription_target("TM/X/Y/z/other").is_none(), "an unknown mailbox: the endpoint");
     }
 }
