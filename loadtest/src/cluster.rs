@@ -46,7 +46,8 @@ pub struct Connection {
     pub admin: Option<ClientTls>,
     /// Where other subsystems' certificates come from (`None` on an insecure cluster).
     pub issuer: Option<Issuer>,
-    /// Publish through the endpoint (forwarded) instead of straight to the shard leaders.
+    /// Publish and subscribe through the endpoint (forwarded) instead of straight to the
+    /// shard leaders.
     pub forwarded: bool,
 }
 

@@ -73,8 +73,9 @@ pub struct Knobs {
     #[arg(long, requires = "embedded")]
     #[serde(default)]
     pub no_evidence: bool,
-    /// Send every publish to the client's endpoint, which forwards to the shard leaders,
-    /// instead of straight to the leaders (to measure what direct routing saves).
+    /// Send every publish and open every subscription at the client's endpoint, which
+    /// forwards to the shard leaders, instead of going straight to the leaders (to measure
+    /// what direct routing saves).
     #[arg(long)]
     #[serde(default)]
     pub forwarded: bool,
@@ -386,7 +387,8 @@ pub struct Config {
     pub description: Option<String>,
     pub scenario_file: Option<PathBuf>,
     pub target: Target,
-    /// Publishes go through the endpoint (forwarded) rather than straight to shard leaders.
+    /// Publishes and subscriptions go through the endpoint (forwarded) rather than straight
+    /// to shard leaders.
     pub forwarded: bool,
     pub producers: u32,
     pub consumers: u32,
