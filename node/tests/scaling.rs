@@ -3,7 +3,8 @@
 //! and killed without loss; the metadata leader killed in the middle of a move leaves every
 //! group whole; `kerwen node shrink N` (the Helm chart's scale-down hook) removes every node
 //! above N and does nothing the second time; a client sends publishes straight to the shard
-//! leaders and keeps doing so after a leader dies; a mailbox grows and every ordering key
+//! leaders and keeps doing so after a leader dies, and opens a subscription at its shard's
+//! leader; a mailbox grows and every ordering key
 //! keeps its partition and order. Real `kerwen serve` processes; every check polls with a
 //! bound.
 
@@ -441,23 +442,53 @@ async fn scenario_shrink(cluster: &ProcessCluster) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn e_publishes_go_straight_to_shard_leaders_and_follow_a_leader_change() {
+async fn e_publishes_and_subscriptions_go_straight_to_shard_leaders_and_follow_a_leader_change() {
     let cluster = builder(3, 0).start().await.expect("cluster start");
     scenario_direct(&cluster).await.expect("scenario failed");
 }
 
 /// Publishes the nodes of `nodes` forwarded to another shard leader.
 async fn forwarded_writes(cluster: &ProcessCluster, nodes: &[NodeId]) -> Result<f64> {
+    forwarded(cluster, nodes, "write").await
+}
+
+/// Requests of `method` (`write`, `fetch`, …) the nodes of `nodes` forwarded to a shard leader.
+async fn forwarded(cluster: &ProcessCluster, nodes: &[NodeId], method: &str) -> Result<f64> {
+    let label = format!("method=\"{method}\"");
     let mut total = 0.0;
     for node in nodes {
         let (_, page) = http_get(&cluster.http_endpoint(*node), "/metrics", Duration::from_secs(5)).await?;
         total += page
             .lines()
-            .filter(|l| l.starts_with("kerwen_requests_forwarded_total{") && l.contains("method=\"write\""))
+            .filter(|l| l.starts_with("kerwen_requests_forwarded_total{") && l.contains(&label))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
             .sum::<f64>();
     }
     Ok(total)
+}
+
+/// Publishes `count` messages (ids starting with `prefix`) to the one-partition `mailbox` and
+/// consumes them with `client`'s subscription; returns the fetches the nodes forwarded meanwhile, or `None` when the shard's
+/// leader changed in between (forwarding is then due).
+async fn fetches_forwarded_while_consuming(
+    cluster: &ProcessCluster,
+    client: &mut Client,
+    (mailbox, shard): (&str, u32),
+    prefix: &str,
+    count: usize,
+) -> Result<Option<f64>> {
+    let all = cluster.running();
+    let leader_before = cluster.leader_of(shard).await?;
+    let before = forwarded(cluster, &all, "fetch").await?;
+    let batch: Vec<Message> = (0..count).map(|i| message(format!("{prefix}-{i}"), mailbox, None, b"x".to_vec())).collect();
+    publish_retry(client, &batch, Duration::from_secs(10), Duration::from_secs(60)).await?;
+    let expected: HashSet<String> = batch.iter().map(|m| m.id.clone()).collect();
+    let mut consumer = Consumer::open(client, mailbox, 100).await?;
+    let delivered = consume_all_of(&mut consumer, &expected, Duration::from_secs(60), Duration::from_millis(300)).await?;
+    ack_all(&mut consumer, &delivered).await?;
+    drop(consumer);
+    let after = forwarded(cluster, &all, "fetch").await? - before;
+    Ok((cluster.leader_of(shard).await? == leader_before).then_some(after))
 }
 
 /// Every group's leader as `node` sees it.
@@ -553,6 +584,21 @@ async fn scenario_direct(cluster: &ProcessCluster) -> Result<()> {
     let mut consumer = Consumer::open(&mut client, MAILBOX, 1000).await?;
     let deliveries = consume_all_of(&mut consumer, &expected, Duration::from_secs(60), Duration::from_secs(2)).await?;
     ensure!(deliveries.len() >= expected.len(), "{} deliveries of {} messages", deliveries.len(), expected.len());
+
+    // A subscription opens at the leader of its mailbox's shard, whatever the client's
+    // endpoint: through a node that does not lead it, a pinned consumer's fetches are
+    // forwarded, a routing one's are not.
+    const ONE_SHARD: &str = "TM/GOV/MINCOM/registry/one-shard";
+    let info = create_mailbox(cluster, 1, ONE_SHARD, 1).await?;
+    let shard = info.partition_shards[0];
+    let leader = cluster.leader_of(shard).await?;
+    let elsewhere = survivors.iter().copied().find(|n| *n != leader).context("one node left")?;
+    let pinned = fetches_forwarded_while_consuming(cluster, &mut cluster.client(elsewhere).await?.without_direct_routing(), (ONE_SHARD, shard), "pinned", 50).await?;
+    trace(format!("a consumer pinned to node {elsewhere} (shard {shard} led by node {leader}): {pinned:?} fetches forwarded"));
+    ensure!(pinned.is_none_or(|f| f >= 1.0), "a consumer through node {elsewhere} had none of its fetches forwarded to node {leader}");
+    let routed = fetches_forwarded_while_consuming(cluster, &mut cluster.client(elsewhere).await?, (ONE_SHARD, shard), "routed", 50).await?;
+    trace(format!("a routing consumer with endpoint node {elsewhere}: {routed:?} fetches forwarded"));
+    ensure!(routed.is_none_or(|f| f == 0.0), "{routed:?} fetches of a routing consumer were forwarded");
     cluster.check_no_crash()
 }
 
