@@ -18,6 +18,7 @@
 //!   [`receipts`]: evidence receipts to and from their protobuf form.
 //! - [`ops`]: the plain-HTTP operations port: probes and Prometheus metrics; [`opmon`]:
 //!   operational monitoring (a record per exchange, service health, `kerwen opmon`).
+//! - [`scheduling`]: how late the node's tasks run, measured for the group commit's gathering.
 //! - [`status`]: broker errors → gRPC status codes.
 //! - [`testing`]: test hooks (fault injection).
 
@@ -36,6 +37,7 @@ pub mod receipts;
 pub mod request_reply;
 pub mod runtime;
 pub mod scenario;
+pub mod scheduling;
 pub mod sealed;
 pub mod server;
 pub mod signing;

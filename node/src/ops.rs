@@ -262,6 +262,8 @@ fn sample_storage(runtime: &NodeRuntime, sampled: &mut Sampled, walk_disk: bool)
         metrics::counter!("kerwen_rocksdb_stalls_total").increment(1);
     }
     sampled.stalled = stalled;
+    metrics::gauge!("kerwen_runtime_scheduling_delay_seconds").set(runtime.store.scheduling_delay().as_secs_f64());
+    metrics::gauge!("kerwen_storage_gather_quiet_seconds").set(runtime.store.gather_window().quiet.as_secs_f64());
     if walk_disk {
         let dir = &runtime.config.data_dir;
         metrics::gauge!("kerwen_storage_disk_bytes").set(dir_size(dir) as f64);

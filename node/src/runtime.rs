@@ -318,6 +318,7 @@ impl NodeRuntime {
         let runtime = Arc::new(runtime);
         runtime.form_cluster().await?;
         runtime.run_sweeper();
+        crate::scheduling::spawn_probe(Arc::downgrade(&runtime.store));
         crate::signing::spawn_registration(Arc::downgrade(&runtime), public_key);
         crate::placement::spawn(&runtime);
         Ok(runtime)

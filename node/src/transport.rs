@@ -317,6 +317,13 @@ impl Peers {
     }
 }
 
+/// Times a batch sender yields between its first item and taking the rest. One publish, ack
+/// or replication batch wakes the Raft tasks of many shards together; yielding lets those
+/// queued behind the sender run and add their AppendEntries, so one call carries them all
+/// rather than the first alone. Measured with `scripts/shard-fsyncs 256 2000`: publish→ack
+/// p50 43–48 ms with it, 64–74 ms without. On an idle node it costs microseconds.
+const GATHER_YIELDS: u32 = 4;
+
 /// The batch sender of one peer: takes everything queued (within the byte budget), sends it
 /// as one call, hands each group its reply, and only then takes the next batch, so requests
 /// that arrive during a call wait for the next and share it.
@@ -332,6 +339,9 @@ async fn send_append_batches(peers: Weak<Peers>, node: NodeId, mut queue: mpsc::
         };
         let mut bytes = first.body.len();
         let mut batch = vec![first];
+        for _ in 0..GATHER_YIELDS {
+            tokio::task::yield_now().await;
+        }
         while bytes < APPEND_BATCH_BUDGET_BYTES {
             match queue.try_recv() {
                 Ok(item) if bytes + item.body.len() > APPEND_BATCH_BUDGET_BYTES => {

@@ -44,6 +44,8 @@ const FAMILIES: &[&str] = &[
     "kerwen_storage_fsyncs_total",
     "kerwen_storage_entries_per_fsync",
     "kerwen_storage_fsync_duration_seconds",
+    "kerwen_storage_gather_quiet_seconds",
+    "kerwen_runtime_scheduling_delay_seconds",
     "kerwen_storage_disk_bytes",
     "kerwen_storage_disk_free_bytes",
     "kerwen_storage_disk_capacity_bytes",

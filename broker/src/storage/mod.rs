@@ -18,6 +18,7 @@ pub mod syncer;
 use std::borrow::Cow;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use rocksdb::{BoundColumnFamily, ColumnFamilyDescriptor, Options, WriteBatch, WriteOptions, DB};
 use serde::de::DeserializeOwned;
@@ -140,6 +141,22 @@ impl Store {
     /// Group-commit counters (syncs issued, waiters covered).
     pub fn sync_stats(&self) -> &SyncStats {
         &self.syncer.stats
+    }
+
+    /// Tells the group commit how late the node's tasks run, so it gathers each round's
+    /// appends accordingly ([`syncer::GatherWindow`]).
+    pub fn set_scheduling_delay(&self, delay: Duration) {
+        self.syncer.set_scheduling_delay(delay);
+    }
+
+    /// The scheduling delay last reported with [`Self::set_scheduling_delay`].
+    pub fn scheduling_delay(&self) -> Duration {
+        self.syncer.scheduling_delay()
+    }
+
+    /// How the group commit's next round gathers.
+    pub fn gather_window(&self) -> syncer::GatherWindow {
+        self.syncer.gather_window()
     }
 
     pub(crate) fn get<T: DeserializeOwned>(&self, cf: &str, key: &[u8]) -> Result<Option<T>> {
