@@ -191,8 +191,8 @@ impl NodeRuntime {
         let outcome = async {
             hold(true).await?;
             tracing::info!(group, to, "handing leadership over");
+            // From now on `run_heartbeats` sends none for the group (`is_leaving`).
             self.handing_over.lock().unwrap_or_else(|p| p.into_inner()).insert(group);
-            raft.runtime_config().heartbeat(false);
             raft.runtime_config().elect(false);
             let deadline = Instant::now() + HANDOVER_TIMEOUT;
             // The followers refuse to vote while their lease on this leader lasts (openraft's
@@ -212,7 +212,6 @@ impl NodeRuntime {
         }
         .await;
         self.handing_over.lock().unwrap_or_else(|p| p.into_inner()).remove(&group);
-        raft.runtime_config().heartbeat(true);
         raft.runtime_config().elect(!self.is_draining());
         if let Err(e) = hold(false).await {
             tracing::debug!(group, error = %e, "releasing the election holds failed; they expire by themselves");

@@ -36,6 +36,9 @@ use crate::transport::{PeerMethod, Peers, RaftTransport};
 /// How often a shard leader looks for messages to move to the dead-letter queue (time to
 /// live run out, last attempt's lease expired).
 const SWEEP_INTERVAL: Duration = Duration::from_millis(250);
+/// How often a leader tells its followers it is alive (openraft's `heartbeat_interval`, sent
+/// by `run_heartbeats` for every led group at once).
+const HEARTBEAT_INTERVAL_MS: u64 = 500;
 /// Most messages one sweep round moves per shard.
 const SWEEP_BUDGET: usize = 1_024;
 /// An upload not committed this long after it started is abandoned: its chunks are deleted.
@@ -195,7 +198,12 @@ fn raft_config(node: &NodeConfig) -> anyhow::Result<Arc<Config>> {
         cluster_name: "kerwen".into(),
         // openraft 0.9 also uses the heartbeat interval as the AppendEntries timeout, which
         // includes the follower's fsync: on a loaded 2-core box 250 ms was too tight.
-        heartbeat_interval: 500,
+        heartbeat_interval: HEARTBEAT_INTERVAL_MS,
+        // Heartbeats go out from the node's one ticker (`run_heartbeats`), every led group's
+        // at the same moment, so that they share one replication call per peer instead of a
+        // call per group at random times: with hundreds of shards those calls were most of
+        // an idle node's CPU.
+        enable_heartbeat: false,
         election_timeout_min: 1_500,
         election_timeout_max: 3_000,
         // Bytes per AppendEntries are capped by the transport (APPEND_ENTRIES_BUDGET_BYTES).
@@ -318,6 +326,7 @@ impl NodeRuntime {
         let runtime = Arc::new(runtime);
         runtime.form_cluster().await?;
         runtime.run_sweeper();
+        runtime.run_heartbeats();
         crate::scheduling::spawn_probe(Arc::downgrade(&runtime.store));
         crate::signing::spawn_registration(Arc::downgrade(&runtime), public_key);
         crate::placement::spawn(&runtime);
@@ -505,9 +514,9 @@ impl NodeRuntime {
         if !self.draining.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::info!(node = self.node_id(), "draining: handing leadership of every group to the other nodes");
         }
+        // From now on `run_heartbeats` skips every group (`is_leaving`).
         for (_, raft) in self.all_rafts() {
             raft.runtime_config().elect(false);
-            raft.runtime_config().heartbeat(false);
         }
         let deadline = Instant::now() + timeout;
         loop {
@@ -806,6 +815,31 @@ impl NodeRuntime {
                 }
             }
         }
+    }
+
+    /// Every `HEARTBEAT_INTERVAL_MS`, has each group this node leads (and is not leaving)
+    /// send its heartbeats, all in the same moment so that each peer's batch sender carries
+    /// them in one call; until the runtime is dropped. A draining node and a group being
+    /// handed over send none, so that their followers' leases run out.
+    fn run_heartbeats(self: &Arc<Self>) {
+        let runtime = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(HEARTBEAT_INTERVAL_MS));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(runtime) = runtime.upgrade() else { return };
+                let me = runtime.node_id();
+                for (group, raft) in runtime.all_rafts() {
+                    if !leads_per(&raft.metrics().borrow(), me) || runtime.is_leaving(group) {
+                        continue;
+                    }
+                    if let Err(e) = raft.trigger().heartbeat().await {
+                        tracing::debug!(group, error = %e, "the group's Raft has stopped; no heartbeat");
+                    }
+                }
+            }
+        });
     }
 
     /// Sweeps every `SWEEP_INTERVAL` until the runtime is dropped.
