@@ -831,7 +831,15 @@ impl NodeRuntime {
                 let Some(runtime) = runtime.upgrade() else { return };
                 let me = runtime.node_id();
                 for (group, raft) in runtime.all_rafts() {
-                    if !leads_per(&raft.metrics().borrow(), me) || runtime.is_leaving(group) {
+                    // openraft's own view of leadership, not `leads_per`: a leader that moved
+                    // its replica away keeps sending heartbeats, as openraft's timer did, until
+                    // it hears of its successor and steps down.
+                    let leading = {
+                        let m = raft.metrics();
+                        let m = m.borrow();
+                        m.state == ServerState::Leader && m.current_leader == Some(me)
+                    };
+                    if !leading || runtime.is_leaving(group) {
                         continue;
                     }
                     if let Err(e) = raft.trigger().heartbeat().await {
