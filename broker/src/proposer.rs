@@ -22,7 +22,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::raft::ClientWriteResponse;
@@ -175,15 +175,12 @@ async fn run(group: GroupId, raft: Raft<TypeConfig>, config: ProposerConfig, sea
         if let Some(c) = cursor.as_mut() {
             c.next_index += 1;
         }
+        let term = raft.metrics().borrow().current_term;
         match raft.client_write_ff(entry).await {
             Ok(answer) => {
-                let stale = stale.clone();
+                let (stale, raft) = (stale.clone(), raft.clone());
                 tokio::spawn(async move {
-                    let outcome = match answer.await {
-                        Ok(Ok(response)) => Ok(response),
-                        Ok(Err(e)) => Err(write_error(group, RaftError::APIError(e))),
-                        Err(_) => Err(BrokerError::Unavailable(format!("group {group} is shutting down"))),
-                    };
+                    let outcome = await_answer(group, &raft, term, answer).await;
                     answer_entry(group, outcome, replies, sealed, &stale);
                     drop(slot);
                 });
@@ -191,6 +188,38 @@ async fn run(group: GroupId, raft: Raft<TypeConfig>, config: ProposerConfig, sea
             Err(fatal) => {
                 stale.store(true, Ordering::SeqCst);
                 answer_all(replies, &BrokerError::Unavailable(format!("group {group} stopped: {fatal}")));
+            }
+        }
+    }
+}
+
+/// How often an entry still waiting for its answer checks that this node leads its term.
+const LEADERSHIP_CHECK: Duration = Duration::from_secs(1);
+
+/// The answer to an entry this node appended as leader in `term`. openraft 0.9 answers an
+/// entry once it is applied here, but a leader that steps down (it moved its replica away,
+/// or lost an election) keeps the entries it had not yet applied unanswered, maybe for
+/// ever: such an entry fails as soon as the node is seen not to lead that term any more.
+/// Its fate is unknown then (the next leader may still commit it), as with any write that
+/// times out; the error is retryable, and ids deduplicate the retry.
+async fn await_answer<E>(
+    group: GroupId,
+    raft: &Raft<TypeConfig>,
+    term: u64,
+    answer: impl std::future::Future<Output = Result<Result<ClientWriteResponse<TypeConfig>, ClientWriteError<crate::model::NodeId, openraft::BasicNode>>, E>>,
+) -> Result<ClientWriteResponse<TypeConfig>, BrokerError> {
+    tokio::pin!(answer);
+    loop {
+        match tokio::time::timeout(LEADERSHIP_CHECK, &mut answer).await {
+            Ok(Ok(Ok(response))) => return Ok(response),
+            Ok(Ok(Err(e))) => return Err(write_error(group, RaftError::APIError(e))),
+            Ok(Err(_)) => return Err(BrokerError::Unavailable(format!("group {group} is shutting down"))),
+            Err(_) => {
+                let metrics = raft.metrics();
+                let m = metrics.borrow();
+                if m.state != ServerState::Leader || m.current_term != term {
+                    return Err(BrokerError::NotLeader { group, leader: None });
+                }
             }
         }
     }

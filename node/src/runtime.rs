@@ -464,10 +464,14 @@ impl NodeRuntime {
     /// group it hosts no replica of, what another node said (asked when nobody has yet).
     pub(crate) async fn leader_of(&self, group: GroupId) -> Result<Option<NodeId>, BrokerError> {
         // One look at the metrics: this runs on every routed request.
+        let me = self.node_id();
         let local = {
             let metrics = self.raft(group)?.metrics();
             let m = metrics.borrow();
-            hosts_per(&m, self.node_id()).then_some(m.current_leader)
+            // A leader that stepped down (it moved its voter away and stays a learner until
+            // it is dropped) keeps naming itself, its vote still standing: ask the others.
+            let stepped_down = m.current_leader == Some(me) && m.state != ServerState::Leader;
+            (hosts_per(&m, me) && !stepped_down).then_some(m.current_leader)
         };
         let leader = if let Some(leader) = local {
             leader
@@ -485,7 +489,7 @@ impl NodeRuntime {
             }
         };
         // A draining leader is on its way out: wait for its successor rather than use it.
-        Ok(leader.filter(|l| *l != self.node_id() || !self.is_leaving(group)))
+        Ok(leader.filter(|l| *l != me || !self.is_leaving(group)))
     }
 
     /// Whether this node is giving up the leadership of `group` (draining, or a handover).
