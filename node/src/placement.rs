@@ -25,7 +25,7 @@ use openraft::{BasicNode, ChangeMembers};
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
-use crate::runtime::{hosts_per, leads_per, matched_per, NodeRuntime};
+use crate::runtime::{hosts_per, leads_per, matched_per, own_leader_view_per, NodeRuntime};
 use crate::transport::PeerMethod;
 
 /// How often the coordinator looks for moves to make.
@@ -106,11 +106,6 @@ impl ClusterMap {
 }
 
 impl NodeRuntime {
-    /// Whether this node holds a replica (voter or learner) of `group`, as far as it knows.
-    pub fn hosts(&self, group: GroupId) -> bool {
-        self.raft(group).is_ok_and(|raft| hosts_per(&raft.metrics().borrow(), self.node_id()))
-    }
-
     /// The replica set of `group` if this node leads it.
     fn replica_set(&self, group: GroupId) -> Option<ReplicaSet> {
         let raft = self.raft(group).ok()?;
@@ -149,7 +144,7 @@ impl NodeRuntime {
     pub async fn placement_local(self: &Arc<Self>, group: GroupId, request: PlacementRequest) -> Result<PlacementAnswer, BrokerError> {
         match request {
             PlacementRequest::Leader => {
-                let leader = self.hosts(group).then(|| self.raft(group).ok()?.metrics().borrow().current_leader).flatten();
+                let leader = self.raft(group).ok().and_then(|raft| own_leader_view_per(&raft.metrics().borrow(), self.node_id())).flatten();
                 Ok(PlacementAnswer::Leader(leader))
             }
             PlacementRequest::Replicas => Ok(PlacementAnswer::Replicas(self.led_replica_sets())),

@@ -257,7 +257,22 @@ async fn initialize(raft: &Raft<TypeConfig>, members: &BTreeMap<NodeId, BasicNod
 /// state, but the remaining replicas elect another leader it never hears from, so its view
 /// goes stale (a fetch served there would long-poll a log nothing appends to any more).
 pub fn leads_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
-    m.state == ServerState::Leader && m.current_leader == Some(node) && hosts_per(m, node)
+    openraft_leads_per(m, node) && hosts_per(m, node)
+}
+
+/// Whether openraft itself, by these metrics read on `node`, has `node` lead the group,
+/// member or not (see [`leads_per`] for why that is not enough to serve as its leader).
+pub fn openraft_leads_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> bool {
+    m.state == ServerState::Leader && m.current_leader == Some(node)
+}
+
+/// `node`'s own view of the group's leader, when it has one worth passing on: `None` if it
+/// hosts no replica, or if its replica is a leader that stepped down (it moved its voter
+/// away and stays a learner until dropped) and, its vote still standing, keeps naming
+/// itself. `Some(None)`: a replica that knows of no leader (an election is on).
+pub fn own_leader_view_per(m: &RaftMetrics<NodeId, BasicNode>, node: NodeId) -> Option<Option<NodeId>> {
+    let stepped_down = m.current_leader == Some(node) && !openraft_leads_per(m, node);
+    (hosts_per(m, node) && !stepped_down).then_some(m.current_leader)
 }
 
 /// Whether `node` holds a replica (voter or learner) of the group, by these metrics.
@@ -465,14 +480,7 @@ impl NodeRuntime {
     pub(crate) async fn leader_of(&self, group: GroupId) -> Result<Option<NodeId>, BrokerError> {
         // One look at the metrics: this runs on every routed request.
         let me = self.node_id();
-        let local = {
-            let metrics = self.raft(group)?.metrics();
-            let m = metrics.borrow();
-            // A leader that stepped down (it moved its voter away and stays a learner until
-            // it is dropped) keeps naming itself, its vote still standing: ask the others.
-            let stepped_down = m.current_leader == Some(me) && m.state != ServerState::Leader;
-            (hosts_per(&m, me) && !stepped_down).then_some(m.current_leader)
-        };
+        let local = own_leader_view_per(&self.raft(group)?.metrics().borrow(), me);
         let leader = if let Some(leader) = local {
             leader
         } else {
@@ -838,12 +846,7 @@ impl NodeRuntime {
                     // openraft's own view of leadership, not `leads_per`: a leader that moved
                     // its replica away keeps sending heartbeats, as openraft's timer did, until
                     // it hears of its successor and steps down.
-                    let leading = {
-                        let m = raft.metrics();
-                        let m = m.borrow();
-                        m.state == ServerState::Leader && m.current_leader == Some(me)
-                    };
-                    if !leading || runtime.is_leaving(group) {
+                    if !openraft_leads_per(&raft.metrics().borrow(), me) || runtime.is_leaving(group) {
                         continue;
                     }
                     if let Err(e) = raft.trigger().heartbeat().await {
